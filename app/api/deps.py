@@ -1,0 +1,52 @@
+"""FastAPI dependencies: a DB session per request and the caller's API key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header
+from sqlalchemy.orm import Session
+
+from app.db import get_sessionmaker
+from app.errors import ApiError
+from app.keys import authenticate
+from app.models import ApiKey, Job
+from app.settings import Settings, get_settings
+
+
+def get_db() -> Iterator[Session]:
+    with get_sessionmaker()() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def presented_key(authorization: Annotated[str | None, Header()] = None) -> str:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "unauthorized", "send 'Authorization: bearer <api key>'")
+    return token.strip()
+
+
+def current_key(
+    session: SessionDep, settings: SettingsDep, token: Annotated[str, Depends(presented_key)]
+) -> ApiKey:
+    key = authenticate(session, presented=token, pepper=settings.key_pepper)
+    if key is None:
+        raise ApiError(401, "unauthorized", "unknown or revoked API key")
+    session.expunge(key)
+    return key
+
+
+CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+
+def owned_job(session: Session, *, job_id: str, key: ApiKey) -> Job:
+    """Another tenant's job is indistinguishable from a missing one: 404, never 403."""
+    job = session.get(Job, job_id) if job_id.isalnum() else None
+    if job is None or job.api_key_id != key.id:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    return job

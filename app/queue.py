@@ -1,0 +1,56 @@
+"""The Celery app as the API sees it: a producer of job ids. Only ids travel, never audio,
+secrets or transcripts. The worker adds its tasks to this same app (worker/celery_app.py)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+from kombu import Queue
+
+from app.settings import Settings, get_settings
+
+RUN_JOB = "whisperq.run_job"
+DELIVER_WEBHOOK = "whisperq.deliver_webhook"
+
+
+def build_celery(settings: Settings) -> Celery:
+    celery = Celery("whisperq", broker=settings.redis_url)
+    celery.conf.update(
+        task_queues=[
+            Queue(settings.queue_interactive),
+            Queue(settings.queue_bulk),
+            Queue(settings.queue_webhooks),
+        ],
+        task_default_queue=settings.queue_interactive,
+        task_routes={DELIVER_WEBHOOK: {"queue": settings.queue_webhooks}},
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A task is acked only when it finished; a worker that dies mid-job gives it back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,  # Flower
+        task_send_sent_event=True,
+    )
+    return celery
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return build_celery(get_settings())
+
+
+def send_job(job_id: str, *, queue: str) -> None:
+    get_celery().send_task(RUN_JOB, args=[job_id], queue=queue)
+
+
+def send_delivery(delivery_id: str, *, countdown: float = 0.0) -> None:
+    get_celery().send_task(
+        DELIVER_WEBHOOK, args=[delivery_id], countdown=countdown or None,
+        queue=get_settings().queue_webhooks,
+    )

@@ -1,0 +1,89 @@
+"""All configuration, in one place: environment variables prefixed ``WHISPERQ_``."""
+
+from __future__ import annotations
+
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET = "changethis"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WHISPERQ_", env_file=".env", extra="ignore")
+
+    environment: Literal["local", "test", "production"] = "local"
+
+    database_url: str = "sqlite:///./var/whisperq.db"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    blob_dir: Path = Path("./var/blobs")
+
+    # HMAC pepper for API-key hashes. A leaked database alone must not reveal usable keys.
+    key_pepper: str = DEFAULT_SECRET
+
+    # Engine
+    model: str = "tiny"  # an openai-whisper model name, or a path to a local checkpoint
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_download_root: Path | None = None
+
+    # Metering
+    price_per_second: float = 0.0005
+
+    # Input limits
+    max_upload_bytes: int = 100 * 1024 * 1024
+    max_audio_seconds: float = 4 * 3600
+    audio_fetch_timeout_s: float = 60.0
+    ffmpeg_timeout_s: float = 600.0
+
+    # Sync requests wait this long for their job before answering 202 with the job id.
+    sync_wait_s: float = 600.0
+
+    # Worker / queue
+    worker_concurrency: int = 4  # jobs in flight per worker process (threads pool)
+    queue_interactive: str = "interactive"
+    queue_bulk: str = "bulk"
+    queue_webhooks: str = "webhooks"
+    # Must exceed the longest job, or Redis hands a running job to a second worker.
+    visibility_timeout_s: int = 6 * 3600
+    job_lease_s: int = 3600
+    reaper_interval_s: float = 15.0
+    # A queued job not picked up for this long is sent to the broker again (Redis lost it).
+    requeue_after_s: float = 300.0
+
+    # Webhooks
+    webhook_timeout_s: float = 15.0
+    webhook_retry_schedule_s: list[float] = Field(
+        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000]
+    )
+    # Exact hosts or CIDRs that webhooks may reach although private (tests: 127.0.0.1).
+    webhook_allowlist: list[str] = Field(default_factory=list)
+    # Audio URLs are fetched by the worker: the same SSRF guard, with its own allow-list.
+    audio_url_allowlist: list[str] = Field(default_factory=list)
+    max_url_redirects: int = 3
+    # Delays up to this are scheduled as Celery countdowns; longer ones are left to the reaper.
+    webhook_countdown_max_s: float = 300.0
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Self:
+        if self.key_pepper == DEFAULT_SECRET:
+            message = (
+                'WHISPERQ_KEY_PEPPER is "changethis"; set it to a long random value '
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+            if self.environment == "production":
+                raise ValueError(message)
+            warnings.warn(message, stacklevel=1)
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,98 @@
+"""Test environment: a fresh Postgres database and Redis db per run, real worker processes.
+
+Settings are read from the environment, so everything is set here before any app import.
+In CI (CI=true) a missing service fails the run; nothing skips.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+RUN_ID = uuid.uuid4().hex[:8]
+PG_ADMIN_URL = os.environ.get("WHISPERQ_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+TEST_DB = f"whisperq_test_{RUN_ID}"
+BASE_TMP = Path(tempfile.mkdtemp(prefix=f"whisperq-test-{RUN_ID}-"))
+
+TEST_ENV = {
+    "WHISPERQ_ENVIRONMENT": "test",
+    "WHISPERQ_KEY_PEPPER": "test-pepper-" + RUN_ID,
+    "WHISPERQ_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + TEST_DB,
+    "WHISPERQ_REDIS_URL": os.environ.get("WHISPERQ_TEST_REDIS", "redis://127.0.0.1:6379/7"),
+    "WHISPERQ_BLOB_DIR": str(BASE_TMP / "blobs"),
+    "WHISPERQ_WEBHOOK_ALLOWLIST": '["127.0.0.1", "::1", "localhost"]',
+    "WHISPERQ_AUDIO_URL_ALLOWLIST": '["127.0.0.1", "::1", "localhost"]',
+    "WHISPERQ_WEBHOOK_TIMEOUT_S": "2",
+    "WHISPERQ_WEBHOOK_RETRY_SCHEDULE_S": "[0.5, 0.5, 0.5]",
+    "WHISPERQ_REAPER_INTERVAL_S": "1",
+    "WHISPERQ_REQUEUE_AFTER_S": "30",
+    "WHISPERQ_SYNC_WAIT_S": "120",
+    "WHISPERQ_QUEUE_INTERACTIVE": f"interactive-{RUN_ID}",
+    "WHISPERQ_QUEUE_BULK": f"bulk-{RUN_ID}",
+    "WHISPERQ_QUEUE_WEBHOOKS": f"webhooks-{RUN_ID}",
+    "WHISPERQ_DEVICE": "cpu",
+}
+os.environ.update(TEST_ENV)
+
+
+def _create_database() -> None:
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{TEST_DB}"'))
+    admin.dispose()
+
+
+def _drop_database() -> None:
+    from sqlalchemy import create_engine, text
+
+    from app.db import get_engine
+
+    get_engine().dispose()
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database() -> Iterator[str]:
+    _create_database()
+    from app.cli import main
+
+    assert main(["migrate"]) == 0
+    yield TEST_ENV["WHISPERQ_DATABASE_URL"]
+    _drop_database()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_redis() -> Iterator[None]:
+    import redis
+
+    client = redis.Redis.from_url(TEST_ENV["WHISPERQ_REDIS_URL"])
+    client.flushdb()
+    yield
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def db_session(database: str) -> Iterator[object]:
+    """A session inside a transaction that is rolled back after the test."""
+    from sqlalchemy.orm import Session
+
+    from app.db import get_engine
+
+    conn = get_engine().connect()
+    trans = conn.begin()
+    session = Session(bind=conn, join_transaction_mode="create_savepoint")
+    yield session
+    session.close()
+    trans.rollback()
+    conn.close()

@@ -1,0 +1,27 @@
+"""The one engine of this worker process, created on first use (after any fork)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from app.settings import get_settings
+from worker.engine import Engine
+from worker.model_loading import load_model, pick_device
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_engine: Engine | None = None
+
+
+def get_engine() -> Engine:
+    global _engine
+    with _lock:
+        if _engine is None:
+            settings = get_settings()
+            device = pick_device(settings.device)
+            log.info("loading Whisper model %r on %s", settings.model, device)
+            model = load_model(settings.model, device=device,
+                               download_root=settings.model_download_root)
+            _engine = Engine(model)
+        return _engine
