@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     # Webhooks
     webhook_timeout_s: float = 15.0
     webhook_retry_schedule_s: list[float] = Field(
-        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000]
+        # The Standard Webhooks schedule (5 s, 5 min, 30 min, 2 h, 5 h, 10 h...), stretched to
+        # about three days in all before a delivery is given up.
+        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000, 36000, 36000, 36000,
+                                 36000]
     )
     # Exact hosts or CIDRs that webhooks may reach although private (tests: 127.0.0.1).
     webhook_allowlist: list[str] = Field(default_factory=list)
