@@ -9,13 +9,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from app.api.deps import CurrentKey, SettingsDep
 from app.db import get_sessionmaker
 from app.errors import ApiError
 from app.models import TERMINAL_STATUSES, Job, JobStatus
-from app.options import OptionError, parse_options
+from app.options import OptionError, TranscribeOptions, parse_options
 from app.serialize import inference_response
 from app.settings import Settings
 from app.submission import AudioInput, check_url, decode_data_url, submit_job
@@ -77,6 +77,27 @@ def _status_code(job: Job) -> int:
     return 202  # still running when the sync wait ran out: poll GET /v1/jobs/{id}
 
 
+async def _read_request(
+    form: FormData, settings: Settings
+) -> tuple[TranscribeOptions, str | None, AudioInput]:
+    try:
+        fields: dict[str, str | None] = {}
+        for name in OPTION_FIELDS:
+            raw = form.get(name)
+            if isinstance(raw, UploadFile):
+                raise OptionError(name, f"{name} must be a form field, not a file")
+            fields[name] = raw
+        options = parse_options(fields)
+    except OptionError as exc:
+        raise ApiError(422, "invalid_option", exc.message, field=exc.field) from None
+    webhook = form.get("webhook")
+    webhook_url = None
+    if isinstance(webhook, str) and webhook.strip():
+        webhook_url = await run_in_threadpool(check_url, webhook.strip(), field="webhook",
+                                              allowlist=settings.webhook_allowlist)
+    return options, webhook_url, await _read_audio(form.get("audio"), settings)
+
+
 @router.post("/v1/inference/openai/whisper-tiny")
 async def infer(request: Request, key: CurrentKey, settings: SettingsDep) -> JSONResponse:
     declared = int(request.headers.get("content-length") or 0)
@@ -88,23 +109,9 @@ async def infer(request: Request, key: CurrentKey, settings: SettingsDep) -> JSO
     except Exception as exc:  # malformed multipart body
         raise ApiError(400, "invalid_form", f"could not read the form: {exc}") from None
     try:
-        fields: dict[str, str | None] = {}
-        for name in OPTION_FIELDS:
-            raw = form.get(name)
-            if isinstance(raw, UploadFile):
-                raise OptionError(name, f"{name} must be a form field, not a file")
-            fields[name] = raw
-        options = parse_options(fields)
-    except OptionError as exc:
-        raise ApiError(422, "invalid_option", exc.message, field=exc.field) from None
-
-    webhook = form.get("webhook")
-    webhook_url = None
-    if isinstance(webhook, str) and webhook.strip():
-        webhook_url = await run_in_threadpool(check_url, webhook.strip(), field="webhook",
-                                              allowlist=settings.webhook_allowlist)
-    audio = await _read_audio(form.get("audio"), settings)
-    await form.close()
+        options, webhook_url, audio = await _read_request(form, settings)
+    finally:
+        await form.close()  # spooled upload files must not outlive the request
 
     job = await run_in_threadpool(
         lambda: submit_job(api_key_id=key.id, options=options, audio=audio,

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-25 14:21:49.389868
+Create Date: 2026-11-25 14:30:53.358180
 """
 
 from collections.abc import Sequence
@@ -11,7 +11,6 @@ import sqlalchemy as sa
 from alembic import op
 
 
-import app.db
 
 revision: str = '0001'
 down_revision: str | None = None
@@ -28,8 +27,8 @@ def upgrade() -> None:
     sa.Column('name', sa.String(length=200), nullable=False),
     sa.Column('webhook_secret', sa.String(length=128), nullable=False),
     sa.Column('webhook_secret_previous', sa.String(length=128), nullable=True),
-    sa.Column('created_at', app.db.UTCDateTime(), nullable=False),
-    sa.Column('revoked_at', app.db.UTCDateTime(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('revoked_at', sa.DateTime(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_keys')),
     sa.UniqueConstraint('prefix', name=op.f('uq_api_keys_prefix'))
     )
@@ -42,11 +41,11 @@ def upgrade() -> None:
     sa.Column('audio_blob', sa.String(length=200), nullable=True),
     sa.Column('audio_url', sa.Text(), nullable=True),
     sa.Column('webhook_url', sa.Text(), nullable=True),
-    sa.Column('created_at', app.db.UTCDateTime(), nullable=False),
-    sa.Column('enqueued_at', app.db.UTCDateTime(), nullable=True),
-    sa.Column('started_at', app.db.UTCDateTime(), nullable=True),
-    sa.Column('finished_at', app.db.UTCDateTime(), nullable=True),
-    sa.Column('lease_expires_at', app.db.UTCDateTime(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('enqueued_at', sa.DateTime(), nullable=True),
+    sa.Column('started_at', sa.DateTime(), nullable=True),
+    sa.Column('finished_at', sa.DateTime(), nullable=True),
+    sa.Column('lease_expires_at', sa.DateTime(), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('worker', sa.String(length=200), nullable=True),
     sa.Column('input_length_ms', sa.Integer(), nullable=True),
@@ -71,12 +70,13 @@ def upgrade() -> None:
     sa.Column('body', sa.Text(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('next_attempt_at', app.db.UTCDateTime(), nullable=True),
-    sa.Column('lease_expires_at', app.db.UTCDateTime(), nullable=True),
+    sa.Column('next_attempt_at', sa.DateTime(), nullable=True),
+    sa.Column('lease_expires_at', sa.DateTime(), nullable=True),
+    sa.Column('dispatched_at', sa.DateTime(), nullable=True),
     sa.Column('last_status_code', sa.Integer(), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
-    sa.Column('created_at', app.db.UTCDateTime(), nullable=False),
-    sa.Column('finished_at', app.db.UTCDateTime(), nullable=True),
+    sa.Column('created_at', sa.DateTime(), nullable=False),
+    sa.Column('finished_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_webhook_deliveries_job_id_jobs'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_deliveries'))
     )
@@ -88,12 +88,12 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('delivery_id', sa.String(length=64), nullable=False),
     sa.Column('attempt_no', sa.Integer(), nullable=False),
-    sa.Column('started_at', app.db.UTCDateTime(), nullable=False),
+    sa.Column('started_at', sa.DateTime(), nullable=False),
     sa.Column('outcome', sa.String(length=16), nullable=False),
     sa.Column('status_code', sa.Integer(), nullable=True),
     sa.Column('latency_ms', sa.Integer(), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
-    sa.Column('next_attempt_at', app.db.UTCDateTime(), nullable=True),
+    sa.Column('next_attempt_at', sa.DateTime(), nullable=True),
     sa.ForeignKeyConstraint(['delivery_id'], ['webhook_deliveries.id'], name=op.f('fk_webhook_attempts_delivery_id_webhook_deliveries'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_attempts'))
     )
