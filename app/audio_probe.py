@@ -17,9 +17,18 @@ class AudioError(Exception):
 def probe_duration_s(path: Path, *, timeout_s: float = 30.0) -> float:
     """Duration of the first audio stream; AudioError when there is none or ffprobe fails."""
     cmd = [
-        "ffprobe", "-v", "error", "-protocol_whitelist", "file",
-        "-select_streams", "a:0", "-show_entries", "stream=codec_type,duration:format=duration",
-        "-of", "json", str(path),
+        "ffprobe",
+        "-v",
+        "error",
+        "-protocol_whitelist",
+        "file",
+        "-select_streams",
+        "a:0",
+        "-show_entries",
+        "stream=codec_type,duration:format=duration",
+        "-of",
+        "json",
+        str(path),
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)

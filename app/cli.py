@@ -11,12 +11,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     from app.settings import get_settings
 
     return get_settings()
@@ -82,12 +86,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.celery_app import celery
 
     queues = args.queues or ",".join(
-        [settings.queue_interactive, settings.queue_bulk, settings.queue_webhooks])
-    celery.worker_main([
-        "worker", "--pool=threads", f"--concurrency={args.concurrency or settings.worker_concurrency}",
-        "-Q", queues, "-E", "--loglevel=INFO", "-n", f"whisperq-{os.getpid()}@%h",
-        "--without-mingle", "--without-gossip",
-    ])
+        [settings.queue_interactive, settings.queue_bulk, settings.queue_webhooks]
+    )
+    celery.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={args.concurrency or settings.worker_concurrency}",
+            "-Q",
+            queues,
+            "-E",
+            "--loglevel=INFO",
+            "-n",
+            f"whisperq-{os.getpid()}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
     return 0
 
 
@@ -124,14 +139,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         if not _redis_up(settings.redis_url):
             if shutil.which("redis-server") is None:
-                print("whisperq up: no Redis at WHISPERQ_REDIS_URL and no redis-server to start "
-                      "(apt-get install redis-server)", file=sys.stderr)
+                print(
+                    "whisperq up: no Redis at WHISPERQ_REDIS_URL and no redis-server to start "
+                    "(apt-get install redis-server)",
+                    file=sys.stderr,
+                )
                 return 2
             port = urlsplit(settings.redis_url).port or 6379
             Path("var").mkdir(exist_ok=True)
-            children.append(subprocess.Popen([
-                "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", "var"]))
+            children.append(
+                subprocess.Popen(
+                    [
+                        "redis-server",
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--maxmemory-policy",
+                        "noeviction",
+                        "--dir",
+                        "var",
+                    ]
+                )
+            )
             for _ in range(50):
                 if _redis_up(settings.redis_url):
                     break
@@ -140,14 +174,18 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 1
         children.append(subprocess.Popen([*exe, "worker"]))
         children.append(subprocess.Popen([*exe, "flower", "--port", str(args.flower_port)]))
-        children.append(subprocess.Popen([*exe, "api", "--host", args.host,
-                                          "--port", str(args.port)]))
-        print(f"whisperq: API http://{args.host}:{args.port}  Flower "
-              f"http://127.0.0.1:{args.flower_port}  (Ctrl-C stops)", flush=True)
+        children.append(
+            subprocess.Popen([*exe, "api", "--host", args.host, "--port", str(args.port)])
+        )
+        print(
+            f"whisperq: API http://{args.host}:{args.port}  Flower "
+            f"http://127.0.0.1:{args.flower_port}  (Ctrl-C stops)",
+            flush=True,
+        )
         while all(c.poll() is None for c in children):
             time.sleep(0.5)
         failed = next(c for c in children if c.poll() is not None)
-        print(f"whisperq up: {failed.args} exited with {failed.returncode}", file=sys.stderr)
+        print(f"whisperq up: {failed.args!r} exited with {failed.returncode}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
@@ -167,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("migrate", help="create/upgrade the database schema").set_defaults(
-        func=cmd_migrate)
+        func=cmd_migrate
+    )
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
     create = keys.add_parser("create", help="create an API key (prints it once)")
@@ -192,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     flower.add_argument("--port", type=int, default=5555)
     flower.set_defaults(func=cmd_flower)
 
-    model = sub.add_parser("model", help="model files").add_subparsers(dest="model_cmd",
-                                                                        required=True)
+    model = sub.add_parser("model", help="model files").add_subparsers(
+        dest="model_cmd", required=True
+    )
     imp = model.add_parser("import-ct2", help="convert a CTranslate2 Whisper dir to a .pt")
     imp.add_argument("src")
     imp.add_argument("out")

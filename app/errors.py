@@ -12,7 +12,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, code: str, message: str, *, field: str | None = None,
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
@@ -39,12 +44,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        err = ApiError(422, "invalid_request", str(first.get("msg", "invalid request")),
-                       field=".".join(loc) or None)
+        err = ApiError(
+            422,
+            "invalid_request",
+            str(first.get("msg", "invalid request")),
+            field=".".join(loc) or None,
+        )
         return JSONResponse(err.body(), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(ApiError(exc.status_code, code, str(exc.detail)).body(),
-                            status_code=exc.status_code)
+        return JSONResponse(
+            ApiError(exc.status_code, code, str(exc.detail)).body(), status_code=exc.status_code
+        )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
@@ -12,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ApiKey
+from app.webhook_signing import new_webhook_secret
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,6 @@ class CreatedKey:
 
 def hash_secret(secret: str, *, pepper: str) -> str:
     return hmac.new(pepper.encode(), secret.encode(), hashlib.sha256).hexdigest()
-
-
-def new_webhook_secret() -> str:
-    # Standard Webhooks format: whsec_ + base64 of the raw HMAC key.
-    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def create_key(session: Session, *, name: str, pepper: str) -> CreatedKey:

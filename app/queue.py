@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
-from kombu import Queue
+from kombu import Queue  # type: ignore[attr-defined]
 
 from app.settings import Settings, get_settings
 
@@ -18,9 +18,8 @@ def build_celery(settings: Settings) -> Celery:
     celery = Celery("whisperq", broker=settings.redis_url)
     celery.conf.update(
         task_queues=[
-            Queue(settings.queue_interactive),
-            Queue(settings.queue_bulk),
-            Queue(settings.queue_webhooks),
+            Queue(name)  # type: ignore[no-untyped-call]
+            for name in (settings.queue_interactive, settings.queue_bulk, settings.queue_webhooks)
         ],
         task_default_queue=settings.queue_interactive,
         task_routes={DELIVER_WEBHOOK: {"queue": settings.queue_webhooks}},
@@ -51,6 +50,8 @@ def send_job(job_id: str, *, queue: str) -> None:
 
 def send_delivery(delivery_id: str, *, countdown: float = 0.0) -> None:
     get_celery().send_task(
-        DELIVER_WEBHOOK, args=[delivery_id], countdown=countdown or None,
+        DELIVER_WEBHOOK,
+        args=[delivery_id],
+        countdown=countdown or None,
         queue=get_settings().queue_webhooks,
     )

@@ -11,6 +11,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET = "changethis"
+# The Standard Webhooks schedule (5 s, 5 min, 30 min, 2 h, 5 h, 10 h...), stretched to about
+# three days in all before a delivery is given up.
+WEBHOOK_RETRY_SCHEDULE_S: tuple[float, ...] = (5, 300, 1800, 7200, 18000) + (36000.0,) * 6
 
 
 class Settings(BaseSettings):
@@ -57,10 +60,7 @@ class Settings(BaseSettings):
     # Webhooks
     webhook_timeout_s: float = 15.0
     webhook_retry_schedule_s: list[float] = Field(
-        # The Standard Webhooks schedule (5 s, 5 min, 30 min, 2 h, 5 h, 10 h...), stretched to
-        # about three days in all before a delivery is given up.
-        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000, 36000, 36000, 36000,
-                                 36000]
+        default_factory=lambda: list(WEBHOOK_RETRY_SCHEDULE_S)
     )
     # Exact hosts or CIDRs that webhooks may reach although private (tests: 127.0.0.1).
     webhook_allowlist: list[str] = Field(default_factory=list)

@@ -37,8 +37,9 @@ def decode_data_url(value: str, *, max_bytes: int) -> bytes:
         else:
             data = unquote_to_bytes(payload)
     except (binascii.Error, ValueError):
-        raise ApiError(422, "invalid_audio_url", "data: URL is not valid base64",
-                       field="audio") from None
+        raise ApiError(
+            422, "invalid_audio_url", "data: URL is not valid base64", field="audio"
+        ) from None
     if len(data) > max_bytes:
         raise ApiError(413, "audio_too_large", f"audio over {max_bytes} bytes", field="audio")
     return data
@@ -67,24 +68,38 @@ def store_and_probe(job_id: str, data: bytes, *, settings: Settings) -> int:
         raise ApiError(400, exc.code, exc.message, field="audio") from None
     if duration > settings.max_audio_seconds:
         blobs.delete_blob(job_id)
-        raise ApiError(413, "audio_too_long",
-                       f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
-                       field="audio")
+        raise ApiError(
+            413,
+            "audio_too_long",
+            f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
+            field="audio",
+        )
     return round(duration * 1000)
 
 
 def submit_job(
-    *, api_key_id: int, options: TranscribeOptions, audio: AudioInput, webhook_url: str | None,
-    queue: str, settings: Settings,
+    *,
+    api_key_id: int,
+    options: TranscribeOptions,
+    audio: AudioInput,
+    webhook_url: str | None,
+    queue: str,
+    settings: Settings,
 ) -> Job:
     job_id = new_job_id()
     input_length_ms = None
     if audio.data is not None:
         input_length_ms = store_and_probe(job_id, audio.data, settings=settings)
     job = Job(
-        id=job_id, api_key_id=api_key_id, status=JobStatus.queued, queue=queue,
-        options=options.to_json(), audio_blob=job_id if audio.data is not None else None,
-        audio_url=audio.url, webhook_url=webhook_url, input_length_ms=input_length_ms,
+        id=job_id,
+        api_key_id=api_key_id,
+        status=JobStatus.queued,
+        queue=queue,
+        options=options.to_json(),
+        audio_blob=job_id if audio.data is not None else None,
+        audio_url=audio.url,
+        webhook_url=webhook_url,
+        input_length_ms=input_length_ms,
         enqueued_at=utcnow(),
     )
     with session_scope() as session:
@@ -101,6 +116,10 @@ def submit_job(
                 row.error_code = "queue_unavailable"
                 row.error_message = f"could not reach the job queue: {exc}"
                 row.finished_at = utcnow()
-        raise ApiError(503, "queue_unavailable", "the job queue is unreachable; retry later",
-                       extra={"request_id": job_id}) from None
+        raise ApiError(
+            503,
+            "queue_unavailable",
+            "the job queue is unreachable; retry later",
+            extra={"request_id": job_id},
+        ) from None
     return job

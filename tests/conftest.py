@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 RUN_ID = uuid.uuid4().hex[:8]
-PG_ADMIN_URL = os.environ.get("WHISPERQ_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "WHISPERQ_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 TEST_DB = f"whisperq_test_{RUN_ID}"
 BASE_TMP = Path(tempfile.mkdtemp(prefix=f"whisperq-test-{RUN_ID}-"))
 

@@ -53,8 +53,11 @@ def run(engine: Engine, seconds: float = 5.0, **fields: str) -> Any:
 
 
 # With thresholds off, whisper decodes each 30 s window exactly once at the first temperature.
-NO_FALLBACK = {"compression_ratio_threshold": "none", "logprob_threshold": "none",
-               "no_speech_threshold": "none"}
+NO_FALLBACK = {
+    "compression_ratio_threshold": "none",
+    "logprob_threshold": "none",
+    "no_speech_threshold": "none",
+}
 
 
 def test_result_shape_and_metering(engine: Engine) -> None:
@@ -67,8 +70,9 @@ def test_result_shape_and_metering(engine: Engine) -> None:
     assert out.language == out.raw["language"]
 
 
-def test_task_and_language_reach_decoding(engine: Engine,
-                                          decode_calls: list[DecodingOptions]) -> None:
+def test_task_and_language_reach_decoding(
+    engine: Engine, decode_calls: list[DecodingOptions]
+) -> None:
     out = run(engine, task="translate", language="de", **NO_FALLBACK)
     assert {(c.task, c.language) for c in decode_calls} == {("translate", "de")}
     assert out.language == "de"
@@ -77,31 +81,49 @@ def test_task_and_language_reach_decoding(engine: Engine,
     assert decode_calls[0].language == out.language and out.language is not None
 
 
-def test_temperature_and_fallback_thresholds(engine: Engine,
-                                             decode_calls: list[DecodingOptions]) -> None:
+def test_temperature_and_fallback_thresholds(
+    engine: Engine, decode_calls: list[DecodingOptions]
+) -> None:
     run(engine, temperature="0.3", temperature_increment_on_fallback="none", **NO_FALLBACK)
     assert [c.temperature for c in decode_calls] == [0.3]
     decode_calls.clear()
     # A random model's output fails logprob_threshold=0 every time: the whole ladder is tried.
-    run(engine, logprob_threshold="0", compression_ratio_threshold="none",
-        no_speech_threshold="none", temperature_increment_on_fallback="0.25")
+    run(
+        engine,
+        logprob_threshold="0",
+        compression_ratio_threshold="none",
+        no_speech_threshold="none",
+        temperature_increment_on_fallback="0.25",
+    )
     assert [c.temperature for c in decode_calls] == [0.0, 0.25, 0.5, 0.75, 1.0]
     decode_calls.clear()
     # Compression ratio threshold alone: a tiny threshold makes every decode "too repetitive".
-    run(engine, compression_ratio_threshold="0.01", logprob_threshold="none",
-        no_speech_threshold="none", temperature_increment_on_fallback="0.5")
+    run(
+        engine,
+        compression_ratio_threshold="0.01",
+        logprob_threshold="none",
+        no_speech_threshold="none",
+        temperature_increment_on_fallback="0.5",
+    )
     assert [c.temperature for c in decode_calls] == [0.0, 0.5, 1.0]
 
 
-def test_no_speech_threshold_skips_silence(engine: Engine,
-                                           decode_calls: list[DecodingOptions]) -> None:
+def test_no_speech_threshold_skips_silence(
+    engine: Engine, decode_calls: list[DecodingOptions]
+) -> None:
     # no_speech_prob > 0 always and avg_logprob < 0 always: every window is judged silent.
-    silent = run(engine, no_speech_threshold="0", logprob_threshold="0",
-                 compression_ratio_threshold="none")
+    silent = run(
+        engine, no_speech_threshold="0", logprob_threshold="0", compression_ratio_threshold="none"
+    )
     assert silent.segments == () and silent.text == ""
     assert len(decode_calls) == 1  # silence is not retried at higher temperatures
-    kept = run(engine, no_speech_threshold="none", logprob_threshold="0",
-               compression_ratio_threshold="none", temperature_increment_on_fallback="none")
+    kept = run(
+        engine,
+        no_speech_threshold="none",
+        logprob_threshold="0",
+        compression_ratio_threshold="none",
+        temperature_increment_on_fallback="none",
+    )
     assert kept.segments != ()
 
 
@@ -113,15 +135,17 @@ def test_patience_means_beam_search(engine: Engine, decode_calls: list[DecodingO
     assert [(c.beam_size, c.patience) for c in decode_calls] == [(None, None)]
 
 
-def test_suppress_tokens_are_never_emitted(engine: Engine,
-                                           decode_calls: list[DecodingOptions]) -> None:
+def test_suppress_tokens_are_never_emitted(
+    engine: Engine, decode_calls: list[DecodingOptions]
+) -> None:
     first = run(engine, language="en", **NO_FALLBACK)
     emitted = [t for s in first.raw["segments"] for t in s["tokens"] if t < 50257]
     assert emitted, "the random model produced no text tokens to suppress"
     banned = sorted(set(emitted))[:5]
     decode_calls.clear()
-    second = run(engine, language="en", suppress_tokens=",".join(map(str, [-1, *banned])),
-                 **NO_FALLBACK)
+    second = run(
+        engine, language="en", suppress_tokens=",".join(map(str, [-1, *banned])), **NO_FALLBACK
+    )
     assert decode_calls[0].suppress_tokens == ",".join(map(str, [-1, *banned]))
     again = {t for s in second.raw["segments"] for t in s["tokens"]}
     assert not again & set(banned)
@@ -138,8 +162,14 @@ def test_initial_prompt_and_condition_on_previous_text(
     assert decode_calls[0].prompt == prompt_tokens
     assert len(decode_calls[1].prompt) > len(prompt_tokens)  # + the first window's output
     decode_calls.clear()
-    run(engine, 65.0, language="en", initial_prompt="Kaffee und Kuchen",
-        condition_on_previous_text="false", **NO_FALLBACK)
+    run(
+        engine,
+        65.0,
+        language="en",
+        initial_prompt="Kaffee und Kuchen",
+        condition_on_previous_text="false",
+        **NO_FALLBACK,
+    )
     assert decode_calls[0].prompt == prompt_tokens
     assert all(c.prompt == [] for c in decode_calls[1:])
 
@@ -149,8 +179,12 @@ def test_many_threads_share_one_engine(engine: Engine) -> None:
     results: dict[int, Any] = {}
 
     def task(i: int) -> None:
-        job = EngineJob(audio=noise(3.0, seed=i), options=TranscribeOptions(
-            compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None))
+        job = EngineJob(
+            audio=noise(3.0, seed=i),
+            options=TranscribeOptions(
+                compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None
+            ),
+        )
         results[i] = engine.submit(job).result(timeout=300)
 
     threads = [threading.Thread(target=task, args=(i,)) for i in range(4)]
@@ -158,9 +192,19 @@ def test_many_threads_share_one_engine(engine: Engine) -> None:
         t.start()
     for t in threads:
         t.join()
-    solo = {i: engine.transcribe(EngineJob(audio=noise(3.0, seed=i), options=TranscribeOptions(
-        compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None)))
-        for i in range(4)}
+    solo = {
+        i: engine.transcribe(
+            EngineJob(
+                audio=noise(3.0, seed=i),
+                options=TranscribeOptions(
+                    compression_ratio_threshold=None,
+                    logprob_threshold=None,
+                    no_speech_threshold=None,
+                ),
+            )
+        )
+        for i in range(4)
+    }
     assert {i: r.text for i, r in results.items()} == {i: r.text for i, r in solo.items()}
 
 

@@ -16,30 +16,43 @@ def test_defaults_match_the_hosted_api() -> None:
     assert kw["temperature"] == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     assert kw["suppress_tokens"] == "-1"
     assert kw["condition_on_previous_text"] is True
-    assert (kw["compression_ratio_threshold"], kw["logprob_threshold"],
-            kw["no_speech_threshold"]) == (2.4, -1.0, 0.6)
+    assert (
+        kw["compression_ratio_threshold"],
+        kw["logprob_threshold"],
+        kw["no_speech_threshold"],
+    ) == (2.4, -1.0, 0.6)
     assert "beam_size" not in kw and "patience" not in kw  # greedy unless patience is given
 
 
-@pytest.mark.parametrize(("temperature", "increment"),
-                         [(0.0, 0.2), (0.0, 0.3), (0.1, 0.25), (0.5, 0.1), (1.0, 0.2), (0.3, 0.0)])
+@pytest.mark.parametrize(
+    ("temperature", "increment"),
+    [(0.0, 0.2), (0.0, 0.3), (0.1, 0.25), (0.5, 0.1), (1.0, 0.2), (0.3, 0.0)],
+)
 def test_temperature_ladder_is_whispers_cli(temperature: float, increment: float) -> None:
-    opts = parse_options({"temperature": str(temperature),
-                          "temperature_increment_on_fallback": str(increment)})
-    expected = (tuple(np.arange(temperature, 1.0 + 1e-6, increment)) if increment
-                else (temperature,))
+    opts = parse_options(
+        {"temperature": str(temperature), "temperature_increment_on_fallback": str(increment)}
+    )
+    expected = tuple(np.arange(temperature, 1.0 + 1e-6, increment)) if increment else (temperature,)
     assert np.allclose(opts.temperatures(), expected)
     assert len(opts.temperatures()) == len(expected)
 
 
 def test_every_field_is_parsed() -> None:
-    opts = parse_options({
-        "task": "translate", "language": "DE", "temperature": "0.4", "patience": "2",
-        "suppress_tokens": "-1, 50, 220", "initial_prompt": "Glossary: Kaffee",
-        "condition_on_previous_text": "false", "temperature_increment_on_fallback": "0.3",
-        "compression_ratio_threshold": "3.0", "logprob_threshold": "-0.5",
-        "no_speech_threshold": "0.9",
-    })
+    opts = parse_options(
+        {
+            "task": "translate",
+            "language": "DE",
+            "temperature": "0.4",
+            "patience": "2",
+            "suppress_tokens": "-1, 50, 220",
+            "initial_prompt": "Glossary: Kaffee",
+            "condition_on_previous_text": "false",
+            "temperature_increment_on_fallback": "0.3",
+            "compression_ratio_threshold": "3.0",
+            "logprob_threshold": "-0.5",
+            "no_speech_threshold": "0.9",
+        }
+    )
     kw = opts.transcribe_kwargs(fp16=True)
     assert kw["task"] == "translate" and kw["language"] == "de"
     assert kw["temperature"] == (0.4, 0.7, 1.0)
@@ -48,39 +61,50 @@ def test_every_field_is_parsed() -> None:
     assert opts.suppress_token_ids() == [-1, 50, 220]
     assert kw["initial_prompt"] == "Glossary: Kaffee"
     assert kw["condition_on_previous_text"] is False
-    assert (kw["compression_ratio_threshold"], kw["logprob_threshold"],
-            kw["no_speech_threshold"]) == (3.0, -0.5, 0.9)
+    assert (
+        kw["compression_ratio_threshold"],
+        kw["logprob_threshold"],
+        kw["no_speech_threshold"],
+    ) == (3.0, -0.5, 0.9)
     assert kw["fp16"] is True
     assert TranscribeOptions.from_json(opts.to_json()) == opts
 
 
 def test_thresholds_can_be_switched_off() -> None:
-    opts = parse_options({"compression_ratio_threshold": "none", "logprob_threshold": "null",
-                          "no_speech_threshold": "None",
-                          "temperature_increment_on_fallback": "none"})
+    opts = parse_options(
+        {
+            "compression_ratio_threshold": "none",
+            "logprob_threshold": "null",
+            "no_speech_threshold": "None",
+            "temperature_increment_on_fallback": "none",
+        }
+    )
     kw = opts.transcribe_kwargs(fp16=False)
     assert kw["compression_ratio_threshold"] is None and kw["logprob_threshold"] is None
     assert kw["no_speech_threshold"] is None and kw["temperature"] == (0.0,)
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("task", "summarize"),
-    ("language", "klingon"),
-    ("temperature", "-0.1"),
-    ("temperature", "1.5"),
-    ("temperature", "warm"),
-    ("temperature", "nan"),
-    ("patience", "0"),
-    ("patience", "-1"),
-    ("suppress_tokens", "1,two,3"),
-    ("suppress_tokens", "-5"),
-    ("condition_on_previous_text", "maybe"),
-    ("temperature_increment_on_fallback", "-0.2"),
-    ("compression_ratio_threshold", "0"),
-    ("logprob_threshold", "1"),
-    ("no_speech_threshold", "1.1"),
-    ("initial_prompt", "x" * 5000),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("task", "summarize"),
+        ("language", "klingon"),
+        ("temperature", "-0.1"),
+        ("temperature", "1.5"),
+        ("temperature", "warm"),
+        ("temperature", "nan"),
+        ("patience", "0"),
+        ("patience", "-1"),
+        ("suppress_tokens", "1,two,3"),
+        ("suppress_tokens", "-5"),
+        ("condition_on_previous_text", "maybe"),
+        ("temperature_increment_on_fallback", "-0.2"),
+        ("compression_ratio_threshold", "0"),
+        ("logprob_threshold", "1"),
+        ("no_speech_threshold", "1.1"),
+        ("initial_prompt", "x" * 5000),
+    ],
+)
 def test_bad_values_name_their_field(field: str, value: str) -> None:
     with pytest.raises(OptionError) as err:
         parse_options({field: value})

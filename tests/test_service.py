@@ -24,15 +24,18 @@ from tests.support.services import Receiver, WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-SPEECH = ("Please send the report to the team before the end of the day. "
-          "The meeting has been moved to the large room on the second floor. "
-          "Thank you for your help with this project.")
+SPEECH = (
+    "Please send the report to the team before the end of the day. "
+    "The meeting has been moved to the large room on the second floor. "
+    "Thank you for your help with this project."
+)
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    proc = WorkerProcess(model=tiny_en_checkpoint(),
-                         log_path=tmp_path_factory.mktemp("worker") / "worker.log")
+    proc = WorkerProcess(
+        model=tiny_en_checkpoint(), log_path=tmp_path_factory.mktemp("worker") / "worker.log"
+    )
     yield proc
     proc.stop()
 
@@ -75,22 +78,28 @@ def queued_messages() -> int:
 
 
 def test_requires_an_api_key(api: TestClient) -> None:
-    for headers in ({}, {"Authorization": "bearer nope"}, {"Authorization": "bearer wq_x.y"},
-                    {"Authorization": "Basic abc"}):
+    for headers in (
+        {},
+        {"Authorization": "bearer nope"},
+        {"Authorization": "bearer wq_x.y"},
+        {"Authorization": "Basic abc"},
+    ):
         r = api.post(INFER, headers=headers, files={"audio": ("a.wav", b"x")})
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "unauthorized"
 
 
-def test_sync_transcription_of_real_speech(api: TestClient, key: CreatedKey, worker: WorkerProcess,
-                                           speech_wav: bytes) -> None:
+def test_sync_transcription_of_real_speech(
+    api: TestClient, key: CreatedKey, worker: WorkerProcess, speech_wav: bytes
+) -> None:
     r = api.post(INFER, headers=auth(key), files={"audio": ("speech.wav", speech_wav)})
     assert r.status_code == 200, (r.text, worker.log()[-3000:])
     body = r.json()
     assert wer(SPEECH, body["text"]) < 0.15, body["text"]
     assert body["language"] == "en"
-    assert body["segments"] and all(set(s) == {"id", "text", "start", "end"}
-                                    for s in body["segments"])
+    assert body["segments"] and all(
+        set(s) == {"id", "text", "start", "end"} for s in body["segments"]
+    )
     assert body["segments"][0]["start"] >= 0 and body["segments"][-1]["end"] > 5
     status = body["inference_status"]
     assert status["status"] == "succeeded"
@@ -105,11 +114,18 @@ def test_sync_transcription_of_real_speech(api: TestClient, key: CreatedKey, wor
 
 
 def test_webhook_mode_answers_at_once_and_delivers_a_signed_result(
-    api: TestClient, key: CreatedKey, worker: WorkerProcess, speech_wav: bytes,
+    api: TestClient,
+    key: CreatedKey,
+    worker: WorkerProcess,
+    speech_wav: bytes,
     receiver: Receiver,
 ) -> None:
-    r = api.post(INFER, headers=auth(key), files={"audio": ("speech.wav", speech_wav)},
-                 data={"webhook": receiver.url + "/hook"})
+    r = api.post(
+        INFER,
+        headers=auth(key),
+        files={"audio": ("speech.wav", speech_wav)},
+        data={"webhook": receiver.url + "/hook"},
+    )
     assert r.status_code == 202
     assert r.json()["inference_status"]["status"] == "queued"
     request_id = r.json()["request_id"]
@@ -129,8 +145,9 @@ def test_webhook_mode_answers_at_once_and_delivers_a_signed_result(
     assert delivery["attempts"][0]["status_code"] == 200
 
 
-def test_audio_by_url_and_data_url(api: TestClient, key: CreatedKey, worker: WorkerProcess,
-                                   speech_wav: bytes, receiver: Receiver) -> None:
+def test_audio_by_url_and_data_url(
+    api: TestClient, key: CreatedKey, worker: WorkerProcess, speech_wav: bytes, receiver: Receiver
+) -> None:
     receiver.respond = lambda req, _n: (200, {"content-type": "audio/wav"}, 0.0, speech_wav)
     r = api.post(INFER, headers=auth(key), data={"audio": receiver.url + "/speech.wav"})
     assert r.status_code == 200, r.text
@@ -143,13 +160,21 @@ def test_audio_by_url_and_data_url(api: TestClient, key: CreatedKey, worker: Wor
 
 
 def test_audio_failing_in_the_worker_fails_the_job_and_still_fires_the_webhook(
-    api: TestClient, key: CreatedKey, worker: WorkerProcess, receiver: Receiver,
+    api: TestClient,
+    key: CreatedKey,
+    worker: WorkerProcess,
+    receiver: Receiver,
 ) -> None:
     receiver.respond = lambda req, _n: (
-        (200, {}, 0.0, b"this is not audio at all" * 50) if req.path == "/junk.mp3"
-        else (200, {}, 0.0, b"ok"))
-    r = api.post(INFER, headers=auth(key), data={"audio": receiver.url + "/junk.mp3",
-                                                 "webhook": receiver.url + "/hook"})
+        (200, {}, 0.0, b"this is not audio at all" * 50)
+        if req.path == "/junk.mp3"
+        else (200, {}, 0.0, b"ok")
+    )
+    r = api.post(
+        INFER,
+        headers=auth(key),
+        data={"audio": receiver.url + "/junk.mp3", "webhook": receiver.url + "/hook"},
+    )
     assert r.status_code == 202
     hooks = [q for q in receiver.wait_for(2) if q.path == "/hook"]
     payload = Webhook(key.webhook_secret).verify(hooks[0].body, hooks[0].headers)
@@ -160,8 +185,9 @@ def test_audio_failing_in_the_worker_fails_the_job_and_still_fires_the_webhook(
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_audio"
 
 
-def test_sync_failure_is_a_clear_error(api: TestClient, key: CreatedKey, worker: WorkerProcess,
-                                       receiver: Receiver) -> None:
+def test_sync_failure_is_a_clear_error(
+    api: TestClient, key: CreatedKey, worker: WorkerProcess, receiver: Receiver
+) -> None:
     receiver.respond = lambda req, _n: (404, {}, 0.0, b"nope")
     r = api.post(INFER, headers=auth(key), data={"audio": receiver.url + "/missing.wav"})
     assert r.status_code == 422
@@ -169,8 +195,9 @@ def test_sync_failure_is_a_clear_error(api: TestClient, key: CreatedKey, worker:
     assert r.json()["inference_status"]["status"] == "failed"
 
 
-def test_another_tenants_job_is_a_404(api: TestClient, key: CreatedKey, worker: WorkerProcess,
-                                      speech_wav: bytes) -> None:
+def test_another_tenants_job_is_a_404(
+    api: TestClient, key: CreatedKey, worker: WorkerProcess, speech_wav: bytes
+) -> None:
     r = api.post(INFER, headers=auth(key), files={"audio": ("speech.wav", speech_wav)})
     job_id = r.json()["request_id"]
     other = new_key("other")
@@ -193,16 +220,27 @@ BAD_INPUTS = [
     ({"webhook": "ftp://example.com/hook"}, "wav", 422, "invalid_url", "webhook"),
     ({"webhook": "http://10.0.0.1/hook"}, "wav", 422, "webhook_forbidden_address", "webhook"),
     ({"audio": "file:///etc/passwd"}, None, 422, "invalid_url", "audio_url"),
-    ({"audio": "http://169.254.169.254/latest"}, None, 422, "audio_url_forbidden_address",
-     "audio_url"),
+    (
+        {"audio": "http://169.254.169.254/latest"},
+        None,
+        422,
+        "audio_url_forbidden_address",
+        "audio_url",
+    ),
     ({"audio": "data:audio/wav;base64,@@@"}, None, 422, "invalid_audio_url", "audio"),
 ]
 
 
 @pytest.mark.parametrize(("fields", "upload", "status", "code", "field"), BAD_INPUTS)
 def test_bad_input_is_a_clear_4xx_and_nothing_is_enqueued(
-    api: TestClient, key: CreatedKey, speech_wav: bytes, fields: dict[str, str],
-    upload: bytes | str | None, status: int, code: str, field: str,
+    api: TestClient,
+    key: CreatedKey,
+    speech_wav: bytes,
+    fields: dict[str, str],
+    upload: bytes | str | None,
+    status: int,
+    code: str,
+    field: str,
 ) -> None:
     before = (job_count(), queued_messages())
     files = None
@@ -221,45 +259,66 @@ def test_oversized_upload_is_413(api: TestClient, key: CreatedKey, speech_wav: b
     with settings_override(max_upload_bytes=10_000):
         r = api.post(INFER, headers=auth(key), files={"audio": ("a.wav", speech_wav)})
     assert r.status_code == 413
-    assert r.json()["error"] == {"code": "audio_too_large", "field": "audio",
-                                 "message": r.json()["error"]["message"]}
+    assert r.json()["error"] == {
+        "code": "audio_too_large",
+        "field": "audio",
+        "message": r.json()["error"]["message"],
+    }
     assert job_count() == before
 
 
-def test_too_long_audio_is_refused_before_any_gpu_time(api: TestClient, key: CreatedKey,
-                                                       speech_wav: bytes) -> None:
+def test_too_long_audio_is_refused_before_any_gpu_time(
+    api: TestClient, key: CreatedKey, speech_wav: bytes
+) -> None:
     with settings_override(max_audio_seconds=2.0):
         r = api.post(INFER, headers=auth(key), files={"audio": ("a.wav", speech_wav)})
     assert r.status_code == 413 and r.json()["error"]["code"] == "audio_too_long"
 
 
-def test_job_options_are_stored_as_sent(api: TestClient, key: CreatedKey, worker: WorkerProcess,
-                                        speech_wav: bytes, receiver: Receiver) -> None:
-    fields = {"task": "transcribe", "language": "en", "temperature": "0", "patience": "1.5",
-              "suppress_tokens": "-1,220", "initial_prompt": "Report, meeting, project.",
-              "condition_on_previous_text": "false",
-              "temperature_increment_on_fallback": "0.25", "compression_ratio_threshold": "2.0",
-              "logprob_threshold": "-2", "no_speech_threshold": "0.5",
-              "webhook": receiver.url + "/hook"}
+def test_job_options_are_stored_as_sent(
+    api: TestClient, key: CreatedKey, worker: WorkerProcess, speech_wav: bytes, receiver: Receiver
+) -> None:
+    fields = {
+        "task": "transcribe",
+        "language": "en",
+        "temperature": "0",
+        "patience": "1.5",
+        "suppress_tokens": "-1,220",
+        "initial_prompt": "Report, meeting, project.",
+        "condition_on_previous_text": "false",
+        "temperature_increment_on_fallback": "0.25",
+        "compression_ratio_threshold": "2.0",
+        "logprob_threshold": "-2",
+        "no_speech_threshold": "0.5",
+        "webhook": receiver.url + "/hook",
+    }
     r = api.post(INFER, headers=auth(key), files={"audio": ("s.wav", speech_wav)}, data=fields)
     assert r.status_code == 202
     job = wait_job(api, key, r.json()["request_id"])
     assert job["status"] == "succeeded", job
     assert job["options"] == {
-        "task": "transcribe", "language": "en", "temperature": 0.0, "patience": 1.5,
-        "suppress_tokens": "-1,220", "initial_prompt": "Report, meeting, project.",
-        "condition_on_previous_text": False, "temperature_increment_on_fallback": 0.25,
-        "compression_ratio_threshold": 2.0, "logprob_threshold": -2.0,
+        "task": "transcribe",
+        "language": "en",
+        "temperature": 0.0,
+        "patience": 1.5,
+        "suppress_tokens": "-1,220",
+        "initial_prompt": "Report, meeting, project.",
+        "condition_on_previous_text": False,
+        "temperature_increment_on_fallback": 0.25,
+        "compression_ratio_threshold": 2.0,
+        "logprob_threshold": -2.0,
         "no_speech_threshold": 0.5,
     }
     assert wer(SPEECH, job["results"]["text"]) < 0.15
     assert json.loads(receiver.wait_for(1)[0].body)["request_id"] == job["request_id"]
 
 
-def test_blob_is_stored_under_a_server_made_name(api: TestClient, key: CreatedKey,
-                                                 worker: WorkerProcess, speech_wav: bytes) -> None:
-    r = api.post(INFER, headers=auth(key),
-                 files={"audio": ("../../etc/evil name;rm -rf.wav", speech_wav)})
+def test_blob_is_stored_under_a_server_made_name(
+    api: TestClient, key: CreatedKey, worker: WorkerProcess, speech_wav: bytes
+) -> None:
+    r = api.post(
+        INFER, headers=auth(key), files={"audio": ("../../etc/evil name;rm -rf.wav", speech_wav)}
+    )
     assert r.status_code == 200
     stored = Path(get_settings().blob_dir) / r.json()["request_id"]
     assert stored.is_file() and stored.read_bytes() == speech_wav

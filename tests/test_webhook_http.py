@@ -20,6 +20,7 @@ import pytest
 import standardwebhooks
 
 from app.ssrf import AllowList
+from app.webhook_signing import new_webhook_secret, sign, signature_headers
 from worker.webhook_http import (
     DEFAULT_SCHEDULE_S,
     USER_AGENT,
@@ -28,7 +29,6 @@ from worker.webhook_http import (
     parse_retry_after,
     retry_delay,
 )
-from worker.webhook_signing import new_webhook_secret, sign, signature_headers
 
 LOCAL = AllowList.parse(["127.0.0.1"])
 BODY = json.dumps({"type": "job.completed", "data": {"job_id": "j_123"}}).encode()

@@ -20,9 +20,27 @@ SAMPLE_RATE = 16_000
 def decode(path: Path, *, timeout_s: float) -> np.ndarray:
     """Decode with ffmpeg as openai-whisper does, but only local files and with a time limit."""
     cmd = [
-        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error",
-        "-protocol_whitelist", "file", "-threads", "0", "-i", str(path),
-        "-vn", "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(SAMPLE_RATE), "-",
+        "ffmpeg",
+        "-nostdin",
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-protocol_whitelist",
+        "file",
+        "-threads",
+        "0",
+        "-i",
+        str(path),
+        "-vn",
+        "-f",
+        "s16le",
+        "-ac",
+        "1",
+        "-acodec",
+        "pcm_s16le",
+        "-ar",
+        str(SAMPLE_RATE),
+        "-",
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
@@ -53,15 +71,17 @@ def fetch_url(url: str, dest: Path, *, settings: Settings) -> None:
                         url = str(resp.url.join(resp.headers["location"]))
                         continue
                     if resp.status_code != 200:
-                        raise AudioError("audio_fetch_failed",
-                                         f"GET {url} answered {resp.status_code}")
+                        raise AudioError(
+                            "audio_fetch_failed", f"GET {url} answered {resp.status_code}"
+                        )
                     size = 0
                     with dest.open("wb") as fh:
                         for chunk in resp.iter_bytes():
                             size += len(chunk)
                             if size > limit:
-                                raise AudioError("audio_too_large",
-                                                 f"audio URL body over {limit} bytes")
+                                raise AudioError(
+                                    "audio_too_large", f"audio URL body over {limit} bytes"
+                                )
                             fh.write(chunk)
                     return
             except httpx.HTTPError as exc:
@@ -87,7 +107,9 @@ def load_job_audio(
             raise AudioError("audio_missing", "the job has no audio")
         duration = probe_duration_s(path)
         if duration > settings.max_audio_seconds:
-            raise AudioError("audio_too_long", f"audio is {duration:.0f} s; the limit is "
-                             f"{settings.max_audio_seconds:.0f} s")
+            raise AudioError(
+                "audio_too_long",
+                f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
+            )
         samples = decode(path, timeout_s=settings.ffmpeg_timeout_s)
     return samples, round(len(samples) * 1000 / SAMPLE_RATE)

@@ -13,8 +13,8 @@ from app.db import session_scope, utcnow
 from app.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
 from app.settings import Settings
 from app.ssrf import AllowList
+from app.webhook_signing import signature_headers
 from worker.webhook_http import deliver_once, retry_delay
-from worker.webhook_signing import signature_headers
 
 log = logging.getLogger(__name__)
 
@@ -35,35 +35,57 @@ def attempt(delivery_id: str, *, settings: Settings) -> Scheduled:
         claimed = session.execute(
             update(WebhookDelivery)
             .where(WebhookDelivery.id == delivery_id)
-            .where(or_(
-                and_(WebhookDelivery.status == DeliveryStatus.pending,
-                     WebhookDelivery.next_attempt_at <= now),
-                and_(WebhookDelivery.status == DeliveryStatus.sending,
-                     WebhookDelivery.lease_expires_at < now),
-            ))
-            .values(status=DeliveryStatus.sending,
-                    lease_expires_at=now + timedelta(seconds=lease_s(settings)))
-            .returning(WebhookDelivery.url, WebhookDelivery.body, WebhookDelivery.attempts,
-                       WebhookDelivery.job_id)
+            .where(
+                or_(
+                    and_(
+                        WebhookDelivery.status == DeliveryStatus.pending,
+                        WebhookDelivery.next_attempt_at <= now,
+                    ),
+                    and_(
+                        WebhookDelivery.status == DeliveryStatus.sending,
+                        WebhookDelivery.lease_expires_at < now,
+                    ),
+                )
+            )
+            .values(
+                status=DeliveryStatus.sending,
+                lease_expires_at=now + timedelta(seconds=lease_s(settings)),
+            )
+            .returning(
+                WebhookDelivery.url,
+                WebhookDelivery.body,
+                WebhookDelivery.attempts,
+                WebhookDelivery.job_id,
+            )
         ).one_or_none()
         if claimed is None:
             return Scheduled(delivery_id, None)
         key = session.execute(
             select(ApiKey.webhook_secret, ApiKey.webhook_secret_previous)
-            .join(Job, Job.api_key_id == ApiKey.id).where(Job.id == claimed.job_id)
+            .join(Job, Job.api_key_id == ApiKey.id)
+            .where(Job.id == claimed.job_id)
         ).one()
-        attempt_no = 1 + session.scalar(
-            select(func.count()).select_from(WebhookAttempt)
-            .where(WebhookAttempt.delivery_id == delivery_id)
+        attempt_no = 1 + (
+            session.scalar(
+                select(func.count())
+                .select_from(WebhookAttempt)
+                .where(WebhookAttempt.delivery_id == delivery_id)
+            )
+            or 0
         )
 
     secrets = [s for s in (key.webhook_secret, key.webhook_secret_previous) if s]
     body = claimed.body.encode()
     headers = signature_headers(secrets, msg_id=delivery_id, timestamp=int(time.time()), body=body)
     started = utcnow()
-    result = deliver_once(claimed.url, body, headers, timeout_s=settings.webhook_timeout_s,
-                          allow=AllowList.parse(settings.webhook_allowlist),
-                          max_redirects=settings.max_url_redirects)
+    result = deliver_once(
+        claimed.url,
+        body,
+        headers,
+        timeout_s=settings.webhook_timeout_s,
+        allow=AllowList.parse(settings.webhook_allowlist),
+        max_redirects=settings.max_url_redirects,
+    )
     made = claimed.attempts + 1
 
     delay: float | None = None
@@ -74,24 +96,45 @@ def attempt(delivery_id: str, *, settings: Settings) -> Scheduled:
     elif result.outcome == "refused":
         status = DeliveryStatus.refused
     else:
-        delay = retry_delay(made, schedule=settings.webhook_retry_schedule_s,
-                            retry_after_s=result.retry_after_s)
+        delay = retry_delay(
+            made, schedule=settings.webhook_retry_schedule_s, retry_after_s=result.retry_after_s
+        )
         status = DeliveryStatus.pending if delay is not None else DeliveryStatus.failed
     done = utcnow()
     next_at = done + timedelta(seconds=delay) if delay is not None else None
     with session_scope() as session:
-        session.add(WebhookAttempt(
-            delivery_id=delivery_id, attempt_no=attempt_no, started_at=started,
-            outcome=result.outcome, status_code=result.status_code,
-            latency_ms=result.latency_ms, error=result.error, next_attempt_at=next_at,
-        ))
-        session.execute(
-            update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(
-                status=status, attempts=made, next_attempt_at=next_at, lease_expires_at=None,
-                last_status_code=result.status_code, last_error=result.error,
-                dispatched_at=next_at, finished_at=None if delay is not None else done,
+        session.add(
+            WebhookAttempt(
+                delivery_id=delivery_id,
+                attempt_no=attempt_no,
+                started_at=started,
+                outcome=result.outcome,
+                status_code=result.status_code,
+                latency_ms=result.latency_ms,
+                error=result.error,
+                next_attempt_at=next_at,
             )
         )
-    log.info("webhook %s attempt %d: %s (%s) next in %s s", delivery_id, attempt_no,
-             result.outcome, result.status_code or result.error, delay)
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id)
+            .values(
+                status=status,
+                attempts=made,
+                next_attempt_at=next_at,
+                lease_expires_at=None,
+                last_status_code=result.status_code,
+                last_error=result.error,
+                dispatched_at=next_at,
+                finished_at=None if delay is not None else done,
+            )
+        )
+    log.info(
+        "webhook %s attempt %d: %s (%s) next in %s s",
+        delivery_id,
+        attempt_no,
+        result.outcome,
+        result.status_code or result.error,
+        delay,
+    )
     return Scheduled(delivery_id, delay)

@@ -115,8 +115,8 @@ class Engine:
         bad = [t for t in opts.suppress_token_ids() if t >= n_vocab]
         if bad:
             raise EngineInputError(
-                "invalid_option", f"suppress_tokens: ids {bad} are outside the vocabulary "
-                f"(size {n_vocab})"
+                "invalid_option",
+                f"suppress_tokens: ids {bad} are outside the vocabulary (size {n_vocab})",
             )
 
     def transcribe(self, job: EngineJob) -> EngineResult:
@@ -132,8 +132,12 @@ class Engine:
             torch.cuda.synchronize(self.device)
         runtime_ms = max(1, round((time.perf_counter() - start) * 1000))
         segments = tuple(
-            Segment(id=i, start=round(float(s["start"]), 3), end=round(float(s["end"]), 3),
-                    text=str(s["text"]))
+            Segment(
+                id=i,
+                start=round(float(s["start"]), 3),
+                end=round(float(s["end"]), 3),
+                text=str(s["text"]),
+            )
             for i, s in enumerate(out["segments"])
         )
         return EngineResult(

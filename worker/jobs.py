@@ -36,25 +36,44 @@ def claim(job_id: str, *, settings: Settings) -> ClaimedJob | None:
         row = session.execute(
             update(Job)
             .where(Job.id == job_id)
-            .where(or_(Job.status == JobStatus.queued,
-                       and_(Job.status == JobStatus.running, Job.lease_expires_at < now)))
-            .values(status=JobStatus.running, started_at=now, attempts=Job.attempts + 1,
-                    lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
-                    worker=socket.gethostname())
+            .where(
+                or_(
+                    Job.status == JobStatus.queued,
+                    and_(Job.status == JobStatus.running, Job.lease_expires_at < now),
+                )
+            )
+            .values(
+                status=JobStatus.running,
+                started_at=now,
+                attempts=Job.attempts + 1,
+                lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
+                worker=socket.gethostname(),
+            )
             .returning(Job.attempts, Job.options, Job.audio_blob, Job.audio_url)
         ).one_or_none()
     if row is None:
         return None
-    return ClaimedJob(id=job_id, attempt=row.attempts,
-                      options=TranscribeOptions.from_json(row.options),
-                      audio_blob=row.audio_blob, audio_url=row.audio_url)
+    return ClaimedJob(
+        id=job_id,
+        attempt=row.attempts,
+        options=TranscribeOptions.from_json(row.options),
+        audio_blob=row.audio_blob,
+        audio_url=row.audio_url,
+    )
 
 
 def finish(
-    claimed: ClaimedJob, *, status: JobStatus, settings: Settings,
-    result: dict[str, Any] | None = None, input_length_ms: int | None = None,
-    runtime_ms: int = 0, tokens_generated: int = 0, tokens_input: int = 0,
-    error_code: str | None = None, error_message: str | None = None,
+    claimed: ClaimedJob,
+    *,
+    status: JobStatus,
+    settings: Settings,
+    result: dict[str, Any] | None = None,
+    input_length_ms: int | None = None,
+    runtime_ms: int = 0,
+    tokens_generated: int = 0,
+    tokens_input: int = 0,
+    error_code: str | None = None,
+    error_message: str | None = None,
 ) -> str | None:
     """Store the outcome unless another run took the job over; returns a delivery id to send."""
     with session_scope() as session:
@@ -77,8 +96,11 @@ def finish(
             return None
         # The event is written with the result, so it cannot be lost between the two.
         delivery = WebhookDelivery(
-            job_id=job.id, url=job.webhook_url, body=json.dumps(webhook_payload(job)),
-            status=DeliveryStatus.pending, next_attempt_at=job.finished_at,
+            job_id=job.id,
+            url=job.webhook_url,
+            body=json.dumps(webhook_payload(job)),
+            status=DeliveryStatus.pending,
+            next_attempt_at=job.finished_at,
             dispatched_at=job.finished_at,
         )
         session.add(delivery)

@@ -44,7 +44,8 @@ def load_model(name_or_path: str, *, device: str, download_root: Path | None = N
         )
     try:
         model = whisper.load_model(
-            name_or_path, device=device,
+            name_or_path,
+            device=device,
             download_root=str(download_root) if download_root else None,
         )
     except (OSError, RuntimeError) as exc:

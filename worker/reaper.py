@@ -23,31 +23,56 @@ def sweep(settings: Settings) -> tuple[int, int]:
     stale = now - timedelta(seconds=settings.requeue_after_s)
     with session_scope() as session:
         jobs = session.execute(
-            select(Job.id, Job.queue).where(or_(
-                and_(Job.status == JobStatus.queued, Job.enqueued_at < stale),
-                and_(Job.status == JobStatus.running, Job.lease_expires_at < now,
-                     Job.enqueued_at < stale),
-            )).limit(500).with_for_update(skip_locked=True)
+            select(Job.id, Job.queue)
+            .where(
+                or_(
+                    and_(Job.status == JobStatus.queued, Job.enqueued_at < stale),
+                    and_(
+                        Job.status == JobStatus.running,
+                        Job.lease_expires_at < now,
+                        Job.enqueued_at < stale,
+                    ),
+                )
+            )
+            .limit(500)
+            .with_for_update(skip_locked=True)
         ).all()
         if jobs:
-            session.execute(update(Job).where(Job.id.in_([j.id for j in jobs]))
-                            .values(enqueued_at=now))
+            session.execute(
+                update(Job).where(Job.id.in_([j.id for j in jobs])).values(enqueued_at=now)
+            )
         grace = timedelta(seconds=max(settings.reaper_interval_s, 1.0) * 2)
         deliveries = session.scalars(
-            select(WebhookDelivery.id).where(or_(
-                and_(WebhookDelivery.status == DeliveryStatus.pending,
-                     WebhookDelivery.next_attempt_at <= now,
-                     or_(WebhookDelivery.dispatched_at.is_(None),
-                         WebhookDelivery.dispatched_at < now - grace)),
-                and_(WebhookDelivery.status == DeliveryStatus.sending,
-                     WebhookDelivery.lease_expires_at < now,
-                     or_(WebhookDelivery.dispatched_at.is_(None),
-                         WebhookDelivery.dispatched_at < now - grace)),
-            )).limit(500).with_for_update(skip_locked=True)
+            select(WebhookDelivery.id)
+            .where(
+                or_(
+                    and_(
+                        WebhookDelivery.status == DeliveryStatus.pending,
+                        WebhookDelivery.next_attempt_at <= now,
+                        or_(
+                            WebhookDelivery.dispatched_at.is_(None),
+                            WebhookDelivery.dispatched_at < now - grace,
+                        ),
+                    ),
+                    and_(
+                        WebhookDelivery.status == DeliveryStatus.sending,
+                        WebhookDelivery.lease_expires_at < now,
+                        or_(
+                            WebhookDelivery.dispatched_at.is_(None),
+                            WebhookDelivery.dispatched_at < now - grace,
+                        ),
+                    ),
+                )
+            )
+            .limit(500)
+            .with_for_update(skip_locked=True)
         ).all()
         if deliveries:
-            session.execute(update(WebhookDelivery)
-                            .where(WebhookDelivery.id.in_(deliveries)).values(dispatched_at=now))
+            session.execute(
+                update(WebhookDelivery)
+                .where(WebhookDelivery.id.in_(deliveries))
+                .values(dispatched_at=now)
+            )
     for job in jobs:
         send_job(job.id, queue=job.queue)
     for delivery_id in deliveries:

@@ -21,7 +21,8 @@ def get_engine() -> Engine:
             settings = get_settings()
             device = pick_device(settings.device)
             log.info("loading Whisper model %r on %s", settings.model, device)
-            model = load_model(settings.model, device=device,
-                               download_root=settings.model_download_root)
+            model = load_model(
+                settings.model, device=device, download_root=settings.model_download_root
+            )
             _engine = Engine(model)
         return _engine

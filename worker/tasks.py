@@ -26,24 +26,41 @@ def run_job(job_id: str) -> None:
         return
     delivery_id: str | None
     try:
-        audio, input_length_ms = load_job_audio(blob=claimed.audio_blob, url=claimed.audio_url,
-                                                settings=settings)
+        audio, input_length_ms = load_job_audio(
+            blob=claimed.audio_blob, url=claimed.audio_url, settings=settings
+        )
         out = get_engine().submit(EngineJob(audio=audio, options=claimed.options)).result()
     except (AudioError, EngineInputError) as exc:
-        delivery_id = jobs.finish(claimed, status=JobStatus.failed, settings=settings,
-                                  error_code=exc.code, error_message=exc.message)
+        delivery_id = jobs.finish(
+            claimed,
+            status=JobStatus.failed,
+            settings=settings,
+            error_code=exc.code,
+            error_message=exc.message,
+        )
     except Exception as exc:
         log.exception("job %s failed", job_id)
-        delivery_id = jobs.finish(claimed, status=JobStatus.failed, settings=settings,
-                                  error_code="internal_error",
-                                  error_message=f"{type(exc).__name__}: {exc}")
+        delivery_id = jobs.finish(
+            claimed,
+            status=JobStatus.failed,
+            settings=settings,
+            error_code="internal_error",
+            error_message=f"{type(exc).__name__}: {exc}",
+        )
     else:
         delivery_id = jobs.finish(
-            claimed, status=JobStatus.succeeded, settings=settings,
-            result={"text": out.text, "segments": [s.to_json() for s in out.segments],
-                    "language": out.language},
-            input_length_ms=input_length_ms, runtime_ms=out.runtime_ms,
-            tokens_generated=out.tokens_generated, tokens_input=out.tokens_input,
+            claimed,
+            status=JobStatus.succeeded,
+            settings=settings,
+            result={
+                "text": out.text,
+                "segments": [s.to_json() for s in out.segments],
+                "language": out.language,
+            },
+            input_length_ms=input_length_ms,
+            runtime_ms=out.runtime_ms,
+            tokens_generated=out.tokens_generated,
+            tokens_input=out.tokens_input,
         )
     if delivery_id is not None:
         send_delivery(delivery_id)

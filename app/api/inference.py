@@ -23,31 +23,53 @@ from app.submission import AudioInput, check_url, decode_data_url, submit_job
 router = APIRouter()
 
 OPTION_FIELDS = (
-    "task", "language", "temperature", "patience", "suppress_tokens", "initial_prompt",
-    "condition_on_previous_text", "temperature_increment_on_fallback",
-    "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold",
+    "task",
+    "language",
+    "temperature",
+    "patience",
+    "suppress_tokens",
+    "initial_prompt",
+    "condition_on_previous_text",
+    "temperature_increment_on_fallback",
+    "compression_ratio_threshold",
+    "logprob_threshold",
+    "no_speech_threshold",
 )
 # Errors the caller caused (their audio); anything else failing a job is on us.
-CLIENT_ERROR_CODES = frozenset({
-    "invalid_audio", "empty_audio", "audio_too_long", "audio_too_large", "audio_fetch_failed",
-    "audio_url_forbidden_address", "audio_url_unresolvable_host", "invalid_option",
-})
+CLIENT_ERROR_CODES = frozenset(
+    {
+        "invalid_audio",
+        "empty_audio",
+        "audio_too_long",
+        "audio_too_large",
+        "audio_fetch_failed",
+        "audio_url_forbidden_address",
+        "audio_url_unresolvable_host",
+        "invalid_option",
+    }
+)
 
 
 async def _read_audio(value: Any, settings: Settings) -> AudioInput:
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise ApiError(422, "missing_audio", "send 'audio' as a file upload or a URL",
-                       field="audio")
+        raise ApiError(
+            422, "missing_audio", "send 'audio' as a file upload or a URL", field="audio"
+        )
     if isinstance(value, UploadFile):
         if value.size is not None and value.size > settings.max_upload_bytes:
-            raise ApiError(413, "audio_too_large",
-                           f"audio over {settings.max_upload_bytes} bytes", field="audio")
+            raise ApiError(
+                413,
+                "audio_too_large",
+                f"audio over {settings.max_upload_bytes} bytes",
+                field="audio",
+            )
         return AudioInput(data=await value.read())
     text = str(value).strip()
     if text.startswith("data:"):
         return AudioInput(data=decode_data_url(text, max_bytes=settings.max_upload_bytes))
-    url = await run_in_threadpool(check_url, text, field="audio_url",
-                                  allowlist=settings.audio_url_allowlist)
+    url = await run_in_threadpool(
+        check_url, text, field="audio_url", allowlist=settings.audio_url_allowlist
+    )
     return AudioInput(url=url)
 
 
@@ -93,8 +115,9 @@ async def _read_request(
     webhook = form.get("webhook")
     webhook_url = None
     if isinstance(webhook, str) and webhook.strip():
-        webhook_url = await run_in_threadpool(check_url, webhook.strip(), field="webhook",
-                                              allowlist=settings.webhook_allowlist)
+        webhook_url = await run_in_threadpool(
+            check_url, webhook.strip(), field="webhook", allowlist=settings.webhook_allowlist
+        )
     return options, webhook_url, await _read_audio(form.get("audio"), settings)
 
 
@@ -102,8 +125,9 @@ async def _read_request(
 async def infer(request: Request, key: CurrentKey, settings: SettingsDep) -> JSONResponse:
     declared = int(request.headers.get("content-length") or 0)
     if declared > settings.max_upload_bytes + 1024 * 1024:
-        raise ApiError(413, "audio_too_large", f"request over {settings.max_upload_bytes} bytes",
-                       field="audio")
+        raise ApiError(
+            413, "audio_too_large", f"request over {settings.max_upload_bytes} bytes", field="audio"
+        )
     try:
         form = await request.form(max_files=2, max_fields=64)
     except Exception as exc:  # malformed multipart body
@@ -114,9 +138,14 @@ async def infer(request: Request, key: CurrentKey, settings: SettingsDep) -> JSO
         await form.close()  # spooled upload files must not outlive the request
 
     job = await run_in_threadpool(
-        lambda: submit_job(api_key_id=key.id, options=options, audio=audio,
-                           webhook_url=webhook_url, queue=settings.queue_interactive,
-                           settings=settings)
+        lambda: submit_job(
+            api_key_id=key.id,
+            options=options,
+            audio=audio,
+            webhook_url=webhook_url,
+            queue=settings.queue_interactive,
+            settings=settings,
+        )
     )
     if webhook_url is not None:
         return JSONResponse(inference_response(job), status_code=202)

@@ -48,7 +48,8 @@ def _delivery(d: WebhookDelivery) -> dict[str, Any]:
 def list_deliveries(job_id: str, key: CurrentKey, session: SessionDep) -> dict[str, Any]:
     job = owned_job(session, job_id=job_id, key=key)
     rows = session.scalars(
-        select(WebhookDelivery).where(WebhookDelivery.job_id == job.id)
+        select(WebhookDelivery)
+        .where(WebhookDelivery.job_id == job.id)
         .order_by(WebhookDelivery.created_at)
     ).all()
     return {"request_id": job.id, "deliveries": [_delivery(d) for d in rows]}
@@ -60,7 +61,8 @@ def retry_delivery(job_id: str, key: CurrentKey, session: SessionDep) -> dict[st
     deduplicate), with a fresh retry schedule."""
     job = owned_job(session, job_id=job_id, key=key)
     delivery = session.scalars(
-        select(WebhookDelivery).where(WebhookDelivery.job_id == job.id)
+        select(WebhookDelivery)
+        .where(WebhookDelivery.job_id == job.id)
         .order_by(WebhookDelivery.created_at.desc())
     ).first()
     if delivery is None:

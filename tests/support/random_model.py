@@ -9,8 +9,16 @@ import torch
 from whisper.model import ModelDimensions, Whisper
 
 TINY_RANDOM = ModelDimensions(
-    n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=1, n_audio_layer=1,
-    n_vocab=51865, n_text_ctx=448, n_text_state=64, n_text_head=1, n_text_layer=1,
+    n_mels=80,
+    n_audio_ctx=1500,
+    n_audio_state=64,
+    n_audio_head=1,
+    n_audio_layer=1,
+    n_vocab=51865,
+    n_text_ctx=448,
+    n_text_state=64,
+    n_text_head=1,
+    n_text_layer=1,
 )
 
 

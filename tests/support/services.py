@@ -21,16 +21,23 @@ REPO = Path(__file__).resolve().parents[2]
 class WorkerProcess:
     """``whisperq worker`` in a subprocess, with its log kept for failure messages."""
 
-    def __init__(self, *, model: Path, log_path: Path, env: dict[str, str] | None = None,
-                 queues: str = "") -> None:
+    def __init__(
+        self, *, model: Path, log_path: Path, env: dict[str, str] | None = None, queues: str = ""
+    ) -> None:
         self.log_path = log_path
         run_env = {**os.environ, "WHISPERQ_MODEL": str(model), **(env or {})}
         args = [sys.executable, "-m", "app.cli", "worker", "--concurrency", "4"]
         if queues:
             args += ["--queues", queues]
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(args, cwd=REPO, env=run_env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=run_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self._wait_ready(timeout=120)
 
     def log(self) -> str:
@@ -78,8 +85,12 @@ class Receiver:
     """A real HTTP server on 127.0.0.1. ``respond`` decides each answer: (status, headers,
     seconds to stall first, body)."""
 
-    respond: Callable[[Received, int], tuple[int, dict[str, str], float, bytes]] = (
-        lambda _r, _n: (200, {}, 0.0, b"ok"))
+    respond: Callable[[Received, int], tuple[int, dict[str, str], float, bytes]] = lambda _r, _n: (
+        200,
+        {},
+        0.0,
+        b"ok",
+    )
     requests: list[Received] = field(default_factory=list)
     arrived: threading.Condition = field(default_factory=threading.Condition)
 
@@ -89,8 +100,11 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
-                got = Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                               self.rfile.read(length))
+                got = Received(
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    self.rfile.read(length),
+                )
                 with outer.arrived:
                     outer.requests.append(got)
                     n = len(outer.requests)
@@ -107,8 +121,8 @@ class Receiver:
                 except OSError:
                     pass  # the client gave up (timeout): expected in some tests
 
-            do_POST = _handle
-            do_GET = _handle
+            do_POST = _handle  # noqa: N815 (http.server naming)
+            do_GET = _handle  # noqa: N815
 
             def log_message(self, *_: Any) -> None:
                 pass
