@@ -62,6 +62,18 @@ def claim(job_id: str, *, settings: Settings) -> ClaimedJob | None:
     )
 
 
+def renew_lease(claimed: ClaimedJob, *, settings: Settings) -> bool:
+    """Keep the job ours while it runs; False when another run has taken it over."""
+    with session_scope() as session:
+        renewed = session.execute(
+            update(Job)
+            .where(Job.id == claimed.id, Job.status == JobStatus.running)
+            .where(Job.attempts == claimed.attempt)
+            .values(lease_expires_at=utcnow() + timedelta(seconds=settings.job_lease_s))
+        )
+        return bool(renewed.rowcount)  # type: ignore[attr-defined]
+
+
 def finish(
     claimed: ClaimedJob,
     *,

@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 
 from app.audio_probe import AudioError
 from app.models import JobStatus
 from app.queue import DELIVER_WEBHOOK, RUN_JOB, send_delivery
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 from worker import deliveries, jobs
 from worker.audio import load_job_audio
 from worker.celery_app import celery
-from worker.engine import EngineInputError, EngineJob
+from worker.engine import EngineInputError, EngineJob, EngineResult
 from worker.runtime import get_engine
 
 log = logging.getLogger(__name__)
+
+
+def _wait_renewing_lease(
+    future: Future[EngineResult], claimed: jobs.ClaimedJob, settings: Settings
+) -> EngineResult:
+    """A live worker renews its lease, so only a dead one's job is ever run again."""
+    while True:
+        try:
+            return future.result(timeout=max(settings.job_lease_s / 3, 0.5))
+        except TimeoutError:
+            if not jobs.renew_lease(claimed, settings=settings):
+                future.cancel()
+                raise LeaseLostError(claimed.id) from None
+
+
+class LeaseLostError(Exception):
+    pass
 
 
 @celery.task(name=RUN_JOB)  # type: ignore[untyped-decorator]
@@ -29,7 +47,8 @@ def run_job(job_id: str) -> None:
         audio, input_length_ms = load_job_audio(
             blob=claimed.audio_blob, url=claimed.audio_url, settings=settings
         )
-        out = get_engine().submit(EngineJob(audio=audio, options=claimed.options)).result()
+        future = get_engine().submit(EngineJob(audio=audio, options=claimed.options))
+        out = _wait_renewing_lease(future, claimed, settings)
     except (AudioError, EngineInputError) as exc:
         delivery_id = jobs.finish(
             claimed,
@@ -38,6 +57,9 @@ def run_job(job_id: str) -> None:
             error_code=exc.code,
             error_message=exc.message,
         )
+    except LeaseLostError:
+        log.warning("job %s: lease lost to another run; dropping this one", job_id)
+        return
     except Exception as exc:
         log.exception("job %s failed", job_id)
         delivery_id = jobs.finish(

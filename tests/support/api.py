@@ -58,3 +58,34 @@ def wait_job(c: TestClient, key: CreatedKey, job_id: str, *, timeout: float = 12
             return body
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s")
+
+
+def noise_wav(seconds: float, *, seed: int = 0) -> bytes:
+    """A 16 kHz mono WAV of quiet noise: enough for a random model to decode something."""
+    import io
+    import wave
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    samples = (rng.standard_normal(int(seconds * 16_000)) * 3000).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(samples.tobytes())
+    return buf.getvalue()
+
+
+def wait_delivery(
+    c: TestClient, key: CreatedKey, job_id: str, *, status: str, timeout: float = 60
+) -> Any:
+    deadline = time.monotonic() + timeout
+    body: Any = None
+    while time.monotonic() < deadline:
+        body = c.get(f"/v1/jobs/{job_id}/deliveries", headers=auth(key)).json()
+        if body["deliveries"] and body["deliveries"][-1]["status"] == status:
+            return body["deliveries"][-1]
+        time.sleep(0.2)
+    raise AssertionError(f"delivery of {job_id} never reached {status!r}: {body}")
