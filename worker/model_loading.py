@@ -48,7 +48,7 @@ def load_model(name_or_path: str, *, device: str, download_root: Path | None = N
             device=device,
             download_root=str(download_root) if download_root else None,
         )
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # unpickling, checksum, network: all mean 'no model'
         if is_path:
             raise ModelLoadError(
                 f"could not load checkpoint {name_or_path!r}: {exc}. Is it an openai-whisper "

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what whisperq needs on a fresh Debian-like machine: system tools, then .venv.
+# Safe to re-run: each step is skipped when already done. Downloads stay in pip's cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v ffmpeg >/dev/null || need_apt+=(ffmpeg)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+if [ "${WHISPERQ_BOOTSTRAP_TEST:-0}" = 1 ]; then
+  command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
+  command -v sox >/dev/null || need_apt+=(sox)
+  command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
+  command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "bootstrap: apt-get install ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.whisperq-installed
+want="$(sha256sum pyproject.toml | cut -c1-16)-${WHISPERQ_BOOTSTRAP_TEST:-0}"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+  .venv/bin/pip install -q "torch==${WHISPERQ_TORCH_VERSION:-2.13.0}"
+  extras="worker"
+  [ "${WHISPERQ_BOOTSTRAP_TEST:-0}" = 1 ] && extras="worker,dev"
+  .venv/bin/pip install -q -e ".[${extras}]"
+  echo "$want" > "$stamp"
+fi
