@@ -5,9 +5,15 @@ cd "$(dirname "$0")/.."
 WHISPERQ_BOOTSTRAP_TEST=1 bash scripts/bootstrap.sh
 bash scripts/services.sh
 
-echo "== ruff";  .venv/bin/ruff check . && .venv/bin/ruff format --check .
-echo "== mypy";  .venv/bin/mypy
-echo "== compose"; WHISPERQ_KEY_PEPPER=compose-check docker-compose -f compose.yaml config -q && echo "compose.yaml ok"
+# One command a line: under set -e, a failure inside an && list would not stop the script.
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy"
+.venv/bin/mypy
+echo "== compose"
+WHISPERQ_KEY_PEPPER=compose-check docker-compose -f compose.yaml config -q
+echo "compose.yaml ok"
 echo "== pytest"
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider "$@"

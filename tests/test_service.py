@@ -18,7 +18,16 @@ from app.db import session_scope
 from app.keys import CreatedKey
 from app.models import Job
 from app.settings import get_settings
-from tests.support.api import INFER, auth, client, new_key, settings_override, wait_job, wer
+from tests.support.api import (
+    INFER,
+    auth,
+    client,
+    new_key,
+    settings_override,
+    wait_delivery,
+    wait_job,
+    wer,
+)
 from tests.support.real_models import speak, tiny_en_checkpoint
 from tests.support.services import Receiver, WorkerProcess
 
@@ -75,6 +84,48 @@ def queued_messages() -> int:
         return int(client_.llen(settings.queue_interactive))
     finally:
         client_.close()
+
+
+def test_flower_shows_the_worker(worker: WorkerProcess, tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.support.services import REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FLOWER_UNAUTHENTICATED_API": "true"}
+    log = (tmp_path / "flower.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "flower", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        names: list[str] = []
+        while time.monotonic() < deadline and not any(n.startswith("whisperq-") for n in names):
+            time.sleep(0.5)
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/workers?refresh=1", timeout=10)
+                names = list(r.json()) if r.status_code == 200 else []
+            except httpx.HTTPError:
+                continue
+        assert any(n.startswith("whisperq-") for n in names), (tmp_path / "flower.log").read_text()
+        page = httpx.get(f"http://127.0.0.1:{port}/workers", timeout=10)
+        assert page.status_code == 200 and "Flower" in page.text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
 
 
 def test_requires_an_api_key(api: TestClient) -> None:
@@ -137,10 +188,11 @@ def test_webhook_mode_answers_at_once_and_delivers_a_signed_result(
     assert payload["inference_status"]["runtime_ms"] > 0
     assert wer(SPEECH, payload["results"]["text"]) < 0.15
     assert set(payload["results"]) == {"text", "segments", "language", "input_length_ms"}
+    # The receiver may answer before the worker has recorded the attempt: wait for it.
+    delivery = wait_delivery(api, key, request_id, status="delivered")
     deliveries = api.get(f"/v1/jobs/{request_id}/deliveries", headers=auth(key)).json()
-    (delivery,) = deliveries["deliveries"]
+    assert len(deliveries["deliveries"]) == 1
     assert delivery["id"] == got.headers["webhook-id"]
-    assert delivery["status"] == "delivered"
     assert [a["outcome"] for a in delivery["attempts"]] == ["delivered"]
     assert delivery["attempts"][0]["status_code"] == 200
 

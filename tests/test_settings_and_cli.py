@@ -66,10 +66,8 @@ def test_import_ct2_command(tmp_path: Path) -> None:
     assert model.dims.n_vocab == 51864 and model.dims.n_text_layer == 4
 
 
-def test_model_errors_say_how_to_fix_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    with pytest.raises(ModelLoadError, match="no such checkpoint file.*import-ct2"):
+def test_model_errors_say_how_to_fix_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ModelLoadError, match=r"no such checkpoint file.*import-ct2"):
         load_model(str(tmp_path / "missing.pt"), device="cpu")
     with pytest.raises(ModelLoadError, match="neither a checkpoint path nor a Whisper model"):
         load_model("gigantic", device="cpu")
