@@ -11,8 +11,14 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
+
+    from tests.support.services import Receiver
 
 RUN_ID = uuid.uuid4().hex[:8]
 PG_ADMIN_URL = os.environ.get(
@@ -82,6 +88,25 @@ def clean_redis() -> Iterator[None]:
     yield
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[TestClient]:
+    """The HTTP API in-process, driven over HTTP semantics by Starlette's test client."""
+    from tests.support.api import client
+
+    with client() as c:
+        yield c
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A real HTTP server on 127.0.0.1 that records what it is sent."""
+    from tests.support.services import Receiver
+
+    r = Receiver().start()
+    yield r
+    r.stop()
 
 
 @pytest.fixture

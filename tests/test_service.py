@@ -21,7 +21,6 @@ from app.settings import get_settings
 from tests.support.api import (
     INFER,
     auth,
-    client,
     new_key,
     settings_override,
     wait_delivery,
@@ -57,19 +56,6 @@ def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 @pytest.fixture(scope="module")
 def key() -> CreatedKey:
     return new_key("service")
-
-
-@pytest.fixture(scope="module")
-def api() -> Iterator[TestClient]:
-    with client() as c:
-        yield c
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    yield r
-    r.stop()
 
 
 def job_count() -> int:

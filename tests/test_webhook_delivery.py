@@ -19,7 +19,6 @@ from app.settings import get_settings
 from tests.support.api import (
     INFER,
     auth,
-    client,
     new_key,
     noise_wav,
     settings_override,
@@ -48,22 +47,9 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     proc.stop()
 
 
-@pytest.fixture(scope="module")
-def api() -> Iterator[TestClient]:
-    with client() as c:
-        yield c
-
-
 @pytest.fixture
 def key() -> CreatedKey:
     return new_key("hooks")
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    yield r
-    r.stop()
 
 
 def submit(api: TestClient, key: CreatedKey, webhook: str, **extra: str) -> str:

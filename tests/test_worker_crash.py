@@ -4,7 +4,6 @@ from Postgres by another worker — not lost, not stored or billed twice."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from standardwebhooks import Webhook
 from app.db import session_scope
 from app.keys import CreatedKey
 from app.models import Job
-from tests.support.api import INFER, auth, client, new_key, noise_wav, wait_delivery, wait_job
+from tests.support.api import INFER, auth, new_key, noise_wav, wait_delivery, wait_job
 from tests.support.random_model import random_checkpoint
 from tests.support.services import Receiver, WorkerProcess
 
@@ -29,22 +28,9 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_checkpoint(tmp_path_factory.mktemp("crash") / "random.pt")
 
 
-@pytest.fixture(scope="module")
-def api() -> Iterator[TestClient]:
-    with client() as c:
-        yield c
-
-
 @pytest.fixture
 def key() -> CreatedKey:
     return new_key("crash")
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    yield r
-    r.stop()
 
 
 def test_worker_killed_mid_delivery_leaves_it_to_be_retried(
