@@ -1,0 +1,1 @@
+"""Benchmarks that print tables; never imported by tests and never asserted on."""
