@@ -360,3 +360,18 @@ def test_blob_is_stored_under_a_server_made_name(
     assert r.status_code == 200
     stored = Path(get_settings().blob_dir) / r.json()["request_id"]
     assert stored.is_file() and stored.read_bytes() == speech_wav
+
+
+def test_broker_down_at_submission_is_a_503_and_the_job_ends_failed(
+    api: TestClient, key: CreatedKey, speech_wav: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.submission
+
+    def broker_down(job_id: str, *, queue: str) -> None:
+        raise ConnectionError("Error 111 connecting to redis")
+
+    monkeypatch.setattr(app.submission, "send_job", broker_down)
+    r = api.post(INFER, headers=auth(key), files={"audio": ("a.wav", speech_wav)})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable"
+    job = api.get(f"/v1/jobs/{r.json()['request_id']}", headers=auth(key)).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "queue_unavailable"

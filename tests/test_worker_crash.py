@@ -13,6 +13,7 @@ from standardwebhooks import Webhook
 from app.db import session_scope
 from app.keys import CreatedKey
 from app.models import Job
+from app.settings import get_settings
 from tests.support.api import INFER, auth, new_key, noise_wav, wait_delivery, wait_job
 from tests.support.random_model import random_checkpoint
 from tests.support.services import Receiver, WorkerProcess
@@ -99,3 +100,35 @@ def test_worker_killed_mid_job_is_rerun_once(
         first.kill()
         if second is not None:
             second.stop()
+
+
+def test_a_job_redis_lost_is_found_again_from_postgres(
+    api: TestClient, key: CreatedKey, model: Path, tmp_path: Path
+) -> None:
+    """A committed job whose id never reached Redis (or was lost with it) still runs."""
+    from datetime import timedelta
+
+    from app import blobs
+    from app.db import utcnow
+    from app.options import TranscribeOptions
+
+    worker = WorkerProcess(model=model, log_path=tmp_path / "w.log", env=CRASHY)
+    try:
+        with session_scope() as session:
+            job = Job(
+                api_key_id=key.row.id,
+                status="queued",
+                queue=get_settings().queue_interactive,
+                options=TranscribeOptions(logprob_threshold=None).to_json(),
+                enqueued_at=utcnow() - timedelta(minutes=10),
+            )
+            session.add(job)
+            session.flush()
+            blobs.write_blob(job.id, noise_wav(1.0))
+            job.audio_blob = job.id
+            job_id = job.id
+        done = wait_job(api, key, job_id, timeout=60)
+        assert done["status"] == "succeeded", done
+        assert "reaper re-sent 1 jobs" in worker.log()
+    finally:
+        worker.stop()
