@@ -8,7 +8,7 @@ from typing import Any
 from app.models import Job, JobStatus
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
@@ -70,9 +70,9 @@ def job_status(job: Job) -> dict[str, Any]:
     return {
         "request_id": job.id,
         "status": job.status,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
         "options": job.options,
         "webhook": job.webhook_url,
         "input_length_ms": job.input_length_ms,

@@ -12,7 +12,7 @@ from app.db import utcnow
 from app.errors import ApiError
 from app.models import DeliveryStatus, WebhookDelivery
 from app.queue import send_delivery
-from app.serialize import job_status
+from app.serialize import iso, job_status
 
 router = APIRouter()
 
@@ -30,17 +30,17 @@ def _delivery(d: WebhookDelivery) -> dict[str, Any]:
         "attempts": [
             {
                 "attempt": a.attempt_no,
-                "at": a.started_at.isoformat(),
+                "at": iso(a.started_at),
                 "outcome": a.outcome,
                 "status_code": a.status_code,
                 "latency_ms": a.latency_ms,
                 "error": a.error,
-                "next_attempt_at": a.next_attempt_at.isoformat() if a.next_attempt_at else None,
+                "next_attempt_at": iso(a.next_attempt_at),
             }
             for a in d.attempt_rows
         ],
-        "next_attempt_at": d.next_attempt_at.isoformat() if d.next_attempt_at else None,
-        "created_at": d.created_at.isoformat(),
+        "next_attempt_at": iso(d.next_attempt_at),
+        "created_at": iso(d.created_at),
     }
 
 
