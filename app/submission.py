@@ -6,7 +6,7 @@ import base64
 import binascii
 import logging
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import unquote_to_bytes
 
 from app import blobs
 from app.audio_probe import AudioError, probe_duration_s
@@ -46,13 +46,13 @@ def decode_data_url(value: str, *, max_bytes: int) -> bytes:
 
 
 def check_url(value: str, *, field: str, allowlist: list[str]) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ApiError(422, "invalid_url", f"{field} must be an http(s) URL", field=field)
+    """The SSRF guard's verdict as an API error: ``invalid_url`` for a malformed URL,
+    ``<field>_forbidden_address`` / ``<field>_unresolvable_host`` for where it points."""
     try:
         validate_webhook_url(value, allow=AllowList.parse(allowlist))
     except UnsafeURLError as exc:
-        raise ApiError(422, f"{field}_{exc.code}", str(exc), field=field) from None
+        code = exc.code if exc.code == "invalid_url" else f"{field}_{exc.code}"
+        raise ApiError(422, code, str(exc), field=field) from None
     return value
 
 
