@@ -44,6 +44,18 @@ class Settings(BaseSettings):
 
     # Sync requests wait this long for their job before answering 202 with the job id.
     sync_wait_s: float = 600.0
+    # A sync waiter is woken by the worker's completion signal; it also re-reads its row this
+    # often, in case a signal was lost (pub/sub is at-most-once).
+    sync_recheck_s: float = 5.0
+
+    # Database pool, per process. The API's requests hold a connection only per unit of work
+    # (never while reading uploads or waiting), so the pool bounds concurrent queries, not
+    # concurrent clients; its size should cover the threadpool's (40 threads by default).
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=30, ge=0)
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    # Seconds a caller is told to wait (Retry-After) when Postgres or Redis is unreachable.
+    retry_after_s: int = Field(default=5, ge=1)
 
     # Worker / queue
     worker_concurrency: int = 4  # jobs in flight per worker process (threads pool)

@@ -102,8 +102,13 @@ def submit_job(
         input_length_ms=input_length_ms,
         enqueued_at=utcnow(),
     )
-    with session_scope() as session:
-        session.add(job)
+    try:
+        with session_scope() as session:
+            session.add(job)
+    except Exception:  # Postgres down: no row, so no blob either (the caller gets a 503)
+        if job.audio_blob is not None:
+            blobs.delete_blob(job_id)
+        raise
     # Only after the commit: a worker must never receive an id it cannot read yet.
     try:
         send_job(job_id, queue=queue)

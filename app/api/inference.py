@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -11,10 +12,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
 
-from app.api.deps import CurrentKey, SettingsDep
+from app.api.deps import CurrentKey, SettingsDep, completion_listener
 from app.db import get_sessionmaker
 from app.errors import ApiError
 from app.models import TERMINAL_STATUSES, Job, JobStatus
+from app.notify import CompletionListener
 from app.options import OptionError, TranscribeOptions, parse_options
 from app.serialize import inference_response
 from app.settings import Settings
@@ -78,15 +80,24 @@ def _load(job_id: str) -> Job | None:
         return session.get(Job, job_id)
 
 
-async def _wait_for(job_id: str, *, timeout_s: float) -> Job | None:
+async def _wait_for(
+    job_id: str, *, listener: CompletionListener, timeout_s: float, recheck_s: float
+) -> Job | None:
+    """Wait for the job's completion signal, holding no database connection meanwhile. The
+    row is re-read after each wake-up and every ``recheck_s``: a lost signal only delays."""
     deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        job = await run_in_threadpool(_load, job_id)
-        if job is None or job.status in TERMINAL_STATUSES or time.monotonic() >= deadline:
-            return job
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+    event = listener.register(job_id)  # before the first read, so no signal falls between
+    try:
+        while True:
+            event.clear()
+            job = await run_in_threadpool(_load, job_id)
+            left = deadline - time.monotonic()
+            if job is None or job.status in TERMINAL_STATUSES or left <= 0:
+                return job
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=min(left, recheck_s))
+    finally:
+        listener.unregister(job_id, event)
 
 
 def _status_code(job: Job) -> int:
@@ -149,6 +160,11 @@ async def infer(request: Request, key: CurrentKey, settings: SettingsDep) -> JSO
     )
     if webhook_url is not None:
         return JSONResponse(inference_response(job), status_code=202)
-    done = await _wait_for(job.id, timeout_s=settings.sync_wait_s)
+    done = await _wait_for(
+        job.id,
+        listener=completion_listener(request.app),
+        timeout_s=settings.sync_wait_s,
+        recheck_s=settings.sync_recheck_s,
+    )
     assert done is not None
     return JSONResponse(inference_response(done), status_code=_status_code(done))
