@@ -119,6 +119,7 @@ def decode(path: Path, *, timeout_s: float, max_seconds: float | None = None) ->
         proc.stdout.close()
         returncode = proc.wait()
         err_thread.join(5)
+        proc.stderr.close()
     if too_long:
         raise AudioError(
             "audio_too_long", f"the decoded audio is longer than the {max_seconds or 0:.0f} s limit"
@@ -151,6 +152,9 @@ def fetch_url(url: str, dest: Path, *, settings: Settings) -> None:
             log.info("audio fetch failed: %s", exc.detail)
             code, message = _FETCH_MESSAGES.get(exc.reason, _FETCH_DEFAULT)
             raise AudioError(code, message) from None
+        except Exception as exc:  # whatever a hostile server makes a parser raise: a reason
+            log.warning("audio fetch raised %s", type(exc).__name__, exc_info=True)
+            raise AudioError(*_FETCH_DEFAULT) from None
 
 
 def load_job_audio(

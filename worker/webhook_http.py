@@ -434,7 +434,7 @@ def deliver_once(
                 target = httpx.URL(current)
             except UnsafeURLError as exc:
                 return done("refused", redirect_status, f"{exc.code}: {where}{exc}")
-            except httpx.InvalidURL as exc:
+            except (httpx.InvalidURL, ValueError) as exc:
                 return done("refused", redirect_status, f"invalid_url: {where}{exc}")
             if target.scheme != parsed.scheme or not _same_host(parsed.host, parsed.ip, target):
                 return done("refused", redirect_status, f"invalid_url: {where}ambiguous host")
@@ -471,7 +471,7 @@ def deliver_once(
                         return done("retry", status, f"too many redirects (> {max_redirects})")
                     try:
                         next_url = target.join(location)
-                    except httpx.InvalidURL as exc:
+                    except (httpx.InvalidURL, ValueError) as exc:  # IDNAError is a ValueError
                         return done("refused", status, f"invalid_url: redirect target: {exc}")
                     if target.scheme == "https" and next_url.scheme == "http":
                         return done("refused", status, "invalid_url: redirect from https to http")
@@ -546,7 +546,7 @@ def fetch_to_file(
                 target = httpx.URL(current)
             except UnsafeURLError as exc:
                 raise FetchError(exc.code, f"{where}: {exc}") from None
-            except httpx.InvalidURL as exc:
+            except (httpx.InvalidURL, ValueError) as exc:
                 raise FetchError("invalid_url", f"{where}: {exc}") from None
             if target.scheme != parsed.scheme or not _same_host(parsed.host, parsed.ip, target):
                 raise FetchError("invalid_url", f"{where}: ambiguous host")
@@ -574,7 +574,7 @@ def fetch_to_file(
                         raise FetchError("http_status", f"HTTP {status} without Location")
                     try:
                         next_url = target.join(location)
-                    except httpx.InvalidURL as exc:
+                    except (httpx.InvalidURL, ValueError) as exc:  # IDNAError is a ValueError
                         raise FetchError("invalid_url", f"redirect target: {exc}") from None
                     if target.scheme == "https" and next_url.scheme != "https":
                         raise FetchError("invalid_url", "redirect from https to http")
