@@ -249,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from app.settings import settings_or_exit
+
+    settings_or_exit()  # weak secrets in production: one line and exit, before any work
     return int(args.func(args))
 
 

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 class AudioInput:
     data: bytes | None = None
     url: str | None = None
+    # An upload already streamed into the blob store and probed (app/uploads.py).
+    blob: str | None = None
+    input_length_ms: int | None = None
 
 
 def decode_data_url(value: str, *, max_bytes: int) -> bytes:
@@ -87,16 +90,18 @@ def submit_job(
     settings: Settings,
 ) -> Job:
     job_id = new_job_id()
-    input_length_ms = None
+    input_length_ms = audio.input_length_ms
+    audio_blob = audio.blob
     if audio.data is not None:
         input_length_ms = store_and_probe(job_id, audio.data, settings=settings)
+        audio_blob = job_id
     job = Job(
         id=job_id,
         api_key_id=api_key_id,
         status=JobStatus.queued,
         queue=queue,
         options=options.to_json(),
-        audio_blob=job_id if audio.data is not None else None,
+        audio_blob=audio_blob,
         audio_url=audio.url,
         webhook_url=webhook_url,
         input_length_ms=input_length_ms,

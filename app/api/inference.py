@@ -18,9 +18,11 @@ from app.errors import ApiError
 from app.models import TERMINAL_STATUSES, Job, JobStatus
 from app.notify import CompletionListener
 from app.options import OptionError, TranscribeOptions, parse_options
+from app.ratelimit import check_submission_limits
 from app.serialize import inference_response
 from app.settings import Settings
 from app.submission import AudioInput, check_url, decode_data_url, submit_job
+from app.uploads import read_form, store_upload
 
 router = APIRouter()
 
@@ -48,6 +50,7 @@ CLIENT_ERROR_CODES = frozenset(
         "audio_url_forbidden_address",
         "audio_url_unresolvable_host",
         "invalid_option",
+        "unsupported_option",
     }
 )
 
@@ -58,14 +61,8 @@ async def _read_audio(value: Any, settings: Settings) -> AudioInput:
             422, "missing_audio", "send 'audio' as a file upload or a URL", field="audio"
         )
     if isinstance(value, UploadFile):
-        if value.size is not None and value.size > settings.max_upload_bytes:
-            raise ApiError(
-                413,
-                "audio_too_large",
-                f"audio over {settings.max_upload_bytes} bytes",
-                field="audio",
-            )
-        return AudioInput(data=await value.read())
+        blob, claimed_ms = await store_upload(value, settings)  # streamed, never read whole
+        return AudioInput(blob=blob, input_length_ms=claimed_ms)
     text = str(value).strip()
     if text.startswith("data:"):
         return AudioInput(data=decode_data_url(text, max_bytes=settings.max_upload_bytes))
@@ -134,15 +131,8 @@ async def _read_request(
 
 @router.post("/v1/inference/openai/whisper-tiny")
 async def infer(request: Request, key: CurrentKey, settings: SettingsDep) -> JSONResponse:
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > settings.max_upload_bytes + 1024 * 1024:
-        raise ApiError(
-            413, "audio_too_large", f"request over {settings.max_upload_bytes} bytes", field="audio"
-        )
-    try:
-        form = await request.form(max_files=2, max_fields=64)
-    except Exception as exc:  # malformed multipart body
-        raise ApiError(400, "invalid_form", f"could not read the form: {exc}") from None
+    await check_submission_limits(key.id, settings)
+    form = await read_form(request, settings)  # byte-capped, chunked or not
     try:
         options, webhook_url, audio = await _read_request(form, settings)
     finally:

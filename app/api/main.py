@@ -12,6 +12,8 @@ from app.api import inference, jobs
 from app.api.deps import completion_listener
 from app.api.outages import install_outage_handlers
 from app.errors import install_error_handlers
+from app.ratelimit import install_rate_limit_handler
+from app.settings import settings_or_exit
 
 
 @asynccontextmanager
@@ -25,9 +27,11 @@ async def lifespan(api: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
+    settings_or_exit()  # refuse to start on weak secrets, not answer 500 on every request
     api = FastAPI(title="whisperq", version="0.1.0", lifespan=lifespan)
     install_error_handlers(api)
     install_outage_handlers(api)
+    install_rate_limit_handler(api)  # 429 with Retry-After (issue 14)
     api.include_router(inference.router)
     api.include_router(jobs.router)
 
