@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     # Delays up to this are scheduled as Celery countdowns; longer ones are left to the reaper.
     webhook_countdown_max_s: float = 300.0
 
+    # Issue 15: interfaces (OpenAI audio API, exports, job management, idempotency)
+    # Model names OpenAI clients send that mean "the model this server runs".
+    openai_model_aliases: list[str] = Field(default_factory=lambda: ["whisper-1", "whisper-tiny"])
+    idempotency_ttl_s: float = 24 * 3600
+    jobs_page_size_max: int = 100
+
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Self:
         if self.key_pepper == DEFAULT_SECRET:
