@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     job_time_limit_factor: float = 2.0
     job_time_limit_min_s: float = 120.0
 
+    # Issue 15: interfaces (OpenAI audio API, exports, job management, idempotency)
+    # Model names OpenAI clients send that mean "the model this server runs".
+    openai_model_aliases: list[str] = Field(default_factory=lambda: ["whisper-1", "whisper-tiny"])
+    idempotency_ttl_s: float = 24 * 3600
+    jobs_page_size_max: int = 100
+
     @model_validator(mode="after")
     def _refuse_weak_secrets(self) -> Self:
         problem = weak_secret_reason(self.key_pepper)

@@ -28,6 +28,7 @@ class AudioInput:
     # An upload already streamed into the blob store and probed (app/uploads.py).
     blob: str | None = None
     input_length_ms: int | None = None
+    sha256: str | None = None  # of the upload's bytes, for idempotency
 
 
 def decode_data_url(value: str, *, max_bytes: int) -> bytes:
