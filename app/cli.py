@@ -20,6 +20,15 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("whisperq")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _settings() -> Settings:
     from app.settings import get_settings
 
@@ -27,17 +36,9 @@ def _settings() -> Settings:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-    from alembic import command
-    from alembic.config import Config
+    from app.migrate import upgrade
 
-    settings = _settings()
-    if settings.is_sqlite:
-        db_path = settings.database_url.split("///", 1)[-1]
-        if db_path and db_path != ":memory:":
-            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-    cfg = Config(str(REPO_ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(REPO_ROOT / "migrations"))
-    command.upgrade(cfg, "head")
+    upgrade(_settings())
     return 0
 
 
@@ -202,6 +203,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whisperq", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"whisperq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("migrate", help="create/upgrade the database schema").set_defaults(
