@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI
 
 from app.api import inference, jobs
+from app.api.ops import install_ops
 from app.errors import install_error_handlers
+from app.logging import configure_logging
+from app.settings import get_settings
 
 
 def create_app() -> FastAPI:
-    api = FastAPI(title="whisperq", version="0.1.0")
+    configure_logging(get_settings())
+    # /docs is served by install_ops with Swagger UI's assets from this process (offline).
+    api = FastAPI(title="whisperq", version="0.1.0", docs_url=None)
     install_error_handlers(api)
+    install_ops(api)  # /healthz, /readyz, /metrics, /docs, access log (issue 16)
     api.include_router(inference.router)
     api.include_router(jobs.router)
-
-    @api.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        return {"ok": True}
-
     return api
 
 
