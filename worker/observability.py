@@ -210,12 +210,32 @@ def start_http(settings: Settings) -> ThreadingHTTPServer | None:
     return _server
 
 
+_stop_purge = threading.Event()
+
+
+def _purge_loop(settings: Settings) -> None:
+    from app.db import utcnow
+    from app.retention import purge
+
+    while not _stop_purge.wait(settings.purge_interval_s):
+        try:
+            purge(settings, now=utcnow())
+        except Exception:  # the next round tries again
+            log.exception("retention purge failed")
+
+
 def _on_ready(**_: Any) -> None:
     METRICS.model_loaded.set(1)
-    start_http(get_settings())
+    settings = get_settings()
+    start_http(settings)
+    if settings.retention_days > 0 or settings.keep_audio_days > 0:
+        threading.Thread(
+            target=_purge_loop, args=(settings,), name="whisperq-purge", daemon=True
+        ).start()
 
 
 def _on_shutdown(**_: Any) -> None:
+    _stop_purge.set()
     if _server is not None:
         _server.shutdown()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from app.api import inference, jobs
+from app.api import inference, jobs, usage
 from app.api.ops import install_ops
 from app.errors import install_error_handlers
 from app.logging import configure_logging
@@ -19,6 +19,7 @@ def create_app() -> FastAPI:
     install_ops(api)  # /healthz, /readyz, /metrics, /docs, access log (issue 16)
     api.include_router(inference.router)
     api.include_router(jobs.router)
+    api.include_router(usage.router)
     return api
 
 
