@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from app.api import inference, jobs, usage
+from app.api import inference, jobs, pages, usage
 from app.api.ops import install_ops
 from app.errors import install_error_handlers
 from app.logging import configure_logging
@@ -20,6 +20,7 @@ def create_app() -> FastAPI:
     api.include_router(inference.router)
     api.include_router(jobs.router)
     api.include_router(usage.router)
+    api.include_router(pages.router)
     return api
 
 
