@@ -51,6 +51,7 @@ class ErrorCode(StrEnum):
     invalid_form = ("invalid_form", 400, Fault.caller)
     # Options and URLs
     invalid_option = ("invalid_option", 422, Fault.caller)
+    invalid_date = ("invalid_date", 422, Fault.caller)
     unsupported_option = ("unsupported_option", 422, Fault.caller)  # e.g. translate on .en
     invalid_url = ("invalid_url", 422, Fault.caller)
     invalid_audio_url = ("invalid_audio_url", 422, Fault.caller)
@@ -67,6 +68,7 @@ class ErrorCode(StrEnum):
     audio_fetch_failed = ("audio_fetch_failed", 422, Fault.caller)
     # Jobs
     job_not_found = ("job_not_found", 404, Fault.caller)
+    audio_not_found = ("audio_not_found", 404, Fault.caller)
     job_not_finished = ("job_not_finished", 409, Fault.caller)
     job_has_no_transcript = ("job_has_no_transcript", 409, Fault.caller)
     job_already_finished = ("job_already_finished", 409, Fault.caller)

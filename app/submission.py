@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 from app import blobs
@@ -64,20 +66,22 @@ def store_and_probe(job_id: str, data: bytes, *, settings: Settings) -> int:
     """Write the upload to the blob store and check it is audio we will accept; returns ms."""
     if not data:
         raise ApiError(400, "empty_audio", "the audio file is empty", field="audio")
-    path = blobs.write_blob(job_id, data)
-    try:
-        duration = probe_duration_s(path)
-    except AudioError as exc:
-        blobs.delete_blob(job_id)
-        raise ApiError(400, exc.code, exc.message, field="audio") from None
-    if duration > settings.max_audio_seconds:
-        blobs.delete_blob(job_id)
-        raise ApiError(
-            413,
-            "audio_too_long",
-            f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
-            field="audio",
-        )
+    # Probed in a local scratch file, then streamed to the blob store (maybe another host's).
+    with tempfile.TemporaryDirectory(prefix="whisperq-up-") as tmp:
+        path = Path(tmp) / job_id
+        path.write_bytes(data)
+        try:
+            duration = probe_duration_s(path)
+        except AudioError as exc:
+            raise ApiError(400, exc.code, exc.message, field="audio") from None
+        if duration > settings.max_audio_seconds:
+            raise ApiError(
+                413,
+                "audio_too_long",
+                f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
+                field="audio",
+            )
+        blobs.get_store().put_file(job_id, path)
     return round(duration * 1000)
 
 
@@ -113,8 +117,9 @@ def submit_job(
             session.add(job)
     except Exception:  # Postgres down: no row, so no blob either (the caller gets a 503)
         if job.audio_blob is not None:
-            blobs.delete_blob(job_id)
+            blobs.delete_blob(job.audio_blob)
         raise
+    log.info("job accepted", extra={"request_id": job_id, "queue": queue})
     # Only after the commit: a worker must never receive an id it cannot read yet.
     try:
         send_job(job_id, queue=queue)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import tempfile
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import BinaryIO
 
 from fastapi.concurrency import run_in_threadpool
@@ -102,38 +104,34 @@ async def read_form(request: Request, settings: Settings) -> FormData:
             raise ApiError(400, "invalid_form", "malformed form body") from None
 
 
-def _copy_to_blob(src: BinaryIO, name: str, *, limit: int) -> tuple[int, str]:
+def _copy_capped(src: BinaryIO, dest: Path, *, limit: int) -> tuple[int, str]:
     """Copy in chunks; returns the size and the SHA-256 (idempotency compares uploads by it)."""
     src.seek(0)
-    path = blobs.blob_path(name)
-    tmp = path.with_suffix(".part")
     size = 0
     digest = hashlib.sha256()
-    try:
-        with tmp.open("wb") as out:
-            while chunk := src.read(COPY_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise _BodyTooLargeError
-                digest.update(chunk)
-                out.write(chunk)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with dest.open("wb") as out:
+        while chunk := src.read(COPY_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLargeError
+            digest.update(chunk)
+            out.write(chunk)
     return size, digest.hexdigest()
 
 
 def _store_and_probe(src: BinaryIO, settings: Settings) -> tuple[str, int, str]:
     name = secrets.token_hex(16)
-    try:
-        size, sha256 = _copy_to_blob(src, name, limit=settings.max_upload_bytes)
-    except _BodyTooLargeError:
-        raise too_large(settings) from None
-    try:
+    # Probed in a local scratch file, then handed to the blob store (maybe another host's).
+    with tempfile.TemporaryDirectory(prefix="whisperq-up-") as tmp:
+        path = Path(tmp) / name
+        try:
+            size, sha256 = _copy_capped(src, path, limit=settings.max_upload_bytes)
+        except _BodyTooLargeError:
+            raise too_large(settings) from None
         if size == 0:
             raise ApiError(400, "empty_audio", "the audio file is empty", field="audio")
         try:
-            duration = probe_duration_s(blobs.blob_path(name))
+            duration = probe_duration_s(path)
         except AudioError as exc:
             raise ApiError(400, exc.code, exc.message, field="audio") from None
         if duration > settings.max_audio_seconds:
@@ -143,9 +141,7 @@ def _store_and_probe(src: BinaryIO, settings: Settings) -> tuple[str, int, str]:
                 f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
                 field="audio",
             )
-    except ApiError:
-        blobs.delete_blob(name)
-        raise
+        blobs.get_store().put_file(name, path)
     return name, round(duration * 1000), sha256
 
 

@@ -80,7 +80,7 @@ def test_many_sync_callers_share_a_two_connection_pool(tmp_path: Path, key: Crea
     env = {
         "WHISPERQ_DB_POOL_SIZE": "2",
         "WHISPERQ_DB_MAX_OVERFLOW": "0",
-        "WHISPERQ_DB_POOL_TIMEOUT_S": "3",
+        "WHISPERQ_DB_POOL_TIMEOUT_S": "20",
         "WHISPERQ_SYNC_WAIT_S": "6",
         "WHISPERQ_QUEUE_INTERACTIVE": queue,
     }

@@ -170,9 +170,12 @@ def load_job_audio(
     """The samples and the *decoded* input length in ms; AudioError says what is wrong."""
     with tempfile.TemporaryDirectory(prefix="whisperq-") as tmp:
         if blob is not None:
-            path = blobs.blob_path(blob)
-            if not path.is_file():
-                raise AudioError("audio_missing", "the uploaded audio is gone from the blob store")
+            try:
+                path = blobs.get_store().local_path(blob, Path(tmp))
+            except blobs.BlobMissingError:
+                raise AudioError(
+                    "audio_missing", "the uploaded audio is gone from the blob store"
+                ) from None
         elif url is not None:
             path = Path(tmp) / "input"
             fetch_url(url, path, settings=settings)
