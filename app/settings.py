@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     # Delays up to this are scheduled as Celery countdowns; longer ones are left to the reaper.
     webhook_countdown_max_s: float = 300.0
 
+    # Batches (issue 13)
+    batch_max_inputs_per_request: int = 1000  # files + URLs + manifest lines in one request
+    batch_max_manifest_bytes: int = 16 * 1024 * 1024
+    batch_results_page_size: int = 500  # rows per DB round trip while streaming JSONL
+    batch_list_max_limit: int = 100
+
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Self:
         if self.key_pepper == DEFAULT_SECRET:

@@ -8,6 +8,8 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
+from sqlalchemy import update
+
 from app import blobs
 from app.audio_probe import AudioError, probe_duration_s
 from app.db import session_scope, utcnow
@@ -60,7 +62,13 @@ def store_and_probe(job_id: str, data: bytes, *, settings: Settings) -> int:
     """Write the upload to the blob store and check it is audio we will accept; returns ms."""
     if not data:
         raise ApiError(400, "empty_audio", "the audio file is empty", field="audio")
-    path = blobs.write_blob(job_id, data)
+    blobs.write_blob(job_id, data)
+    return probe_stored(job_id, settings=settings)
+
+
+def probe_stored(job_id: str, *, settings: Settings) -> int:
+    """Check a stored blob is audio we will accept (deleting it when not); returns ms."""
+    path = blobs.blob_path(job_id)
     try:
         duration = probe_duration_s(path)
     except AudioError as exc:
@@ -105,21 +113,36 @@ def submit_job(
     with session_scope() as session:
         session.add(job)
     # Only after the commit: a worker must never receive an id it cannot read yet.
-    try:
-        send_job(job_id, queue=queue)
-    except Exception as exc:  # broker down: the job must not be left queued forever in silence
-        log.exception("enqueue failed for job %s", job_id)
-        with session_scope() as session:
-            row = session.get(Job, job_id)
-            if row is not None and row.status == JobStatus.queued:
-                row.status = JobStatus.failed
-                row.error_code = "queue_unavailable"
-                row.error_message = f"could not reach the job queue: {exc}"
-                row.finished_at = utcnow()
-        raise ApiError(
-            503,
-            "queue_unavailable",
-            "the job queue is unreachable; retry later",
-            extra={"request_id": job_id},
-        ) from None
+    enqueue_jobs([job_id], queue=queue)
     return job
+
+
+def enqueue_jobs(job_ids: list[str], *, queue: str) -> None:
+    """Send committed jobs to the broker; if it is down, fail the ones not sent (a job must
+    not be left queued forever in silence) and answer 503."""
+    for sent, job_id in enumerate(job_ids):
+        try:
+            send_job(job_id, queue=queue)
+        except Exception as exc:
+            log.exception("enqueue failed for job %s", job_id)
+            _fail_unsent(job_ids[sent:], exc)
+            raise ApiError(
+                503,
+                "queue_unavailable",
+                "the job queue is unreachable; retry later",
+                extra={"request_id": job_id},
+            ) from None
+
+
+def _fail_unsent(job_ids: list[str], exc: Exception) -> None:
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.queued)
+            .values(
+                status=JobStatus.failed,
+                error_code="queue_unavailable",
+                error_message=f"could not reach the job queue: {exc}",
+                finished_at=utcnow(),
+            )
+        )

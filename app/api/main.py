@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.api import inference, jobs
+from app.api import batches, inference, jobs
 from app.errors import install_error_handlers
 
 
@@ -15,6 +15,7 @@ def create_app() -> FastAPI:
     install_error_handlers(api)
     api.include_router(inference.router)
     api.include_router(jobs.router)
+    api.include_router(batches.router)
 
     @api.get("/healthz")
     def healthz() -> dict[str, Any]:
