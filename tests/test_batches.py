@@ -263,6 +263,8 @@ def test_resent_inputs_never_make_a_second_job(
         i["job_id"] for i in r1.json()["inputs"]
     }
     assert len(jobs_of(batch_id)) == 2
+    # Inputs added later run with the options the batch was created with.
+    assert {j.options["logprob_threshold"] for j in jobs_of(batch_id)} == {None}
     assert blob_count() == blobs_before  # the resent bytes were dropped
     listed = [
         json.loads(x)

@@ -268,12 +268,14 @@ def _idempotency_key(value: str | None) -> str | None:
 
 
 async def _read_inputs(
-    request: Request, settings: Settings, *, create: bool
+    request: Request, settings: Settings, *, batch_defaults: dict[str, str] | None = None
 ) -> tuple[list[batches.NewInput], dict[str, str], str | None, bool]:
-    """Inputs, batch default options (raw), webhook, open: from multipart or JSON."""
+    """Inputs, batch default options (raw), webhook, open: from multipart or JSON. Adding to
+    a batch (``batch_defaults`` given), its inputs are parsed over the batch's defaults."""
+    create = batch_defaults is None
     if _is_json(request):
         body = await _read_json(request, BatchCreateJSON if create else BatchAddJSON, settings)
-        defaults: dict[str, str] = {}
+        defaults: dict[str, str] = dict(batch_defaults or {})
         webhook: str | None = None
         is_open = False
         if isinstance(body, BatchCreateJSON):
@@ -296,7 +298,7 @@ async def _read_inputs(
         if create:
             allowed |= {*OPTION_FIELDS, "webhook", "open"}
         _check_fields(form, allowed)
-        defaults = {}
+        defaults = dict(batch_defaults or {})
         for name in OPTION_FIELDS:
             value = _one(form, name)
             if value is not None:
@@ -346,7 +348,7 @@ async def create_batch(
     ``open=true`` more inputs follow (``/files``) until ``/seal``; otherwise it is sealed now.
     The same ``Idempotency-Key`` returns the batch already made (200)."""
     batch_key = _idempotency_key(idempotency_key)
-    inputs, defaults, webhook, is_open = await _read_inputs(request, settings, create=True)
+    inputs, defaults, webhook, is_open = await _read_inputs(request, settings)
     try:
         if webhook is not None:
             webhook = await run_in_threadpool(
@@ -394,8 +396,8 @@ async def add_to_batch(
 ) -> BatchAccepted:
     """Add inputs to an open batch. Inputs whose ``idempotency_key`` the batch already has
     make no new job (``duplicate: true``): resending a chunk is always safe."""
-    await run_in_threadpool(_check_owned, batch_id, key)
-    inputs, _, _, _ = await _read_inputs(request, settings, create=False)
+    defaults = await run_in_threadpool(_check_owned, batch_id, key)
+    inputs, _, _, _ = await _read_inputs(request, settings, batch_defaults=defaults)
     try:
         accepted = await run_in_threadpool(
             lambda: batches.add_inputs(
@@ -410,9 +412,11 @@ async def add_to_batch(
     return await run_in_threadpool(_accepted, batch_id, key, accepted)
 
 
-def _check_owned(batch_id: str, key: ApiKey) -> None:
+def _check_owned(batch_id: str, key: ApiKey) -> dict[str, str]:
+    """404 unless the key's; returns the batch's default options."""
     with get_sessionmaker()() as session:
-        batches.owned_batch(session, batch_id=batch_id, api_key_id=key.id)
+        batch = batches.owned_batch(session, batch_id=batch_id, api_key_id=key.id)
+        return dict(batch.default_options)
 
 
 @router.post("/v1/batches/{batch_id}/seal", response_model=BatchOut)
