@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import blobs
@@ -137,7 +138,7 @@ def create_batch(
     try:
         with session_scope() as session:
             session.add(batch)
-    except Exception:
+    except IntegrityError:
         # Lost a race with a concurrent create of the same key: that one is ours.
         if idempotency_key is None:
             raise

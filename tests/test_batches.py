@@ -235,6 +235,23 @@ def test_resent_inputs_never_make_a_second_job(
     batch_id = first.json()["batch"]["id"]
     assert again.json()["batch"]["id"] == batch_id
     assert first.json()["batch"]["status"] == "open"
+    # Concurrent creates with one key make one batch.
+    made: list[str] = []
+    racers = [
+        threading.Thread(
+            target=lambda: made.append(
+                api.post(
+                    "/v1/batches", headers={**auth(key), "Idempotency-Key": "race"}, json=create
+                ).json()["batch"]["id"]
+            )
+        )
+        for _ in range(4)
+    ]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join()
+    assert len(made) == 4 and len(set(made)) == 1
 
     chunk = {
         "files": [("0", wav), ("1", noise_wav(0.4, seed=3))],

@@ -66,6 +66,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+API_PIDS: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``whisperq api`` (uvicorn) in its own process, on loopback."""
@@ -91,6 +94,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"API did not start:\n{log_path.read_text()}")
             time.sleep(0.2)
+        API_PIDS[base] = proc.pid
         yield base
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -335,3 +339,90 @@ def test_fetch_never_writes_outside_the_output_directory() -> None:
     assert str(output_name({"job_id": "j4", "source_name": "https://h/p/a.mp3"})) == "p/a.mp3"
     named = {"job_id": "j5", "source_name": "https://h/a.mp3", "custom_id": "row-5"}
     assert str(output_name(named)) == "row-5"
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_upload_is_streamed_not_held_in_memory(server: str, key: CreatedKey) -> None:
+    """60 MiB of WAV through the real server: its peak memory grows by a small part of it."""
+    samples = 60 * 2**20
+    header = noise_wav(0.0)[:44]  # a 16 kHz mono 16-bit header; fix its two sizes
+    header = header[:4] + (36 + samples).to_bytes(4, "little") + header[8:40]
+    header += samples.to_bytes(4, "little")
+    block = os.urandom(2**20)
+
+    def body() -> Iterator[bytes]:
+        yield header
+        for _ in range(samples // len(block)):
+            yield block
+
+    pid = API_PIDS[server]
+    before = peak_rss_kib(pid)
+    boundary = "whisperq-test-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def multipart() -> Iterator[bytes]:
+        yield head
+        yield from body()
+        yield tail
+
+    r = httpx.post(
+        server + "/v1/batches",
+        headers={
+            "Authorization": f"bearer {key.key}",
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+        },
+        content=multipart(),
+        timeout=120,
+    )
+    assert r.status_code == 201, r.text
+    item = r.json()["inputs"][0]
+    assert item["status"] == "queued"
+    growth_mib = (peak_rss_kib(pid) - before) / 1024
+    assert growth_mib < 20, f"the API's peak memory grew {growth_mib:.0f} MiB for a 60 MiB upload"
+    with session_scope() as session:
+        job = session.get(Job, item["job_id"])
+        assert job is not None and job.input_length_ms == samples // 2 * 1000 // 16_000
+    batch_id = r.json()["batch"]["id"]
+    httpx.post(
+        f"{server}/v1/batches/{batch_id}/cancel", headers={"Authorization": f"bearer {key.key}"}
+    )
+
+
+def test_a_rerun_uploads_nothing_twice(
+    server: str, backlog: tuple[Path, list[str]], capsys: Any
+) -> None:
+    """No worker: uploaded, sealed, and the same command again finds everything accepted."""
+    other = new_key("rerun")
+    root, _ = backlog
+    argv = ["submit", str(root / "team-3"), "--no-wait", "--chunk-files", "7"]
+    argv += ["--url", server, "--api-key", other.key]
+    assert cli_main(argv) == 0
+    first = capsys.readouterr().err
+    assert "0 already accepted, 100 to upload" in first, first
+    assert cli_main(argv) == 0
+    again = capsys.readouterr().err
+    assert "100 already accepted, 0 to upload" in again, again
+    batch_id = cli_batch(other)
+    assert batch_id is not None
+    assert sum(batch_job_counts(batch_id).values()) == 100
+    # Another tag is another batch; the first is left as it was.
+    assert cli_main([*argv, "--tag", "second"]) == 0
+    assert "0 already accepted, 100 to upload" in capsys.readouterr().err
+    with session_scope() as session:
+        n = session.scalar(select(func.count()).where(Batch.api_key_id == other.row.id))
+        assert n == 2
+        ids = session.scalars(select(Batch.id).where(Batch.api_key_id == other.row.id)).all()
+    for b in ids:  # nothing of this test is left for a later worker
+        httpx.post(
+            f"{server}/v1/batches/{b}/cancel", headers={"Authorization": f"bearer {other.key}"}
+        )
