@@ -405,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--flower-port", type=int, default=5555)
     up.set_defaults(func=cmd_up)
+
+    from app.client_cli import add_client_commands  # submit, fetch: HTTP clients (issue 13)
+
+    add_client_commands(sub)
     return parser
 
 

@@ -187,6 +187,12 @@ class Settings(BaseSettings):
     def _lists_accept_commas(cls, value: Any) -> Any:
         return _comma_list(value)
 
+    # Batches (issue 13)
+    batch_max_inputs_per_request: int = 1000  # files + URLs + manifest lines in one request
+    batch_max_manifest_bytes: int = 16 * 1024 * 1024
+    batch_results_page_size: int = 500  # rows per DB round trip while streaming JSONL
+    batch_list_max_limit: int = 100
+
     @model_validator(mode="after")
     def _resolve_paths(self) -> Self:
         """Relative paths are resolved once, here: the same files from any working folder."""

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app.api import inference, jobs, openai_compat, pages, usage
+from app.api import batches, inference, jobs, openai_compat, pages, usage
 from app.api.deps import completion_listener
 from app.api.ops import install_ops
 from app.api.outages import install_outage_handlers
@@ -71,6 +71,7 @@ def create_app() -> FastAPI:
     api.include_router(openai_compat.router)
     api.include_router(usage.router)
     api.include_router(pages.router)
+    api.include_router(batches.router)
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
