@@ -199,7 +199,10 @@ def engine_system(engine: Engine, opts: TranscribeOptions, in_flight: int) -> Sy
         with ThreadPoolExecutor(max_workers=in_flight) as pool:
             return list(pool.map(one, clips))
 
-    return System(f"whisperq Engine ({in_flight} jobs in flight)", transcribe_all)
+    return System(
+        f"whisperq Engine (batched, {in_flight} jobs in flight, max_batch_rows={in_flight})",
+        transcribe_all,
+    )
 
 
 def transcribe_system(model: Any, opts: TranscribeOptions, fp16: bool) -> System:
@@ -274,7 +277,7 @@ def section_throughput(
     say()
 
     model = whisper.load_model(str(tiny_en_checkpoint()), device=device)
-    engine = Engine(model)
+    engine = Engine(model, max_batch_rows=in_flight)
     try:
         systems = [engine_system(engine, opts, in_flight), transcribe_system(model, opts, fp16)]
         for system in systems:
@@ -573,7 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="torch.set_num_threads and faster-whisper cpu_threads",
     )
     parser.add_argument(
-        "--in-flight", type=int, default=4, help="engine jobs submitted at once (section 1)"
+        "--in-flight",
+        type=int,
+        default=16,
+        help="engine jobs submitted at once and the engine's max_batch_rows (section 1)",
     )
     parser.add_argument(
         "--rounds", type=int, default=None, help="timed rounds per system (2 quick, 3 full)"
