@@ -77,6 +77,22 @@ class EngineJob:
 
 
 @dataclass(frozen=True)
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "word": self.word,
+            "start": self.start,
+            "end": self.end,
+            "probability": self.probability,
+        }
+
+
+@dataclass(frozen=True)
 class Segment:
     id: int
     start: float
@@ -88,7 +104,7 @@ class Segment:
     avg_logprob: float = 0.0
     compression_ratio: float = 0.0
     no_speech_prob: float = 0.0
-    words: tuple[dict[str, Any], ...] | None = None
+    words: tuple[Word, ...] | None = None  # only with word_timestamps
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -104,7 +120,7 @@ class Segment:
             "no_speech_prob": self.no_speech_prob,
         }
         if self.words is not None:
-            out["words"] = [dict(w) for w in self.words]
+            out["words"] = [w.to_json() for w in self.words]
         return out
 
     @classmethod
@@ -124,12 +140,12 @@ class Segment:
             words=None
             if words is None
             else tuple(
-                {
-                    "word": str(w["word"]),
-                    "start": round(float(w["start"]), 3),
-                    "end": round(float(w["end"]), 3),
-                    "probability": float(w["probability"]),
-                }
+                Word(
+                    word=str(w["word"]),
+                    start=round(float(w["start"]), 3),
+                    end=round(float(w["end"]), 3),
+                    probability=round(float(w["probability"]), 4),
+                )
                 for w in words
             ),
         )
