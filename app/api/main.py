@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from app.api import inference, jobs
 from app.errors import install_error_handlers
-from app.ratelimit import install_rate_limit_handler
+from app.limits import install_limit_handler
 from app.settings import settings_or_exit
 
 
@@ -16,7 +16,7 @@ def create_app() -> FastAPI:
     settings_or_exit()  # refuse to start on weak secrets, not answer 500 on every request
     api = FastAPI(title="whisperq", version="0.1.0")
     install_error_handlers(api)
-    install_rate_limit_handler(api)  # 429 with Retry-After (issue 14)
+    install_limit_handler(api)  # 413/429 with Connection: close / Retry-After (issue 14)
     api.include_router(inference.router)
     api.include_router(jobs.router)
 
