@@ -208,3 +208,26 @@ def test_worst_accepted_options_cost_at_most_six_passes_per_window() -> None:
     whisper.transcribe(model, audio, **worst.transcribe_kwargs(fp16=False), sample_len=8)
     assert 1 <= len(passes) <= MAX_TEMPERATURES  # one window: 1 s of audio
     assert passes == sorted(passes)  # one walk up the ladder, never restarted
+
+
+@pytest.mark.parametrize(
+    "fields", [{"task": "translate"}, {"language": "de"}, {"task": "translate", "language": "fr"}]
+)
+def test_english_only_model_refusal_is_the_callers_4xx(fields: dict[str, str]) -> None:
+    """The issue's sync translate on an English-only model answered 500: the engine's code
+    is a caller's error, so the sync answer is a 422."""
+    from dataclasses import replace
+
+    from app.api.inference import _status_code
+    from app.models import Job, JobStatus
+    from tests.support.random_model import TINY_RANDOM, random_model
+    from worker.engine import Engine, EngineInputError
+
+    engine = Engine(random_model(dims=replace(TINY_RANDOM, n_vocab=51864)))  # English-only
+    try:
+        with pytest.raises(EngineInputError) as err:
+            engine._check(parse_options(fields))
+    finally:
+        engine.close(5)
+    job = Job(status=JobStatus.failed, error_code=err.value.code)
+    assert _status_code(job) == 422
