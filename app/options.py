@@ -11,116 +11,19 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-# The languages openai-whisper knows (whisper.tokenizer.LANGUAGES keys), copied so the API
-# can validate without importing whisper.
-LANGUAGE_CODES = frozenset(
-    [
-        "en",
-        "zh",
-        "de",
-        "es",
-        "ru",
-        "ko",
-        "fr",
-        "ja",
-        "pt",
-        "tr",
-        "pl",
-        "ca",
-        "nl",
-        "ar",
-        "sv",
-        "it",
-        "id",
-        "hi",
-        "fi",
-        "vi",
-        "he",
-        "uk",
-        "el",
-        "ms",
-        "cs",
-        "ro",
-        "da",
-        "hu",
-        "ta",
-        "no",
-        "th",
-        "ur",
-        "hr",
-        "bg",
-        "lt",
-        "la",
-        "mi",
-        "ml",
-        "cy",
-        "sk",
-        "te",
-        "fa",
-        "lv",
-        "bn",
-        "sr",
-        "az",
-        "sl",
-        "kn",
-        "et",
-        "mk",
-        "br",
-        "eu",
-        "is",
-        "hy",
-        "ne",
-        "mn",
-        "bs",
-        "kk",
-        "sq",
-        "sw",
-        "gl",
-        "mr",
-        "pa",
-        "si",
-        "km",
-        "sn",
-        "yo",
-        "so",
-        "af",
-        "oc",
-        "ka",
-        "be",
-        "tg",
-        "sd",
-        "gu",
-        "am",
-        "yi",
-        "lo",
-        "uz",
-        "fo",
-        "ht",
-        "ps",
-        "tk",
-        "nn",
-        "mt",
-        "sa",
-        "lb",
-        "my",
-        "bo",
-        "tl",
-        "mg",
-        "as",
-        "tt",
-        "haw",
-        "ln",
-        "ha",
-        "ba",
-        "jw",
-        "su",
-        "yue",
-    ]
-)
+from app.languages import LANGUAGES
+
+# The languages openai-whisper knows, copied so the API can validate without importing whisper.
+LANGUAGE_CODES = frozenset(LANGUAGES)
 
 # Beam width used when a caller asks for beam search by giving ``patience`` (whisper's CLI default).
 BEAM_SIZE = 5
 MAX_PROMPT_CHARS = 2000
+# openai-whisper's transcribe() defaults: punctuation merged into the neighbouring word when
+# word timestamps are on.
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
+MAX_PUNCTUATION_CHARS = 64
 
 # Bounds on the work one request can ask for (issue 14). Each decoding pass of a 30 s window
 # is one rung of the temperature ladder, so the ladder's length *is* the number of passes a
@@ -163,6 +66,9 @@ class TranscribeOptions:
     compression_ratio_threshold: float | None = 2.4
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
+    word_timestamps: bool = False
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS
+    append_punctuations: str = APPEND_PUNCTUATIONS
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,6 +103,9 @@ class TranscribeOptions:
             "no_speech_threshold": self.no_speech_threshold,
             "fp16": fp16,
             "verbose": None,
+            "word_timestamps": self.word_timestamps,
+            "prepend_punctuations": self.prepend_punctuations,
+            "append_punctuations": self.append_punctuations,
         }
         if self.patience is not None:
             # whisper drops beam_size/patience for sampled (t > 0) fallbacks by itself.
@@ -257,6 +166,14 @@ def _bool(name: str, raw: str | None, default: bool) -> bool:
     if text in {"false", "0", "no", "off"}:
         return False
     raise OptionError(name, f"{name} must be true or false, got {_excerpt(raw)}")
+
+
+def _punctuation(name: str, raw: str | None, default: str) -> str:
+    if raw is None:
+        return default
+    if len(raw) > MAX_PUNCTUATION_CHARS:
+        raise OptionError(name, f"{name} longer than {MAX_PUNCTUATION_CHARS} chars")
+    return raw
 
 
 def parse_suppress_tokens(raw: str | None) -> str:
@@ -350,5 +267,12 @@ def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
             lo=0.0,
             hi=1.0,
             nullable=True,
+        ),
+        word_timestamps=_bool("word_timestamps", form.get("word_timestamps"), False),
+        prepend_punctuations=_punctuation(
+            "prepend_punctuations", form.get("prepend_punctuations"), PREPEND_PUNCTUATIONS
+        ),
+        append_punctuations=_punctuation(
+            "append_punctuations", form.get("append_punctuations"), APPEND_PUNCTUATIONS
         ),
     )

@@ -15,10 +15,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
+import tempfile
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import BinaryIO
 
 from fastapi.concurrency import run_in_threadpool
@@ -104,35 +107,34 @@ async def read_form(request: Request, settings: Settings) -> FormData:
             raise ApiError(400, "invalid_form", "malformed form body") from None
 
 
-def _copy_to_blob(src: BinaryIO, name: str, *, limit: int) -> int:
+def _copy_capped(src: BinaryIO, dest: Path, *, limit: int) -> tuple[int, str]:
+    """Copy in chunks; returns the size and the SHA-256 (idempotency compares uploads by it)."""
     src.seek(0)
-    path = blobs.blob_path(name)
-    tmp = path.with_suffix(".part")
     size = 0
-    try:
-        with tmp.open("wb") as out:
-            while chunk := src.read(COPY_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise _BodyTooLargeError
-                out.write(chunk)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return size
+    digest = hashlib.sha256()
+    with dest.open("wb") as out:
+        while chunk := src.read(COPY_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLargeError
+            digest.update(chunk)
+            out.write(chunk)
+    return size, digest.hexdigest()
 
 
-def _store_and_probe(src: BinaryIO, settings: Settings) -> tuple[str, int]:
+def _store_and_probe(src: BinaryIO, settings: Settings) -> tuple[str, int, str]:
     name = secrets.token_hex(16)
-    try:
-        size = _copy_to_blob(src, name, limit=settings.max_upload_bytes)
-    except _BodyTooLargeError:
-        raise too_large(settings) from None
-    try:
+    # Probed in a local scratch file, then handed to the blob store (maybe another host's).
+    with tempfile.TemporaryDirectory(prefix="whisperq-up-") as tmp:
+        path = Path(tmp) / name
+        try:
+            size, sha256 = _copy_capped(src, path, limit=settings.max_upload_bytes)
+        except _BodyTooLargeError:
+            raise too_large(settings) from None
         if size == 0:
             raise ApiError(400, "empty_audio", "the audio file is empty", field="audio")
         try:
-            duration = probe_duration_s(blobs.blob_path(name))
+            duration = probe_duration_s(path)
         except AudioError as exc:
             raise ApiError(400, exc.code, exc.message, field="audio") from None
         if duration > settings.max_audio_seconds:
@@ -142,17 +144,16 @@ def _store_and_probe(src: BinaryIO, settings: Settings) -> tuple[str, int]:
                 f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
                 field="audio",
             )
-    except ApiError:
-        blobs.delete_blob(name)
-        raise
-    return name, round(duration * 1000)
+        blobs.get_store().put_file(name, path)
+    return name, round(duration * 1000), sha256
 
 
-async def store_upload(upload: UploadFile, settings: Settings) -> tuple[str, int]:
+async def store_upload(upload: UploadFile, settings: Settings) -> tuple[str, int, str]:
     """Copy an uploaded file into the blob store in chunks and probe it.
 
-    Returns the blob name and the length its header claims in ms (the worker checks the
-    decoded length again). ApiError for an empty, undecodable, too large or too long file.
+    Returns the blob name, the length its header claims in ms (the worker checks the
+    decoded length again) and the content's SHA-256. ApiError for an empty, undecodable,
+    too large or too long file.
     """
     if upload.size is not None and upload.size > settings.max_upload_bytes:
         raise too_large(settings)

@@ -24,6 +24,7 @@ import numpy as np
 
 from app import blobs
 from app.audio_probe import DEMUXER_WHITELIST, AudioError, probe_duration_s
+from app.errors import ErrorCode
 from app.settings import Settings
 from app.ssrf import AllowList
 from worker.webhook_http import FetchError, fetch_to_file
@@ -38,13 +39,19 @@ STDERR_TAIL = 4096
 # What a caller may be told about a failed fetch: the SSRF verdicts keep their codes, the rest
 # is one generic code and message (no status codes of internal hosts: no port scanner).
 _FETCH_MESSAGES = {
-    "too_large": ("audio_too_large", "the audio URL's body is over the size limit"),
-    "timeout": ("audio_fetch_failed", "the audio URL did not answer in time"),
-    "forbidden_address": ("audio_url_forbidden_address", "the audio URL is not allowed"),
-    "unresolvable_host": ("audio_url_unresolvable_host", "the audio URL's host cannot be found"),
-    "invalid_url": ("audio_fetch_failed", "the audio URL or one of its redirects is invalid"),
+    "too_large": (ErrorCode.audio_too_large, "the audio URL's body is over the size limit"),
+    "timeout": (ErrorCode.audio_fetch_failed, "the audio URL did not answer in time"),
+    "forbidden_address": (ErrorCode.audio_url_forbidden_address, "the audio URL is not allowed"),
+    "unresolvable_host": (
+        ErrorCode.audio_url_unresolvable_host,
+        "the audio URL's host cannot be found",
+    ),
+    "invalid_url": (
+        ErrorCode.audio_fetch_failed,
+        "the audio URL or one of its redirects is invalid",
+    ),
 }
-_FETCH_DEFAULT = ("audio_fetch_failed", "the audio URL could not be fetched")
+_FETCH_DEFAULT = (ErrorCode.audio_fetch_failed, "the audio URL could not be fetched")
 
 
 def decode(path: Path, *, timeout_s: float, max_seconds: float | None = None) -> np.ndarray:
@@ -163,9 +170,12 @@ def load_job_audio(
     """The samples and the *decoded* input length in ms; AudioError says what is wrong."""
     with tempfile.TemporaryDirectory(prefix="whisperq-") as tmp:
         if blob is not None:
-            path = blobs.blob_path(blob)
-            if not path.is_file():
-                raise AudioError("audio_missing", "the uploaded audio is gone from the blob store")
+            try:
+                path = blobs.get_store().local_path(blob, Path(tmp))
+            except blobs.BlobMissingError:
+                raise AudioError(
+                    "audio_missing", "the uploaded audio is gone from the blob store"
+                ) from None
         elif url is not None:
             path = Path(tmp) / "input"
             fetch_url(url, path, settings=settings)
