@@ -221,13 +221,14 @@ def test_english_only_model_refusal_is_the_callers_4xx(fields: dict[str, str]) -
     from app.api.inference import _status_code
     from app.models import Job, JobStatus
     from tests.support.random_model import TINY_RANDOM, random_model
-    from worker.engine import Engine, EngineInputError
+    from worker.engine import Engine, EngineInputError, EngineJob
 
     engine = Engine(random_model(dims=replace(TINY_RANDOM, n_vocab=51864)))  # English-only
     try:
+        job = EngineJob(audio=np.zeros(16_000, np.float32), options=parse_options(fields))
         with pytest.raises(EngineInputError) as err:
-            engine._check(parse_options(fields))
+            engine.submit(job).result(timeout=300)
     finally:
         engine.close(5)
-    job = Job(status=JobStatus.failed, error_code=err.value.code)
-    assert _status_code(job) == 422
+    failed = Job(status=JobStatus.failed, error_code=err.value.code)
+    assert _status_code(failed) == 422
