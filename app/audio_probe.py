@@ -38,7 +38,8 @@ def probe_duration_s(path: Path, *, timeout_s: float = 30.0) -> float:
         raise AudioError("invalid_audio", "probing the audio timed out") from None
     if proc.returncode != 0:
         reason = proc.stderr.decode(errors="replace").strip().splitlines()
-        detail = reason[-1] if reason else "ffprobe failed"
+        # ffprobe names the file it read: a server path, never for the caller's eyes.
+        detail = (reason[-1] if reason else "ffprobe failed").replace(str(path), "input")
         raise AudioError("invalid_audio", f"not decodable audio: {detail}")
     info = json.loads(proc.stdout or b"{}")
     streams = info.get("streams") or []

@@ -48,7 +48,8 @@ def decode(path: Path, *, timeout_s: float) -> np.ndarray:
         raise AudioError("invalid_audio", f"decoding took over {timeout_s:.0f} s") from None
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise AudioError("invalid_audio", f"ffmpeg: {lines[-1] if lines else 'failed'}")
+        detail = (lines[-1] if lines else "failed").replace(str(path), "input")  # no server path
+        raise AudioError("invalid_audio", f"ffmpeg: {detail}")
     samples = np.frombuffer(proc.stdout, np.int16).astype(np.float32) / 32768.0
     if samples.size == 0:
         raise AudioError("invalid_audio", "the audio decodes to no samples")

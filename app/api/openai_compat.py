@@ -8,6 +8,8 @@ interactive queue, metered and visible in ``GET /v1/jobs``; its id is in ``x-req
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -54,6 +56,16 @@ class CompatRequest:
             "response_format": self.response_format,
             "granularities": sorted(self.granularities),
         }
+
+
+@contextmanager
+def _openai_fields() -> Iterator[None]:
+    """Errors from the shared submission path name our fields; name the caller's."""
+    try:
+        yield
+    except ApiError as exc:
+        exc.field = OPENAI_FIELD.get(exc.field or "", exc.field)
+        raise
 
 
 def _invalid(field: str, message: str) -> ApiError:
@@ -113,11 +125,8 @@ async def _read(form: FormData, settings: Settings, *, task: str) -> CompatReque
         options = parse_options(fields)
     except OptionError as exc:
         raise _invalid(OPENAI_FIELD.get(exc.field, exc.field), exc.message) from None
-    try:
+    with _openai_fields():
         audio = await inference._read_audio(upload, settings)
-    except ApiError as exc:
-        exc.field = OPENAI_FIELD.get(exc.field or "", exc.field)
-        raise
     return CompatRequest(options, response_format, frozenset(granularities), audio)
 
 
@@ -189,24 +198,25 @@ async def _serve(
         req = await _read(form, settings, task=task)
     finally:
         await form.close()
-    submitted = await run_in_threadpool(
-        lambda: idempotency.submit_once(
-            api_key_id=key.id,
-            key=idempotency.check_key(idempotency_key),
-            fingerprint=idempotency.fingerprint(
-                request.url.path, req.fingerprint_params(), req.audio
-            ),
-            submit=lambda: submit_job(
+    with _openai_fields():
+        submitted = await run_in_threadpool(
+            lambda: idempotency.submit_once(
                 api_key_id=key.id,
-                options=req.options,
-                audio=req.audio,
-                webhook_url=None,
-                queue=settings.queue_interactive,
-                settings=settings,
-            ),
-            ttl_s=settings.idempotency_ttl_s,
+                key=idempotency.check_key(idempotency_key),
+                fingerprint=idempotency.fingerprint(
+                    request.url.path, req.fingerprint_params(), req.audio
+                ),
+                submit=lambda: submit_job(
+                    api_key_id=key.id,
+                    options=req.options,
+                    audio=req.audio,
+                    webhook_url=None,
+                    queue=settings.queue_interactive,
+                    settings=settings,
+                ),
+                ttl_s=settings.idempotency_ttl_s,
+            )
         )
-    )
     done = await inference._wait_for(submitted.job.id, timeout_s=settings.sync_wait_s)
     assert done is not None
     if done.status != JobStatus.succeeded:
