@@ -43,15 +43,23 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         created = datetime.fromisoformat(stamp)
         if created.tzinfo is None or not job_id.isalnum():
             raise ValueError(raw)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        created = created.astimezone(UTC)
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ApiError.of(
             ErrorCode.invalid_cursor, "cursor is not one this API handed out", field="cursor"
         ) from None
     return created, job_id
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+def _utc(value: datetime | None, field: str) -> datetime | None:
+    """Aware UTC (naive means UTC); a time that has no UTC equivalent (year 1 at +01:00) is
+    the caller's 422, not an overflow deep in the driver."""
+    if value is None:
+        return None
+    try:
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:
+        raise ApiError.of(ErrorCode.invalid_request, "time out of range", field=field) from None
 
 
 @router.get(
@@ -80,9 +88,9 @@ def list_jobs(
     query = select(Job).where(Job.api_key_id == key.id)
     if status:
         query = query.where(Job.status.in_([str(s) for s in status]))
-    if (after := _aware(created_after)) is not None:
+    if (after := _utc(created_after, "created_after")) is not None:
         query = query.where(Job.created_at >= after)
-    if (before := _aware(created_before)) is not None:
+    if (before := _utc(created_before, "created_before")) is not None:
         query = query.where(Job.created_at < before)
     if cursor is not None:
         created, job_id = decode_cursor(cursor)
