@@ -51,6 +51,7 @@ class ErrorCode(StrEnum):
     invalid_form = ("invalid_form", 400, Fault.caller)
     # Options and URLs
     invalid_option = ("invalid_option", 422, Fault.caller)
+    invalid_date = ("invalid_date", 422, Fault.caller)
     unsupported_option = ("unsupported_option", 422, Fault.caller)  # e.g. translate on .en
     invalid_url = ("invalid_url", 422, Fault.caller)
     invalid_audio_url = ("invalid_audio_url", 422, Fault.caller)
@@ -67,6 +68,7 @@ class ErrorCode(StrEnum):
     audio_fetch_failed = ("audio_fetch_failed", 422, Fault.caller)
     # Jobs
     job_not_found = ("job_not_found", 404, Fault.caller)
+    audio_not_found = ("audio_not_found", 404, Fault.caller)
     job_not_finished = ("job_not_finished", 409, Fault.caller)
     job_has_no_transcript = ("job_has_no_transcript", 409, Fault.caller)
     job_already_finished = ("job_already_finished", 409, Fault.caller)
@@ -77,6 +79,19 @@ class ErrorCode(StrEnum):
     invalid_cursor = ("invalid_cursor", 422, Fault.caller)
     no_delivery = ("no_delivery", 409, Fault.caller)
     delivery_in_flight = ("delivery_in_flight", 409, Fault.caller)
+    # Batches (issue 13)
+    batch_not_found = ("batch_not_found", 404, Fault.caller)
+    batch_sealed = ("batch_sealed", 409, Fault.caller)
+    batch_finished = ("batch_finished", 409, Fault.caller)
+    batch_empty = ("batch_empty", 409, Fault.caller)
+    no_inputs = ("no_inputs", 422, Fault.caller)
+    too_many_inputs = ("too_many_inputs", 413, Fault.caller)
+    invalid_manifest = ("invalid_manifest", 422, Fault.caller)
+    unknown_field = ("unknown_field", 422, Fault.caller)
+    field_too_large = ("field_too_large", 413, Fault.caller)
+    request_too_large = ("request_too_large", 413, Fault.caller)
+    unsupported_media_type = ("unsupported_media_type", 415, Fault.caller)
+
     # Idempotency
     invalid_idempotency_key = ("invalid_idempotency_key", 422, Fault.caller)
     idempotency_key_reused = ("idempotency_key_reused", 409, Fault.caller)

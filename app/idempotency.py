@@ -45,7 +45,9 @@ def fingerprint(route: str, params: Mapping[str, Any], audio: AudioInput) -> str
     doc = {
         "route": route,
         "params": dict(params),
-        "audio_sha256": hashlib.sha256(audio.data).hexdigest() if audio.data is not None else None,
+        "audio_sha256": (
+            hashlib.sha256(audio.data).hexdigest() if audio.data is not None else audio.sha256
+        ),
         "audio_url": audio.url,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()

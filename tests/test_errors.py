@@ -42,6 +42,9 @@ def _literal_codes(node: ast.expr) -> list[str] | None:
         )
     if isinstance(node, ast.Attribute) and _name(node.value) == "ErrorCode":
         return [node.attr]
+    if isinstance(node, ast.IfExp):  # code = a if ... else b
+        either = [_literal_codes(node.body), _literal_codes(node.orelse)]
+        return [c for codes in either for c in codes or []]
     return None
 
 
@@ -63,8 +66,15 @@ def emitted_codes() -> list[tuple[str, str, int | None]]:
                 for kw in node.keywords:
                     if kw.arg == "error_code":
                         found += [(where, c, None) for c in _literal_codes(kw.value) or []]
+            elif (
+                isinstance(node, ast.Attribute)
+                and _name(node.value) == "ErrorCode"
+                # a member (or a misspelt one) named anywhere is emitted; methods are not
+                and (node.attr in ErrorCode.__members__ or not hasattr(ErrorCode, node.attr))
+            ):
+                found.append((where, node.attr, None))
             elif isinstance(node, ast.Assign):
-                targets = [t for t in node.targets if _name(t) == "error_code"]
+                targets = [t for t in node.targets if _name(t) in ("error_code", "code")]
                 if targets:
                     found += [(where, c, None) for c in _literal_codes(node.value) or []]
     return found

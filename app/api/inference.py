@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Annotated, Any
 
@@ -11,15 +12,18 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
 
-from app import idempotency, schemas
-from app.api.deps import CurrentKey, SettingsDep
+from app import blobs, idempotency, schemas
+from app.api.deps import CurrentKey, SettingsDep, completion_listener
 from app.db import get_sessionmaker
 from app.errors import ApiError, is_caller_fault
 from app.models import TERMINAL_STATUSES, Job, JobStatus
+from app.notify import CompletionListener
 from app.options import OptionError, TranscribeOptions, parse_options
+from app.ratelimit import check_submission_limits
 from app.serialize import inference_response
 from app.settings import Settings
 from app.submission import AudioInput, check_url, decode_data_url, submit_job
+from app.uploads import read_form, store_upload
 
 router = APIRouter()
 
@@ -47,14 +51,8 @@ async def _read_audio(value: Any, settings: Settings) -> AudioInput:
             422, "missing_audio", "send 'audio' as a file upload or a URL", field="audio"
         )
     if isinstance(value, UploadFile):
-        if value.size is not None and value.size > settings.max_upload_bytes:
-            raise ApiError(
-                413,
-                "audio_too_large",
-                f"audio over {settings.max_upload_bytes} bytes",
-                field="audio",
-            )
-        return AudioInput(data=await value.read())
+        blob, claimed_ms, sha256 = await store_upload(value, settings)  # streamed, not whole
+        return AudioInput(blob=blob, input_length_ms=claimed_ms, sha256=sha256)
     text = str(value).strip()
     if text.startswith("data:"):
         return AudioInput(data=decode_data_url(text, max_bytes=settings.max_upload_bytes))
@@ -69,15 +67,24 @@ def _load(job_id: str) -> Job | None:
         return session.get(Job, job_id)
 
 
-async def _wait_for(job_id: str, *, timeout_s: float) -> Job | None:
+async def _wait_for(
+    job_id: str, *, listener: CompletionListener, timeout_s: float, recheck_s: float
+) -> Job | None:
+    """Wait for the job's completion signal, holding no database connection meanwhile. The
+    row is re-read after each wake-up and every ``recheck_s``: a lost signal only delays."""
     deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        job = await run_in_threadpool(_load, job_id)
-        if job is None or job.status in TERMINAL_STATUSES or time.monotonic() >= deadline:
-            return job
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+    event = listener.register(job_id)  # before the first read, so no signal falls between
+    try:
+        while True:
+            event.clear()
+            job = await run_in_threadpool(_load, job_id)
+            left = deadline - time.monotonic()
+            if job is None or job.status in TERMINAL_STATUSES or left <= 0:
+                return job
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=min(left, recheck_s))
+    finally:
+        listener.unregister(job_id, event)
 
 
 def _status_code(job: Job) -> int:
@@ -122,7 +129,7 @@ async def _read_request(
             "wait ran out (poll GET /v1/jobs/{request_id})",
         },
         409: {"model": schemas.InferenceResponse, "description": "the job was canceled"},
-        **schemas.error_responses(400, 401, 413, 422, 503),
+        **schemas.error_responses(400, 401, 413, 422, 429, 503),
         500: {"model": schemas.InferenceResponse, "description": "the job failed on our side"},
     },
     openapi_extra=schemas.INFERENCE_FORM,
@@ -135,15 +142,8 @@ async def infer(
         str | None, Header(alias=idempotency.HEADER, description=idempotency.HEADER_DOC)
     ] = None,
 ) -> JSONResponse:
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > settings.max_upload_bytes + 1024 * 1024:
-        raise ApiError(
-            413, "audio_too_large", f"request over {settings.max_upload_bytes} bytes", field="audio"
-        )
-    try:
-        form = await request.form(max_files=2, max_fields=64)
-    except Exception as exc:  # malformed multipart body
-        raise ApiError(400, "invalid_form", f"could not read the form: {exc}") from None
+    await check_submission_limits(key.id, settings)
+    form = await read_form(request, settings)  # byte-capped, chunked or not
     try:
         options, webhook_url, audio = await _read_request(form, settings)
     finally:
@@ -169,8 +169,15 @@ async def infer(
     )
     job = submitted.job
     headers = {"Idempotent-Replayed": "true"} if submitted.replayed else None
+    if submitted.replayed and audio.blob is not None:
+        blobs.delete_blob(audio.blob)  # this request's copy: the replayed job has its own
     if webhook_url is not None:
         return JSONResponse(inference_response(job), status_code=202, headers=headers)
-    done = await _wait_for(job.id, timeout_s=settings.sync_wait_s)
+    done = await _wait_for(
+        job.id,
+        listener=completion_listener(request.app),
+        timeout_s=settings.sync_wait_s,
+        recheck_s=settings.sync_recheck_s,
+    )
     assert done is not None
     return JSONResponse(inference_response(done), status_code=_status_code(done), headers=headers)

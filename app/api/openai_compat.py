@@ -18,17 +18,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import FormData, UploadFile
 
-from app import idempotency, schemas
+from app import blobs, idempotency, schemas
 from app.api import inference
-from app.api.deps import CurrentKey, SettingsDep
+from app.api.deps import CurrentKey, SettingsDep, completion_listener
 from app.errors import ApiError, ErrorCode, is_caller_fault
 from app.languages import LANGUAGES
 from app.models import Job, JobStatus
 from app.options import OptionError, TranscribeOptions, parse_options
+from app.ratelimit import check_submission_limits
 from app.serialize import detailed_segment
 from app.settings import Settings
 from app.submission import AudioInput, submit_job
 from app.transcripts import to_srt, to_vtt
+from app.uploads import read_form
 
 router = APIRouter(tags=["OpenAI-compatible"])
 
@@ -190,10 +192,8 @@ async def _serve(
     *,
     task: Literal["transcribe", "translate"],
 ) -> Response:
-    try:
-        form = await request.form(max_files=2, max_fields=64)
-    except Exception as exc:  # malformed multipart body
-        raise ApiError.of(ErrorCode.invalid_form, f"could not read the form: {exc}") from None
+    await check_submission_limits(key.id, settings)
+    form = await read_form(request, settings)  # byte-capped, chunked or not
     try:
         req = await _read(form, settings, task=task)
     finally:
@@ -217,7 +217,14 @@ async def _serve(
                 ttl_s=settings.idempotency_ttl_s,
             )
         )
-    done = await inference._wait_for(submitted.job.id, timeout_s=settings.sync_wait_s)
+    if submitted.replayed and req.audio.blob is not None:
+        blobs.delete_blob(req.audio.blob)  # this request's copy: the replayed job has its own
+    done = await inference._wait_for(
+        submitted.job.id,
+        listener=completion_listener(request.app),
+        timeout_s=settings.sync_wait_s,
+        recheck_s=settings.sync_recheck_s,
+    )
     assert done is not None
     if done.status != JobStatus.succeeded:
         raise _failure(done)
