@@ -262,7 +262,12 @@ def test_idempotency_key(api: TestClient, receiver: Receiver) -> None:
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     tmp = tmp_path_factory.mktemp("jobs-worker")
-    proc = WorkerProcess(model=random_checkpoint(tmp / "random.pt"), log_path=tmp / "worker.log")
+    proc = WorkerProcess(
+        model=random_checkpoint(tmp / "random.pt"),
+        log_path=tmp / "worker.log",
+        # Keep audio after the job ends (the default deletes it), so DELETE has some to remove.
+        env={"WHISPERQ_KEEP_AUDIO_DAYS": "1"},
+    )
     yield proc
     proc.stop()
 
@@ -302,7 +307,10 @@ def test_delete_removes_audio_transcript_and_webhook_bodies_but_keeps_billing(
     receiver.wait_for(1)
     done = wait_job(api, key, job_id)
     assert done["status"] == "succeeded", worker.log()[-3000:]
-    blob = Path(get_settings().blob_dir) / job_id
+    with session_scope() as session:
+        row = session.get(Job, job_id)
+        assert row is not None and row.audio_blob is not None
+        blob = Path(get_settings().blob_dir) / row.audio_blob
     assert blob.is_file()
     r = api.delete(f"/v1/jobs/{job_id}", headers=auth(key))
     assert r.status_code == 200, r.text
