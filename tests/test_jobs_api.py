@@ -8,6 +8,7 @@ with the first test that asks for it.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -170,7 +171,7 @@ def test_cancel_is_guarded_against_a_worker_claiming_the_job(api: TestClient) ->
         stale = session.get(Job, racing)
         assert stale is not None and stale.status == "queued"
         assert worker_jobs.claim(racing, settings=settings) is not None
-        assert _cancel_queued(session, stale) is False
+        assert _cancel_queued(session, stale, settings) is False
         session.refresh(stale)
         assert stale.status == "running" and stale.finished_at is None
     # Deleting a running job is refused; another tenant gets a 404 for all of it.
@@ -181,6 +182,29 @@ def test_cancel_is_guarded_against_a_worker_claiming_the_job(api: TestClient) ->
     for method, path in (("post", "/cancel"), ("delete", ""), ("get", "")):
         got = getattr(api, method)(f"/v1/jobs/{third}{path}", headers=auth(new_key("o")))
         assert got.status_code == 404
+
+
+def test_canceling_a_queued_job_announces_it_to_its_webhook(
+    api: TestClient, receiver: Receiver
+) -> None:
+    key = new_key("cancel-hook")
+    r = api.post(
+        INFER,
+        headers=auth(key),
+        files={"audio": ("a.wav", noise_wav(1.0))},
+        data={"webhook": receiver.url + "/hook"},
+    )
+    job_id = r.json()["request_id"]
+    assert api.post(f"/v1/jobs/{job_id}/cancel", headers=auth(key)).status_code == 200
+    (delivery,) = api.get(f"/v1/jobs/{job_id}/deliveries", headers=auth(key)).json()["deliveries"]
+    assert delivery["url"] == receiver.url + "/hook"
+    with session_scope() as session:
+        body = session.scalars(
+            select(WebhookDelivery.body).where(WebhookDelivery.job_id == job_id)
+        ).one()
+    payload = json.loads(body)
+    assert payload["request_id"] == job_id
+    assert payload["inference_status"]["status"] == "canceled" and payload["results"] is None
 
 
 def test_idempotency_key(api: TestClient, receiver: Receiver) -> None:

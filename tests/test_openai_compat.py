@@ -19,7 +19,6 @@ import pytest
 import srt
 import uvicorn
 import webvtt
-from fastapi.testclient import TestClient
 
 from app.api.main import app
 from app.db import session_scope
@@ -92,6 +91,14 @@ def base_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def api(base_url: str) -> Iterator[httpx.Client]:
+    """Plain HTTP to the same uvicorn server (not the in-process TestClient: one app served
+    from two event loops would split its completion listener between them)."""
+    with httpx.Client(base_url=base_url, timeout=600) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
 def key() -> CreatedKey:
     return new_key("openai")
 
@@ -113,7 +120,7 @@ def german(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return speak(GERMAN, tmp_path_factory.mktemp("speech") / "german.wav", voice="de")
 
 
-def transcript(api: TestClient, key: CreatedKey, job_id: str) -> TranscriptDocument:
+def transcript(api: httpx.Client, key: CreatedKey, job_id: str) -> TranscriptDocument:
     r = api.get(f"/v1/jobs/{job_id}/transcript.json", headers=auth(key))
     assert r.status_code == 200, r.text
     return TranscriptDocument.model_validate(r.json())
@@ -150,7 +157,7 @@ def create(client: openai.OpenAI, audio: Path, *, translate: bool = False, **kw:
 
 
 def test_transcribes_real_speech_with_every_response_format(
-    client: openai.OpenAI, workers: Workers, english: Path, api: TestClient, key: CreatedKey
+    client: openai.OpenAI, workers: Workers, english: Path, api: httpx.Client, key: CreatedKey
 ) -> None:
     worker = workers.serve(tiny_en_checkpoint())
     got, job_id = create(client, english, model="whisper-1")
@@ -225,7 +232,7 @@ def test_transcribes_real_speech_with_every_response_format(
 
 
 def test_word_timestamps_on_the_native_endpoint(
-    api: TestClient, workers: Workers, english: Path, key: CreatedKey
+    api: httpx.Client, workers: Workers, english: Path, key: CreatedKey
 ) -> None:
     workers.serve(tiny_en_checkpoint())
     r = api.post(
@@ -315,7 +322,7 @@ def test_idempotency_key_through_the_client(
 
 
 def test_translates_real_speech_with_every_response_format(
-    client: openai.OpenAI, workers: Workers, german: Path, api: TestClient, key: CreatedKey
+    client: openai.OpenAI, workers: Workers, german: Path, api: httpx.Client, key: CreatedKey
 ) -> None:
     worker = workers.serve(base_multilingual_checkpoint())
     english_words = {"morning", "weather", "coffee"}
