@@ -135,7 +135,7 @@ async def _read(form: FormData, settings: Settings, *, task: str) -> CompatReque
 def _failure(job: Job) -> ApiError:
     headers = {"x-request-id": job.id}
     if job.status == JobStatus.canceled:
-        err = ApiError.of(ErrorCode.job_canceled, "the job was canceled")
+        err = ApiError.of(ErrorCode.canceled, "the job was canceled")
     elif job.status == JobStatus.failed:
         known = ErrorCode.lookup(job.error_code)
         status = known.status if known is not None and is_caller_fault(known) else 500
