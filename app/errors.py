@@ -102,6 +102,8 @@ class ErrorCode(StrEnum):
     ffmpeg_missing = ("ffmpeg_missing", 500, Fault.server)
     queue_unavailable = ("queue_unavailable", 503, Fault.server)
     internal_error = ("internal_error", 500, Fault.server)
+    # The queue branch's worker: a job whose worker died on every attempt is failed with it.
+    worker_lost = ("worker_lost", 500, Fault.server)
 
     @classmethod
     def lookup(cls, code: str | None) -> ErrorCode | None:
