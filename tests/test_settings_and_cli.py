@@ -224,3 +224,19 @@ def test_default_model_falls_back_to_package_weights(
     # Only the default name falls back: an explicit model that cannot load is an error.
     with pytest.raises(ModelLoadError):
         load_model_or_fallback("base", device="cpu", download_root=tmp_path / "empty")
+
+
+def test_refused_webhook_names_the_setting_that_allows_it() -> None:
+    from tests.support.api import INFER, auth, client, new_key, noise_wav
+
+    key = new_key("allowlist")
+    with client() as c:
+        r = c.post(
+            INFER,
+            headers=auth(key),
+            files={"audio": ("a.wav", noise_wav(0.5))},
+            data={"webhook": "http://10.1.2.3/hook"},
+        )
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "webhook" and "WHISPERQ_WEBHOOK_ALLOWLIST" in error["message"]
