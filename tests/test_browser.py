@@ -121,6 +121,15 @@ def test_a_person_reads_the_transcript_and_sees_the_worker_in_flower(
     )
     assert duration == pytest.approx(len(wav.read_bytes()) / 32000, abs=0.2)
 
+    # /docs renders from assets this server serves (the browser reaches nothing else).
+    driver.get(api.url + "/docs")
+    wait_for(
+        lambda: driver.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock"),
+        what="Swagger UI to render the operations",
+    )
+    assert "/v1/inference/openai/whisper-tiny" in driver.page_source
+    driver.save_screenshot(str(tmp_path / "docs.png"))
+
     flower: ServerProcess = stack["flower"]
     assert httpx.get(flower.url + "/workers", timeout=10).status_code == 401
     login = base64.b64encode(f"{FLOWER_USER}:{FLOWER_PASSWORD}".encode()).decode()
