@@ -441,11 +441,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Flower port on 127.0.0.1 (env WHISPERQ_FLOWER_PORT; default 5555)",
     )
     up.set_defaults(func=cmd_up)
+
+    from app.client_cli import add_client_commands  # submit, fetch: HTTP clients (issue 13)
+
+    add_client_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from app.settings import settings_or_exit
+
+    settings_or_exit()  # weak secrets or bad settings: one line and exit, before any work
     try:
         return int(args.func(args))
     except UserError as exc:

@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SECRET = "changethis"
+# A server secret shorter than this, or made of fewer distinct characters, is refused in
+# production (issue 14): 16 random URL-safe characters are about 96 bits.
+MIN_SECRET_CHARS = 16
+MIN_SECRET_DISTINCT_CHARS = 8
+
+
+def weak_secret_reason(secret: str) -> str | None:
+    """Why ``secret`` is too weak to protect production data, or None when it is not."""
+    if secret == DEFAULT_SECRET:
+        return f'the default "{DEFAULT_SECRET}"'
+    if not secret.strip():
+        return "empty"
+    if len(secret) < MIN_SECRET_CHARS:
+        return f"shorter than {MIN_SECRET_CHARS} characters"
+    if len(set(secret)) < MIN_SECRET_DISTINCT_CHARS:
+        return f"made of fewer than {MIN_SECRET_DISTINCT_CHARS} distinct characters"
+    return None
+
+
 # The Standard Webhooks schedule (5 s, 5 min, 30 min, 2 h, 5 h, 10 h...), stretched to about
 # three days in all before a delivery is given up.
 WEBHOOK_RETRY_SCHEDULE_S: tuple[float, ...] = (5, 300, 1800, 7200, 18000) + (36000.0,) * 6
@@ -71,6 +91,18 @@ class Settings(BaseSettings):
 
     # Sync requests wait this long for their job before answering 202 with the job id.
     sync_wait_s: float = 600.0
+    # A sync waiter is woken by the worker's completion signal; it also re-reads its row this
+    # often, in case a signal was lost (pub/sub is at-most-once).
+    sync_recheck_s: float = 5.0
+
+    # Database pool, per process. The API's requests hold a connection only per unit of work
+    # (never while reading uploads or waiting), so the pool bounds concurrent queries, not
+    # concurrent clients; its size should cover the threadpool's (40 threads by default).
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=30, ge=0)
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    # Seconds a caller is told to wait (Retry-After) when Postgres or Redis is unreachable.
+    retry_after_s: int = Field(default=5, ge=1)
 
     # Worker / queue
     worker_concurrency: int = 4  # jobs in flight per worker process (threads pool)
@@ -96,6 +128,30 @@ class Settings(BaseSettings):
     max_url_redirects: int = 3
     # Delays up to this are scheduled as Celery countdowns; longer ones are left to the reaper.
     webhook_countdown_max_s: float = 300.0
+
+    # --- issue 14: hostile input -------------------------------------------------------
+    # Upload bodies are counted as they arrive (chunked or not) and cut past this many bytes
+    # over max_upload_bytes (multipart headers, the other form fields).
+    upload_overhead_bytes: int = 1024 * 1024
+    # A form field (a data: URL as `audio` included) is held in memory: capped separately.
+    max_data_url_bytes: int = 16 * 1024 * 1024
+    # Request bodies read at once per API process; the rest wait. Each holds about one chunk
+    # in memory (the file part goes to disk) and at most max_upload_bytes of temporary disk.
+    upload_concurrency: int = 8
+    # Per API key: submissions per minute (429 + Retry-After past it) and jobs waiting or
+    # running at once (429 past it). 0 switches a limit off.
+    submit_rate_per_minute: int = 120
+    max_active_jobs_per_key: int = 1000
+    # A job may run for job_time_limit_min_s + factor x its audio length (see app/limits.py);
+    # enforced by the worker.
+    job_time_limit_factor: float = 2.0
+    job_time_limit_min_s: float = 120.0
+
+    # Issue 15: interfaces (OpenAI audio API, exports, job management, idempotency)
+    # Model names OpenAI clients send that mean "the model this server runs".
+    openai_model_aliases: list[str] = Field(default_factory=lambda: ["whisper-1", "whisper-tiny"])
+    idempotency_ttl_s: float = 24 * 3600
+    jobs_page_size_max: int = 100
 
     # --- Operations (issue 16): data dir, blob store, retention, metrics, Flower, logs ---
     # Where the embedded stack keeps SQLite, blobs, its .env and its redis socket.
@@ -131,6 +187,12 @@ class Settings(BaseSettings):
     def _lists_accept_commas(cls, value: Any) -> Any:
         return _comma_list(value)
 
+    # Batches (issue 13)
+    batch_max_inputs_per_request: int = 1000  # files + URLs + manifest lines in one request
+    batch_max_manifest_bytes: int = 16 * 1024 * 1024
+    batch_results_page_size: int = 500  # rows per DB round trip while streaming JSONL
+    batch_list_max_limit: int = 100
+
     @model_validator(mode="after")
     def _resolve_paths(self) -> Self:
         """Relative paths are resolved once, here: the same files from any working folder."""
@@ -147,15 +209,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _refuse_default_secrets(self) -> Self:
-        if self.key_pepper == DEFAULT_SECRET:
+    def _refuse_weak_secrets(self) -> Self:
+        problem = weak_secret_reason(self.key_pepper)
+        if problem is not None:
             message = (
-                'WHISPERQ_KEY_PEPPER is "changethis"; set it to a long random value '
+                f"WHISPERQ_KEY_PEPPER is {problem}; set it to a long random value "
                 "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
             if self.environment == "production":
                 raise ValueError(message)
-            warnings.warn(message, stacklevel=1)
+            if self.key_pepper == DEFAULT_SECRET:
+                warnings.warn(message, stacklevel=1)
         return self
 
     @property
@@ -172,3 +236,28 @@ def env_files() -> tuple[Path, ...]:
 @lru_cache
 def get_settings() -> Settings:
     return Settings(_env_file=env_files())
+
+
+def _reason(err: Any) -> str:
+    where = "_".join(str(p) for p in err["loc"]).upper()
+    message = str(err.get("msg", "")).removeprefix("Value error, ")
+    return f"setting WHISPERQ_{where}: {message}" if where else message
+
+
+def settings_or_exit() -> Settings:
+    """The settings, or one clear line on stderr and exit status 2: for process start-up, so
+    a misconfigured API or worker refuses to start instead of failing every request."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        reasons = "; ".join(
+            (
+                f"setting WHISPERQ_{'_'.join(str(p) for p in err['loc']).upper()}: "
+                if err["loc"]
+                else ""
+            )
+            + str(err.get("msg", "")).removeprefix("Value error, ")
+            for err in exc.errors()
+        )
+        print(f"whisperq: refusing to start: {reasons}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -27,7 +27,7 @@ def test_production_refuses_the_default_pepper() -> None:
         Settings(environment="production", key_pepper="changethis")
     with pytest.warns(UserWarning, match="WHISPERQ_KEY_PEPPER"):
         Settings(environment="local", key_pepper="changethis")
-    assert Settings(environment="production", key_pepper="s3cret-value").key_pepper
+    assert Settings(environment="production", key_pepper="s3cret-value-long-enough").key_pepper
 
 
 def test_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:

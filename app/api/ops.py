@@ -106,7 +106,7 @@ def install_ops(app: FastAPI) -> None:
             response = await call_next(request)
         finally:
             request_id_var.reset(token)
-        response.headers["x-request-id"] = rid
+        response.headers.setdefault("x-request-id", rid)  # OpenAI routes set their job id
         if request.url.path not in ("/metrics", "/healthz", "/readyz"):
             route = request.scope.get("route")
             log.info(
