@@ -97,6 +97,10 @@ class ErrorCode(StrEnum):
     invalid_idempotency_key = ("invalid_idempotency_key", 422, Fault.caller)
     idempotency_key_reused = ("idempotency_key_reused", 409, Fault.caller)
     idempotency_key_in_use = ("idempotency_key_in_use", 409, Fault.caller)
+    # Limits (issue 14)
+    rate_limited = ("rate_limited", 429, Fault.caller)
+    too_many_active_jobs = ("too_many_active_jobs", 429, Fault.caller)
+
     # Ours
     audio_missing = ("audio_missing", 500, Fault.server)  # the blob vanished from the store
     ffmpeg_missing = ("ffmpeg_missing", 500, Fault.server)

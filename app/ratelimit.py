@@ -79,6 +79,9 @@ def _check_active(key_id: int, settings: Settings) -> None:
             select(func.count())
             .select_from(Job)
             .where(Job.api_key_id == key_id)
+            # A key's batch backlog (issue 13: tens of thousands queued) must not lock its
+            # single submissions out: batches are bounded by their own settings.
+            .where(Job.batch_id.is_(None))
             .where(Job.status.in_([JobStatus.queued, JobStatus.running]))
         )
     if (active or 0) >= cap:
