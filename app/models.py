@@ -117,6 +117,10 @@ class Job(Base):
     tokens_input: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    # Issue 15: a running job is asked to stop (the worker drops it at its next window);
+    # a deleted job keeps its billing columns, its audio and transcript are gone.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     # Batches (issue 13): the batch, the caller's id for the input, its original name.
     batch_id: Mapped[str | None] = mapped_column(
@@ -126,10 +130,26 @@ class Job(Base):
     source_name: Mapped[str | None] = mapped_column(Text, default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
     content_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
-    # Cancel asked while running: the worker stops the job at its next check.
-    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     api_key: Mapped[ApiKey] = relationship()
+
+
+class IdempotencyKey(Base):
+    """An ``Idempotency-Key`` a caller sent with a submission (issue 15). ``job_id`` is
+    null while the first request holding the key is still submitting."""
+
+    __tablename__ = "idempotency_keys"
+
+    api_key_id: Mapped[int] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), default=None
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class WebhookDelivery(Base):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 from sqlalchemy import update
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 class AudioInput:
     data: bytes | None = None
     url: str | None = None
+    # An upload already streamed into the blob store and probed (app/uploads.py).
+    blob: str | None = None
+    input_length_ms: int | None = None
+    sha256: str | None = None  # of the upload's bytes, for idempotency
 
 
 def decode_data_url(value: str, *, max_bytes: int) -> bytes:
@@ -62,20 +68,22 @@ def store_and_probe(job_id: str, data: bytes, *, settings: Settings) -> int:
     """Write the upload to the blob store and check it is audio we will accept; returns ms."""
     if not data:
         raise ApiError(400, "empty_audio", "the audio file is empty", field="audio")
-    blobs.write_blob(job_id, data)
-    return probe_stored(job_id, settings=settings)
+    # Probed in a local scratch file, then streamed to the blob store (maybe another host's).
+    with tempfile.TemporaryDirectory(prefix="whisperq-up-") as tmp:
+        path = Path(tmp) / job_id
+        path.write_bytes(data)
+        duration_ms = probe_local(path, settings=settings)
+        blobs.get_store().put_file(job_id, path)
+    return duration_ms
 
 
-def probe_stored(job_id: str, *, settings: Settings) -> int:
-    """Check a stored blob is audio we will accept (deleting it when not); returns ms."""
-    path = blobs.blob_path(job_id)
+def probe_local(path: Path, *, settings: Settings) -> int:
+    """Check a local file is audio we will accept; returns its length in ms."""
     try:
         duration = probe_duration_s(path)
     except AudioError as exc:
-        blobs.delete_blob(job_id)
         raise ApiError(400, exc.code, exc.message, field="audio") from None
     if duration > settings.max_audio_seconds:
-        blobs.delete_blob(job_id)
         raise ApiError(
             413,
             "audio_too_long",
@@ -95,23 +103,31 @@ def submit_job(
     settings: Settings,
 ) -> Job:
     job_id = new_job_id()
-    input_length_ms = None
+    input_length_ms = audio.input_length_ms
+    audio_blob = audio.blob
     if audio.data is not None:
         input_length_ms = store_and_probe(job_id, audio.data, settings=settings)
+        audio_blob = job_id
     job = Job(
         id=job_id,
         api_key_id=api_key_id,
         status=JobStatus.queued,
         queue=queue,
         options=options.to_json(),
-        audio_blob=job_id if audio.data is not None else None,
+        audio_blob=audio_blob,
         audio_url=audio.url,
         webhook_url=webhook_url,
         input_length_ms=input_length_ms,
         enqueued_at=utcnow(),
     )
-    with session_scope() as session:
-        session.add(job)
+    try:
+        with session_scope() as session:
+            session.add(job)
+    except Exception:  # Postgres down: no row, so no blob either (the caller gets a 503)
+        if job.audio_blob is not None:
+            blobs.delete_blob(job.audio_blob)
+        raise
+    log.info("job accepted", extra={"request_id": job_id, "queue": queue})
     # Only after the commit: a worker must never receive an id it cannot read yet.
     enqueue_jobs([job_id], queue=queue)
     return job

@@ -7,6 +7,7 @@ from concurrent.futures import Future
 
 from app.audio_probe import AudioError
 from app.models import JobStatus
+from app.notify import publish_done
 from app.queue import DELIVER_WEBHOOK, RUN_JOB, send_delivery
 from app.settings import Settings, get_settings
 from worker import deliveries, jobs
@@ -84,6 +85,8 @@ def run_job(job_id: str) -> None:
             tokens_generated=out.tokens_generated,
             tokens_input=out.tokens_input,
         )
+    # Wake the API's sync waiters; a spurious wake-up (the finish lost a race) only re-reads.
+    publish_done(job_id, redis_url=settings.redis_url)
     if delivery_id is not None:
         send_delivery(delivery_id)
 

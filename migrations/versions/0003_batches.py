@@ -1,7 +1,7 @@
 """batches (issue 13): the batch table, batch columns on jobs, batch events in the outbox
 
 Revision ID: 0003
-Revises: 0001
+Revises: 0004
 Create Date: 2026-11-26 07:08:30.258900
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0001"
+down_revision: str | None = "0004"  # chained after iface's 0004 on main
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -51,8 +51,6 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("source_name", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("idempotency_key", sa.String(length=200), nullable=True))
         batch_op.add_column(sa.Column("content_sha256", sa.String(length=64), nullable=True))
-        # The queue branch's 0002 adds this column too: keep one of the two at merge.
-        batch_op.add_column(sa.Column("cancel_requested_at", sa.DateTime(), nullable=True))
         batch_op.create_index(
             "ix_jobs_batch_id_created_at_id", ["batch_id", "created_at", "id"], unique=False
         )
@@ -98,7 +96,6 @@ def downgrade() -> None:
         batch_op.drop_index("uq_jobs_batch_id_idempotency_key")
         batch_op.drop_index("ix_jobs_batch_id_status")
         batch_op.drop_index("ix_jobs_batch_id_created_at_id")
-        batch_op.drop_column("cancel_requested_at")
         batch_op.drop_column("content_sha256")
         batch_op.drop_column("idempotency_key")
         batch_op.drop_column("source_name")
