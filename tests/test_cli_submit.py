@@ -166,8 +166,9 @@ def test_user_mistakes_are_one_clear_line(
     assert cli_batch(key) is None  # nothing was created by any of these
 
 
-# Two minutes or so on an idle 2-core machine (about 0.2 s of CPU per file: probe, decode,
-# engine, HTTP, Postgres); the generous hang guard is for a machine shared six ways.
+# About 0.5 s of CPU per file over all processes (probe, upload, decode, engine, Celery,
+# Postgres): a few minutes on an idle 2-core machine; the hang guard is sized for one
+# shared six ways (bench/RESULTS.md, "Batches").
 @pytest.mark.timeout(1800)
 def test_a_500_file_backlog_killed_halfway_and_resumed(
     server: str,
