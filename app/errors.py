@@ -79,23 +79,24 @@ class ErrorCode(StrEnum):
     invalid_cursor = ("invalid_cursor", 422, Fault.caller)
     no_delivery = ("no_delivery", 409, Fault.caller)
     delivery_in_flight = ("delivery_in_flight", 409, Fault.caller)
+    # Batches (issue 13)
+    batch_not_found = ("batch_not_found", 404, Fault.caller)
+    batch_sealed = ("batch_sealed", 409, Fault.caller)
+    batch_finished = ("batch_finished", 409, Fault.caller)
+    batch_empty = ("batch_empty", 409, Fault.caller)
+    batch_canceled = ("batch_canceled", 409, Fault.caller)  # a job's end when its batch was
+    no_inputs = ("no_inputs", 422, Fault.caller)
+    too_many_inputs = ("too_many_inputs", 413, Fault.caller)
+    invalid_manifest = ("invalid_manifest", 422, Fault.caller)
+    unknown_field = ("unknown_field", 422, Fault.caller)
+    field_too_large = ("field_too_large", 413, Fault.caller)
+    request_too_large = ("request_too_large", 413, Fault.caller)
+    unsupported_media_type = ("unsupported_media_type", 415, Fault.caller)
+
     # Idempotency
     invalid_idempotency_key = ("invalid_idempotency_key", 422, Fault.caller)
     idempotency_key_reused = ("idempotency_key_reused", 409, Fault.caller)
     idempotency_key_in_use = ("idempotency_key_in_use", 409, Fault.caller)
-    # Batches (issue 13)
-    batch_not_found = ("batch_not_found", 404, Fault.caller)
-    batch_sealed = ("batch_sealed", 409, Fault.caller)
-    batch_empty = ("batch_empty", 409, Fault.caller)
-    batch_finished = ("batch_finished", 409, Fault.caller)
-    batch_canceled = ("batch_canceled", 409, Fault.caller)  # a job's end when its batch was
-    invalid_manifest = ("invalid_manifest", 422, Fault.caller)
-    unknown_field = ("unknown_field", 422, Fault.caller)
-    no_inputs = ("no_inputs", 422, Fault.caller)
-    too_many_inputs = ("too_many_inputs", 413, Fault.caller)
-    field_too_large = ("field_too_large", 413, Fault.caller)
-    request_too_large = ("request_too_large", 413, Fault.caller)
-    unsupported_media_type = ("unsupported_media_type", 415, Fault.caller)
     # Ours
     audio_missing = ("audio_missing", 500, Fault.server)  # the blob vanished from the store
     ffmpeg_missing = ("ffmpeg_missing", 500, Fault.server)

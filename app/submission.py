@@ -68,17 +68,16 @@ def store_and_probe(job_id: str, data: bytes, *, settings: Settings) -> int:
     """Write the upload to the blob store and check it is audio we will accept; returns ms."""
     if not data:
         raise ApiError(400, "empty_audio", "the audio file is empty", field="audio")
-    # Probed in a local scratch file, then streamed to the blob store (maybe another host's).
+    # Probed in a local scratch file, then handed to the blob store (maybe another host's).
     with tempfile.TemporaryDirectory(prefix="whisperq-up-") as tmp:
         path = Path(tmp) / job_id
         path.write_bytes(data)
-        duration_ms = probe_local(path, settings=settings)
-        blobs.get_store().put_file(job_id, path)
-    return duration_ms
+        return probe_and_store(path, job_id, settings=settings)
 
 
-def probe_local(path: Path, *, settings: Settings) -> int:
-    """Check a local file is audio we will accept; returns its length in ms."""
+def probe_and_store(path: Path, name: str, *, settings: Settings) -> int:
+    """Check a local file is audio we will accept, then put it in the blob store as ``name``;
+    returns its length in ms. ApiError (and nothing stored) when it is not acceptable."""
     try:
         duration = probe_duration_s(path)
     except AudioError as exc:
@@ -90,6 +89,7 @@ def probe_local(path: Path, *, settings: Settings) -> int:
             f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
             field="audio",
         )
+    blobs.get_store().put_file(name, path)
     return round(duration * 1000)
 
 

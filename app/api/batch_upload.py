@@ -1,16 +1,15 @@
-"""Reading a batch upload: multipart parsed as it arrives, each file streamed to a local
-scratch file (hashed and size-checked on the way), probed as soon as its part ends, then
-handed to the blob store (a local directory or S3) and removed: one file at a time on local
-disk, none held in memory whole, however many the request carries.
+"""Reading a batch upload: multipart parsed as it arrives, each file streamed into the blob
+store (hashed and size-checked on the way), never held in memory whole.
 
-Starlette's ``request.form()`` would spool every file of the request to temporary files and
-keep all of them until the request ends. No database session is open while this runs.
+Starlette's ``request.form()`` would spool every file to a temporary file first and keep all
+of them until the request ends; here a file goes straight to its blob and is probed as soon
+as its part ends. No database session is open while this runs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
+import os
 import tempfile
 from dataclasses import dataclass, field
 from io import BufferedWriter
@@ -25,7 +24,7 @@ from app import blobs
 from app.errors import ApiError
 from app.models import new_job_id
 from app.settings import Settings
-from app.submission import probe_local
+from app.submission import probe_and_store
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -58,10 +57,6 @@ class BatchForm:
     def discard(self) -> None:
         for name in self.blob_names():
             blobs.delete_blob(name)
-
-
-def _scratch_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="whisperq-batch-"))
 
 
 @dataclass
@@ -116,7 +111,6 @@ async def read_batch_form(request: Request, *, settings: Settings, max_files: in
     events = _Events()
     parser = MultipartParser(boundary_of(request), events.callbacks())
     part: _Part | None = None
-    scratch = _scratch_dir()
     try:
         async for chunk in request.stream():
             try:
@@ -131,7 +125,7 @@ async def read_batch_form(request: Request, *, settings: Settings, max_files: in
                 elif kind == "header":
                     part.headers[a.decode("latin-1").lower()] = b.decode("latin-1")
                 elif kind == "headers":
-                    _start(part, form, scratch=scratch, max_files=max_files)
+                    _start(part, form, settings=settings, max_files=max_files)
                 elif kind == "data":
                     _feed(part, a, form, settings=settings)
                 elif kind == "end":
@@ -144,12 +138,10 @@ async def read_batch_form(request: Request, *, settings: Settings, max_files: in
             _drop_partial(part)
         form.discard()
         raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return form
 
 
-def _start(part: _Part, form: BatchForm, *, scratch: Path, max_files: int) -> None:
+def _start(part: _Part, form: BatchForm, *, settings: Settings, max_files: int) -> None:
     _, opts = parse_options_header(part.headers.get("content-disposition"))
     part.name = opts.get(b"name", b"").decode("utf-8", "replace")
     raw_filename = opts.get(b"filename")
@@ -168,8 +160,10 @@ def _start(part: _Part, form: BatchForm, *, scratch: Path, max_files: int) -> No
             413, "too_many_inputs", f"more than {max_files} inputs in one request", field="file"
         )
     part.job_id = new_job_id()
-    part.tmp = scratch / part.job_id
-    part.sink = part.tmp.open("wb")
+    # A local scratch file: probed there, then handed to the blob store (maybe S3).
+    fd, tmp = tempfile.mkstemp(prefix="whisperq-batch-")
+    part.tmp = Path(tmp)
+    part.sink = os.fdopen(fd, "wb")
 
 
 def _feed(part: _Part, data: bytes, form: BatchForm, *, settings: Settings) -> None:
@@ -215,7 +209,9 @@ async def _finish(part: _Part, form: BatchForm, *, settings: Settings) -> None:
         form.files.append(_failed(part, name, "empty_audio", "the audio file is empty"))
         return
     try:
-        length_ms = await run_in_threadpool(_probe_and_store, part.tmp, part.job_id, settings)
+        length_ms = await run_in_threadpool(
+            probe_and_store, part.tmp, part.job_id, settings=settings
+        )
     except ApiError as exc:  # not audio, or too long: nothing was stored
         form.files.append(_failed(part, name, exc.code, exc.message))
         return
@@ -224,12 +220,6 @@ async def _finish(part: _Part, form: BatchForm, *, settings: Settings) -> None:
     form.files.append(
         UploadedFile(name, part.job_id, part.size, part.digest.hexdigest(), length_ms)
     )
-
-
-def _probe_and_store(path: Path, name: str, settings: Settings) -> int:
-    length_ms = probe_local(path, settings=settings)
-    blobs.get_store().put_file(name, path)
-    return length_ms
 
 
 def _failed(part: _Part, name: str, code: str, message: str) -> UploadedFile:

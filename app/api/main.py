@@ -68,10 +68,10 @@ def create_app() -> FastAPI:
     install_ops(api)  # /healthz, /readyz, /metrics, /docs, access log (issue 16)
     api.include_router(inference.router)
     api.include_router(jobs.router)
-    api.include_router(batches.router)
     api.include_router(openai_compat.router)
     api.include_router(usage.router)
     api.include_router(pages.router)
+    api.include_router(batches.router)
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:

@@ -1,7 +1,7 @@
 """batches (issue 13): the batch table, batch columns on jobs, batch events in the outbox
 
 Revision ID: 0003
-Revises: 0004
+Revises: 0001
 Create Date: 2026-11-26 07:08:30.258900
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
-down_revision: str | None = "0004"  # chained after iface's 0004 on main
+down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
