@@ -337,7 +337,7 @@ def test_fetch_formats(server: str, key: CreatedKey, tmp_path: Path) -> None:
         "2\n00:01:01,250 --> 01:02:03,500\nGeneral\n"
     )
     assert render("vtt", line).startswith("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nHello there.\n")
-    assert render("txt", line) == "Hello there. General\n"
+    assert render("txt", line) == "Hello there.\nGeneral\n"  # a line per segment
     assert json.loads(render("json", line))["segments"][1]["end"] == 3723.5
 
 
