@@ -7,7 +7,7 @@ import threading
 
 from app.settings import get_settings
 from worker.engine import Engine
-from worker.model_loading import load_model, pick_device
+from worker.model_loading import load_model_or_fallback, pick_device
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -20,9 +20,12 @@ def get_engine() -> Engine:
         if _engine is None:
             settings = get_settings()
             device = pick_device(settings.device)
-            log.info("loading Whisper model %r on %s", settings.model, device)
-            model = load_model(
+            model, _served = load_model_or_fallback(
                 settings.model, device=device, download_root=settings.model_download_root
             )
-            _engine = Engine(model)
+            _engine = Engine(
+                model,
+                max_batch_rows=settings.engine_max_batch_rows,
+                max_wait_ms=settings.engine_max_wait_ms,
+            )
         return _engine
