@@ -85,7 +85,6 @@ class ErrorCode(StrEnum):
     batch_sealed = ("batch_sealed", 409, Fault.caller)
     batch_finished = ("batch_finished", 409, Fault.caller)
     batch_empty = ("batch_empty", 409, Fault.caller)
-    batch_canceled = ("batch_canceled", 409, Fault.caller)  # a job's end when its batch was
     no_inputs = ("no_inputs", 422, Fault.caller)
     too_many_inputs = ("too_many_inputs", 413, Fault.caller)
     invalid_manifest = ("invalid_manifest", 422, Fault.caller)
