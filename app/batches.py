@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 UNFINISHED = (JobStatus.queued, JobStatus.running)
 BATCH_CANCELED_CODE = "batch_canceled"
+QUEUE_UNAVAILABLE = "queue_unavailable"  # app.submission's verdict when the broker is down
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def add_inputs(
     dropped): a client that died after the server accepted a chunk can send it again."""
     accepted: list[Accepted] = []
     to_send: list[str] = []
+    retry: list[str] = []
     dropped: list[str] = []
     now = utcnow()
     with session_scope() as session:
@@ -171,11 +173,31 @@ def add_inputs(
         known: dict[str, tuple[str, str, str | None]] = {}
         for start in range(0, len(keys), 500):
             for row in session.execute(
-                select(Job.idempotency_key, Job.id, Job.status, Job.custom_id).where(
+                select(
+                    Job.idempotency_key, Job.id, Job.status, Job.custom_id, Job.error_code
+                ).where(
                     Job.batch_id == batch.id, Job.idempotency_key.in_(keys[start : start + 500])
                 )
             ):
-                known[row.idempotency_key] = (row.id, row.status, row.custom_id)
+                status = row.status
+                if row.error_code == QUEUE_UNAVAILABLE and batch.finished_at is None:
+                    # The broker was down when it was accepted: sent again now, not failed.
+                    status = JobStatus.queued
+                    retry.append(row.id)
+                known[row.idempotency_key] = (row.id, status, row.custom_id)
+        if retry:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(retry), Job.error_code == QUEUE_UNAVAILABLE)
+                .values(
+                    status=JobStatus.queued,
+                    error_code=None,
+                    error_message=None,
+                    finished_at=None,
+                    enqueued_at=now,
+                )
+            )
+            to_send.extend(retry)
         fresh = [i for i in inputs if i.idempotency_key is None or i.idempotency_key not in known]
         if fresh and (batch.sealed_at is not None or batch.canceled_at is not None):
             raise ApiError(

@@ -442,17 +442,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=cmd_up)
 
-    from app.client_cli import add_client_commands  # submit, fetch: HTTP clients (issue 13)
+    from app.client_cli import add_client_commands
 
-    add_client_commands(sub)
+    add_client_commands(sub)  # submit, fetch: HTTP clients of a (remote) server (issue 13)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from app.client_cli import CLIENT_COMMANDS
     from app.settings import settings_or_exit
 
-    settings_or_exit()  # weak secrets or bad settings: one line and exit, before any work
+    if args.command not in CLIENT_COMMANDS:  # clients run where no server settings exist
+        settings_or_exit()  # weak secrets or bad settings: one line and exit, before any work
     try:
         return int(args.func(args))
     except UserError as exc:

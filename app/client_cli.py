@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+CLIENT_COMMANDS = frozenset({"submit", "fetch"})
 AUDIO_SUFFIXES = frozenset(
     [
         ".wav",

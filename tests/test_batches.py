@@ -549,3 +549,61 @@ def test_every_batch_route_is_in_the_openapi_contract(api: TestClient) -> None:
     ):
         for op in paths[path].values():
             assert "$ref" in op["responses"]["200"]["content"]["application/json"]["schema"]
+
+
+def test_broker_down_mid_batch_fails_the_unsent_jobs_with_a_503(
+    api: TestClient, key: CreatedKey, wav: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs are committed first, then sent: those the broker never got end failed (with
+    why), never queued forever in silence."""
+    import app.submission
+
+    sent: list[str] = []
+    real_send = app.submission.send_job
+
+    def flaky(job_id: str, *, queue: str) -> None:
+        if sent:
+            raise ConnectionError("Error 111 connecting to redis")
+        sent.append(job_id)
+        real_send(job_id, queue=queue)
+
+    monkeypatch.setattr(app.submission, "send_job", flaky)
+    r = post(
+        api, key, files=[(f"{i}.wav", wav) for i in range(3)], headers={"Idempotency-Key": "down"}
+    )
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable"
+    with session_scope() as session:
+        batch_id = session.scalar(select(Batch.id).where(Batch.idempotency_key == "down"))
+    states = {j.id: (j.status, j.error_code) for j in jobs_of(batch_id)}  # type: ignore[arg-type]
+    assert states.pop(sent[0]) == (JobStatus.queued, None)
+    assert set(states.values()) == {(JobStatus.failed, "queue_unavailable")}
+    assert len(states) == 2
+    # The client sends the same inputs again once Redis is back: the failed ones are
+    # re-sent, nothing is duplicated.
+    monkeypatch.setattr(app.submission, "send_job", real_send)
+    keyed = [{"file": f"{i}.wav", "idempotency_key": f"k{i}"} for i in range(3)]
+    again = post(
+        api,
+        key,
+        files=[(f"{i}.wav", wav) for i in range(3)],
+        lines=keyed,
+        headers={"Idempotency-Key": "down2"},
+    )
+    assert again.status_code == 201
+    batch2 = again.json()["batch"]["id"]
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.batch_id == batch2)
+            .values(status=JobStatus.failed, error_code="queue_unavailable", finished_at=utcnow())
+        )
+    retried = post(
+        api,
+        key,
+        f"/v1/batches/{batch2}/files",
+        files=[(f"{i}.wav", wav) for i in range(3)],
+        lines=keyed,
+    )
+    assert retried.status_code == 200 and retried.json()["duplicates"] == 3
+    assert {(j.status, j.error_code) for j in jobs_of(batch2)} == {(JobStatus.queued, None)}
+    assert len(jobs_of(batch2)) == 3

@@ -166,6 +166,10 @@ def test_user_mistakes_are_one_clear_line(
     assert cli_batch(key) is None  # nothing was created by any of these
 
 
+# About 0.5 s of CPU per file over all processes (probe, upload, decode, engine, Celery,
+# Postgres): a few minutes on an idle 2-core machine; the hang guard is sized for one
+# shared six ways (bench/RESULTS.md, "Batches").
+@pytest.mark.timeout(1800)
 def test_a_500_file_backlog_killed_halfway_and_resumed(
     server: str,
     key: CreatedKey,
@@ -185,12 +189,17 @@ def test_a_500_file_backlog_killed_halfway_and_resumed(
         "--webhook", receiver.url + "/batch-done",
     )  # fmt: skip
     worker = WorkerProcess(
-        model=quick_checkpoint(tmp_path / "quick.pt"), log_path=tmp_path / "worker.log"
+        model=quick_checkpoint(tmp_path / "quick.pt"),
+        log_path=tmp_path / "worker.log",
+        # This test is about batches: fewer of the reaper's time-based re-sends (the queue
+        # branch's subject), yet a queue another test's FLUSHALL emptied (one Redis server
+        # is shared) is still re-sent within minutes.
+        env={"WHISPERQ_REQUEUE_AFTER_S": "120"},
     )
     try:
         # First run: killed (SIGKILL, no goodbye) once a good part of the files is in.
         first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         accepted_at_kill = 0
         while time.monotonic() < deadline:
             batch_id = cli_batch(key)
@@ -200,17 +209,18 @@ def test_a_500_file_backlog_killed_halfway_and_resumed(
             assert first.poll() is None, first.communicate()[0]
             time.sleep(0.05)
         first.kill()
-        first.wait()
+        first.communicate()
         assert batch_id is not None and 100 <= accepted_at_kill < FILES
 
         # Second run: the same command resumes the same batch, uploads only the rest, and
         # watches it to the end. Meanwhile the progress it reads must agree with the DB.
         second = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        samples: list[tuple[dict[str, Any], dict[str, int]]] = []
+        samples: list[tuple[dict[str, int], dict[str, Any], dict[str, int]]] = []
         with httpx.Client(base_url=server, headers={"Authorization": f"bearer {key.key}"}) as http:
             while second.poll() is None:
+                db_before = batch_job_counts(batch_id)
                 seen = http.get(f"/v1/batches/{batch_id}").json()
-                samples.append((seen, batch_job_counts(batch_id)))
+                samples.append((db_before, seen, batch_job_counts(batch_id)))
                 time.sleep(0.5)
             out = second.communicate()[0].decode()
             assert second.returncode == 0, out
@@ -242,15 +252,17 @@ def test_a_500_file_backlog_killed_halfway_and_resumed(
             }
 
             # Progress while it ran: consistent snapshots, never ahead of the database.
-            for seen, db_before in samples:
+            for db_before, seen, db_after in samples:
                 counts = seen["counts"]
                 assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
                 done = counts["succeeded"] + counts["failed"] + counts["canceled"]
                 assert done <= FILES and 0.0 <= seen["progress"] <= 1.0
-                assert counts["succeeded"] >= db_before.get("succeeded", 0)
+                finished = ("succeeded", "failed", "canceled")
+                assert sum(db_before.get(k, 0) for k in finished) <= done
+                assert done <= sum(db_after.get(k, 0) for k in finished)
                 if seen["eta_seconds"] is not None:
                     assert seen["eta_seconds"] >= 0
-            dones = [s[0]["counts"]["succeeded"] for s in samples]
+            dones = [s[1]["counts"]["succeeded"] for s in samples]
             assert dones == sorted(dones)  # never goes backwards
 
             # The final numbers are the database's.
@@ -278,7 +290,7 @@ def test_a_500_file_backlog_killed_halfway_and_resumed(
         assert created == sorted(created)
 
         # The batch webhook: once, signed with the key's secret, after the last job.
-        got = receiver.wait_for(1, timeout=60)
+        got = receiver.wait_for(1, timeout=120)
         time.sleep(2)  # a second (duplicate) event would arrive by now
         assert len(receiver.requests) == 1
         assert Webhook(key.webhook_secret).verify(got[0].body, got[0].headers)
@@ -326,7 +338,7 @@ def test_fetch_formats(server: str, key: CreatedKey, tmp_path: Path) -> None:
         "2\n00:01:01,250 --> 01:02:03,500\nGeneral\n"
     )
     assert render("vtt", line).startswith("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nHello there.\n")
-    assert render("txt", line) == "Hello there. General\n"
+    assert render("txt", line) == "Hello there.\nGeneral\n"  # a line per segment
     assert json.loads(render("json", line))["segments"][1]["end"] == 3723.5
 
 
