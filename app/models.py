@@ -60,6 +60,16 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_api_key_id_created_at", "api_key_id", "created_at"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        # The claim: the oldest queued job of one key in one queue, and the keys with work.
+        Index(
+            "ix_jobs_status_queue_api_key_id_created_at",
+            "status",
+            "queue",
+            "api_key_id",
+            "created_at",
+        ),
+        # Fair share: when did each key last have a job started.
+        Index("ix_jobs_api_key_id_started_at", "api_key_id", "started_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
@@ -78,6 +88,8 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    # Set by a cancel of a running job; its worker stops it between windows (issue 15).
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     input_length_ms: Mapped[int | None] = mapped_column(Integer, default=None)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
