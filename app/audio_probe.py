@@ -3,8 +3,43 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The demuxers ffprobe/ffmpeg may use on a caller's file (issue 14). Playlists and
+# references (hls, concat, ...) are not audio and would make ffmpeg read other local files,
+# e.g. another tenant's blob, so only self-contained audio containers are listed.
+DEMUXER_WHITELIST = ",".join(
+    [
+        "wav",
+        "w64",
+        "flac",
+        "mp3",
+        "ogg",
+        "mov",
+        "mp4",
+        "m4a",
+        "3gp",
+        "matroska",
+        "webm",
+        "aac",
+        "aiff",
+        "caf",
+        "amr",
+        "au",
+        "wv",
+        "ape",
+        "tta",
+        "asf",
+        "avi",
+        "flv",
+        "mpeg",
+        "mpegts",
+    ]
+)
 
 
 class AudioError(Exception):
@@ -22,6 +57,8 @@ def probe_duration_s(path: Path, *, timeout_s: float = 30.0) -> float:
         "error",
         "-protocol_whitelist",
         "file",
+        "-format_whitelist",
+        DEMUXER_WHITELIST,
         "-select_streams",
         "a:0",
         "-show_entries",
@@ -37,10 +74,13 @@ def probe_duration_s(path: Path, *, timeout_s: float = 30.0) -> float:
     except subprocess.TimeoutExpired:
         raise AudioError("invalid_audio", "probing the audio timed out") from None
     if proc.returncode != 0:
-        reason = proc.stderr.decode(errors="replace").strip().splitlines()
-        detail = reason[-1] if reason else "ffprobe failed"
-        raise AudioError("invalid_audio", f"not decodable audio: {detail}")
-    info = json.loads(proc.stdout or b"{}")
+        # ffprobe's words name the server's file path: the log may have them, callers not.
+        log.info("ffprobe failed: %s", proc.stderr.decode(errors="replace")[-500:])
+        raise AudioError("invalid_audio", "the file is not audio in a supported format")
+    try:
+        info = json.loads(proc.stdout or b"{}")
+    except ValueError:
+        raise AudioError("invalid_audio", "the file is not audio in a supported format") from None
     streams = info.get("streams") or []
     if not streams:
         raise AudioError("invalid_audio", "the file has no audio stream")

@@ -15,9 +15,25 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from app.models import ApiKey
     from app.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, never a traceback."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("whisperq")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _settings() -> Settings:
@@ -27,17 +43,9 @@ def _settings() -> Settings:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-    from alembic import command
-    from alembic.config import Config
+    from app.migrate import upgrade
 
-    settings = _settings()
-    if settings.is_sqlite:
-        db_path = settings.database_url.split("///", 1)[-1]
-        if db_path and db_path != ":memory:":
-            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-    cfg = Config(str(REPO_ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(REPO_ROOT / "migrations"))
-    command.upgrade(cfg, "head")
+    upgrade(_settings())
     return 0
 
 
@@ -59,9 +67,124 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from app.keys import rotate_webhook_secret
 
     with session_scope() as session:
+        _find_key(session, args.prefix)
         secret = rotate_webhook_secret(session, prefix=args.prefix)
     print(f"webhook secret: {secret}")
     print("(the previous secret is still signed alongside until the next rotation)")
+    return 0
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _find_key(session: Session, prefix: str) -> ApiKey:
+    from sqlalchemy import select
+
+    from app.models import ApiKey
+
+    row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+    if row is None:
+        raise UserError(f"no API key with prefix {prefix!r} (see `whisperq keys list`)")
+    return row
+
+
+def cmd_keys_list(_: argparse.Namespace) -> int:
+    from sqlalchemy import func, select
+
+    from app.db import session_scope
+    from app.models import ApiKey, Job
+
+    with session_scope() as session:
+        counts = dict(
+            session.execute(select(Job.api_key_id, func.count()).group_by(Job.api_key_id)).all()
+        )
+        keys = session.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
+        rows = [
+            [
+                k.prefix,
+                k.name or "-",
+                k.created_at.strftime("%Y-%m-%d %H:%M"),
+                k.revoked_at.strftime("%Y-%m-%d %H:%M") if k.revoked_at else "active",
+                str(counts.get(k.id, 0)),
+            ]
+            for k in keys
+        ]
+    if not rows:
+        print("no API keys yet: `whisperq keys create --name NAME`")
+        return 0
+    print(_table(["prefix", "name", "created (UTC)", "revoked", "jobs"], rows))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from app.db import session_scope, utcnow
+
+    with session_scope() as session:
+        row = _find_key(session, args.prefix)
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+    print(f"revoked {args.prefix}: it is refused from now on (its jobs and usage are kept)")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from app.api.usage import usage_by_key, window
+    from app.db import session_scope
+    from app.errors import ApiError
+
+    try:
+        w = window(args.start, args.end, now=datetime.now(UTC))
+    except ApiError as exc:
+        raise UserError(f"--{exc.field}: {exc.message}") from None
+    with session_scope() as session:
+        found = usage_by_key(session, w=w)
+        rows = [
+            [
+                k.prefix,
+                k.name or "-",
+                str(u.jobs),
+                str(u.succeeded),
+                str(u.failed),
+                f"{u.audio_seconds:.1f}",
+                str(u.runtime_ms),
+                f"{u.cost:.6f}",
+            ]
+            for k, u in found
+        ]
+    print(f"usage from {w.start:%Y-%m-%d %H:%M} to {w.end:%Y-%m-%d %H:%M} UTC (jobs finished)")
+    if rows:
+        total = [
+            "total",
+            "",
+            *(str(sum(int(r[i]) for r in rows)) for i in (2, 3, 4)),
+            f"{sum(float(r[5]) for r in rows):.1f}",
+            str(sum(int(r[6]) for r in rows)),
+            f"{sum(float(r[7]) for r in rows):.6f}",
+        ]
+        rows.append(total)
+    headers = ["key", "name", "jobs", "ok", "failed", "audio_s", "runtime_ms", "cost_usd"]
+    print(_table(headers, rows) if rows else "no API keys")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from app.db import utcnow
+    from app.retention import purge
+
+    settings = _settings()
+    report = purge(settings, now=utcnow(), dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(
+        f"{verb}: audio of {report.audio_deleted} jobs, transcripts of "
+        f"{report.transcripts_deleted} jobs (keep_audio_days={settings.keep_audio_days:g}, "
+        f"retention_days={settings.retention_days:g}; 0 keeps transcripts)"
+    )
     return 0
 
 
@@ -106,10 +229,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def flower_argv(settings: Settings, *, host: str, port: int) -> list[str]:
+    """Flower's arguments: basic auth from WHISPERQ_FLOWER_USER / _PASSWORD. Without them
+    Flower may only listen on loopback (it shows every worker and lets you stop them)."""
+    argv = ["flower", f"--port={port}", f"--address={host}"]
+    password = settings.flower_password.get_secret_value() if settings.flower_password else ""
+    if settings.flower_user and password:
+        argv.append(f"--basic-auth={settings.flower_user}:{password}")
+    elif host not in LOOPBACK_HOSTS:
+        raise UserError(
+            f"refusing to serve Flower on {host} without a login: set WHISPERQ_FLOWER_USER "
+            "and WHISPERQ_FLOWER_PASSWORD (or use --host 127.0.0.1)"
+        )
+    return argv
+
+
 def cmd_flower(args: argparse.Namespace) -> int:
+    argv = flower_argv(_settings(), host=args.host, port=args.port)
     from worker.celery_app import celery
 
-    celery.start(["flower", f"--port={args.port}", f"--address={args.host}"])
+    # In-process: the password is in no process's command line.
+    celery.start(argv)
     return 0
 
 
@@ -202,6 +345,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whisperq", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"whisperq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("migrate", help="create/upgrade the database schema").set_defaults(
@@ -210,11 +354,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
     create = keys.add_parser("create", help="create an API key (prints it once)")
-    create.add_argument("--name", default="")
+    create.add_argument("--name", default="", help="a label for the key (who uses it)")
     create.set_defaults(func=cmd_keys_create)
     rotate = keys.add_parser("rotate-webhook-secret", help="new webhook signing secret")
-    rotate.add_argument("prefix")
+    rotate.add_argument("prefix", help="the key's prefix (wq_...), see `whisperq keys list`")
     rotate.set_defaults(func=cmd_keys_rotate)
+    keys.add_parser("list", help="every key: prefix, name, created, revoked, jobs").set_defaults(
+        func=cmd_keys_list
+    )
+    revoke = keys.add_parser("revoke", help="refuse a key from now on (its jobs are kept)")
+    revoke.add_argument("prefix", help="the key's prefix (wq_...), see `whisperq keys list`")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    usage = sub.add_parser("usage", help="jobs, audio seconds, model time and cost per key")
+    usage.add_argument(
+        "--from", dest="start", default=None, help="date or ISO time (default: 30 days ago)"
+    )
+    usage.add_argument("--to", dest="end", default=None, help="date (inclusive) or ISO time")
+    usage.set_defaults(func=cmd_usage)
+
+    purge = sub.add_parser("purge", help="delete audio and transcripts past retention")
+    purge.add_argument("--dry-run", action="store_true", help="count only, delete nothing")
+    purge.set_defaults(func=cmd_purge)
 
     api = sub.add_parser("api", help="run the HTTP API")
     api.add_argument("--host", default="127.0.0.1")
@@ -244,12 +405,50 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--flower-port", type=int, default=5555)
     up.set_defaults(func=cmd_up)
+
+    from app.client_cli import add_client_commands  # submit, fetch: HTTP clients (issue 13)
+
+    add_client_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    from app.settings import settings_or_exit
+
+    settings_or_exit()  # weak secrets or bad settings: one line and exit, before any work
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"whisperq {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from pydantic import ValidationError
+        from sqlalchemy.exc import OperationalError
+
+        if isinstance(exc, ValidationError):  # a bad WHISPERQ_* value
+            err = exc.errors()[0]
+            where = "WHISPERQ_" + "_".join(str(p) for p in err["loc"]).upper()
+            print(f"whisperq: setting {where}: {err['msg']}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OperationalError):  # wrong folder / no database / not migrated
+            print(
+                f"whisperq {args.command}: database unusable at {_safe_url()}: "
+                f"{str(exc.orig).splitlines()[0]} (run `whisperq migrate`, or set "
+                "WHISPERQ_DATA_DIR / WHISPERQ_DATABASE_URL to where your data is)",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+
+
+def _safe_url() -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(_settings().database_url).render_as_string(hide_password=True)
+    except Exception:
+        return "WHISPERQ_DATABASE_URL"
 
 
 if __name__ == "__main__":

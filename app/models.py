@@ -55,6 +55,32 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
 
+class Batch(Base):
+    """Many jobs submitted together (issue 13). Its state is derived from its jobs; the row
+    records only what the jobs cannot say: inputs closed, canceled, ended (exactly once)."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_api_key_id_created_at", "api_key_id", "created_at"),
+        # A client's retried create (same key) finds its batch instead of making a second.
+        Index(
+            "uq_batches_api_key_id_idempotency_key", "api_key_id", "idempotency_key", unique=True
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    # Option fields as the caller sent them: inputs added later are parsed against these.
+    default_options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sealed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Set once, by a guarded UPDATE, when the batch is sealed and none of its jobs is left.
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -70,6 +96,10 @@ class Job(Base):
         ),
         # Fair share: when did each key last have a job started.
         Index("ix_jobs_api_key_id_started_at", "api_key_id", "started_at"),
+        Index("ix_jobs_batch_id_status", "batch_id", "status"),
+        Index("ix_jobs_batch_id_created_at_id", "batch_id", "created_at", "id"),
+        # One job per input of a batch, however often the client retries the upload.
+        Index("uq_jobs_batch_id_idempotency_key", "batch_id", "idempotency_key", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
@@ -88,8 +118,6 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
-    # Set by a cancel of a running job; its worker stops it between windows (issue 15).
-    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     input_length_ms: Mapped[int | None] = mapped_column(Integer, default=None)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
@@ -99,8 +127,39 @@ class Job(Base):
     tokens_input: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    # Issue 15: a running job is asked to stop (the worker drops it at its next window);
+    # a deleted job keeps its billing columns, its audio and transcript are gone.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    # Batches (issue 13): the batch, the caller's id for the input, its original name.
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), default=None
+    )
+    custom_id: Mapped[str | None] = mapped_column(String(200), default=None)
+    source_name: Mapped[str | None] = mapped_column(Text, default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    content_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
 
     api_key: Mapped[ApiKey] = relationship()
+
+
+class IdempotencyKey(Base):
+    """An ``Idempotency-Key`` a caller sent with a submission (issue 15). ``job_id`` is
+    null while the first request holding the key is still submitting."""
+
+    __tablename__ = "idempotency_keys"
+
+    api_key_id: Mapped[int] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), default=None
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class WebhookDelivery(Base):
@@ -123,6 +182,11 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # A batch's "ended" event: job_id is then the job whose finish ended the batch (same key,
+    # so the signing secret is found as for job events).
+    batch_id: Mapped[str | None] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), default=None, index=True
+    )
 
     attempt_rows: Mapped[list[WebhookAttempt]] = relationship(
         order_by="WebhookAttempt.attempt_no", cascade="all, delete-orphan"

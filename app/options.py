@@ -7,119 +7,43 @@ keyword arguments with :meth:`TranscribeOptions.transcribe_kwargs`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-# The languages openai-whisper knows (whisper.tokenizer.LANGUAGES keys), copied so the API
-# can validate without importing whisper.
-LANGUAGE_CODES = frozenset(
-    [
-        "en",
-        "zh",
-        "de",
-        "es",
-        "ru",
-        "ko",
-        "fr",
-        "ja",
-        "pt",
-        "tr",
-        "pl",
-        "ca",
-        "nl",
-        "ar",
-        "sv",
-        "it",
-        "id",
-        "hi",
-        "fi",
-        "vi",
-        "he",
-        "uk",
-        "el",
-        "ms",
-        "cs",
-        "ro",
-        "da",
-        "hu",
-        "ta",
-        "no",
-        "th",
-        "ur",
-        "hr",
-        "bg",
-        "lt",
-        "la",
-        "mi",
-        "ml",
-        "cy",
-        "sk",
-        "te",
-        "fa",
-        "lv",
-        "bn",
-        "sr",
-        "az",
-        "sl",
-        "kn",
-        "et",
-        "mk",
-        "br",
-        "eu",
-        "is",
-        "hy",
-        "ne",
-        "mn",
-        "bs",
-        "kk",
-        "sq",
-        "sw",
-        "gl",
-        "mr",
-        "pa",
-        "si",
-        "km",
-        "sn",
-        "yo",
-        "so",
-        "af",
-        "oc",
-        "ka",
-        "be",
-        "tg",
-        "sd",
-        "gu",
-        "am",
-        "yi",
-        "lo",
-        "uz",
-        "fo",
-        "ht",
-        "ps",
-        "tk",
-        "nn",
-        "mt",
-        "sa",
-        "lb",
-        "my",
-        "bo",
-        "tl",
-        "mg",
-        "as",
-        "tt",
-        "haw",
-        "ln",
-        "ha",
-        "ba",
-        "jw",
-        "su",
-        "yue",
-    ]
-)
+from app.languages import LANGUAGES
+
+# The languages openai-whisper knows, copied so the API can validate without importing whisper.
+LANGUAGE_CODES = frozenset(LANGUAGES)
 
 # Beam width used when a caller asks for beam search by giving ``patience`` (whisper's CLI default).
 BEAM_SIZE = 5
 MAX_PROMPT_CHARS = 2000
+# openai-whisper's transcribe() defaults: punctuation merged into the neighbouring word when
+# word timestamps are on.
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
+MAX_PUNCTUATION_CHARS = 64
+
+# Bounds on the work one request can ask for (issue 14). Each decoding pass of a 30 s window
+# is one rung of the temperature ladder, so the ladder's length *is* the number of passes a
+# window can cost: whisper's default ladder (0, 0.2, ..., 1.0) has six rungs, and no request
+# may ask for more.
+MAX_TEMPERATURES = 6
+# The thresholds decide how often a window falls back. The average log-probability of a decode
+# is always < 0 and ordinary text gzips at a ratio of about 1.3-1.8, so thresholds at or near
+# those values fail *every* window at *every* temperature. These bounds keep a threshold where
+# ordinary speech passes; the ladder cap above still bounds the worst case.
+LOGPROB_THRESHOLD_RANGE = (-10.0, -0.5)
+COMPRESSION_RATIO_RANGE = (2.0, 10.0)
+# round(BEAM_SIZE * patience) candidates per beam; whisper asserts it is > 0.
+PATIENCE_RANGE = (0.5, 3.0)
+MAX_SUPPRESS_TOKENS = 1000
+MAX_TOKEN_ID = 1_000_000  # any vocabulary is smaller; the engine checks its own exactly
+# Whisper's tokenizer refuses text that spells a special token (<|endoftext|>, <|en|>,
+# <|0.00|>...), so such a prompt is the caller's error, said before any work.
+_HUGE_LADDER = 10**9
+_SPECIAL_TOKEN_RE = re.compile(r"<\|[^<>|]*\|>")
 
 
 class OptionError(ValueError):
@@ -142,6 +66,9 @@ class TranscribeOptions:
     compression_ratio_threshold: float | None = 2.4
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
+    word_timestamps: bool = False
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS
+    append_punctuations: str = APPEND_PUNCTUATIONS
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,8 +82,10 @@ class TranscribeOptions:
         inc = self.temperature_increment_on_fallback
         if not inc:
             return (self.temperature,)
-        steps = math.floor((1.0 + 1e-6 - self.temperature) / inc) + 1
-        return tuple(round(self.temperature + i * inc, 6) for i in range(max(steps, 1)))
+        # Capped here too, for options stored before the bounds existed: never built up front
+        # from an unchecked increment (1e-300 would be a MemoryError).
+        steps = min(ladder_length(self.temperature, inc), MAX_TEMPERATURES)
+        return tuple(round(self.temperature + i * inc, 6) for i in range(steps))
 
     def suppress_token_ids(self) -> list[int]:
         return [int(t) for t in self.suppress_tokens.split(",") if t.strip()]
@@ -174,12 +103,30 @@ class TranscribeOptions:
             "no_speech_threshold": self.no_speech_threshold,
             "fp16": fp16,
             "verbose": None,
+            "word_timestamps": self.word_timestamps,
+            "prepend_punctuations": self.prepend_punctuations,
+            "append_punctuations": self.append_punctuations,
         }
         if self.patience is not None:
             # whisper drops beam_size/patience for sampled (t > 0) fallbacks by itself.
             kwargs["beam_size"] = BEAM_SIZE
             kwargs["patience"] = self.patience
         return kwargs
+
+
+def _excerpt(raw: str, limit: int = 40) -> str:
+    """A caller's value echoed in an error, cut short (a 5 kB field is not worth repeating)."""
+    return repr(raw if len(raw) <= limit else raw[:limit] + "...")
+
+
+def ladder_length(temperature: float, increment: float | None) -> int:
+    """Rungs in whisper's ladder temperature, temperature + increment, ... <= 1.0 (no tuple)."""
+    if not increment:
+        return 1
+    span = (1.0 + 1e-6 - temperature) / increment
+    if not math.isfinite(span) or span > _HUGE_LADDER:  # 5e-324 divides to infinity
+        return _HUGE_LADDER
+    return max(math.floor(span) + 1, 1)
 
 
 def _float(
@@ -200,7 +147,7 @@ def _float(
     try:
         value = float(text)
     except ValueError:
-        raise OptionError(name, f"{name} must be a number, got {raw!r}") from None
+        raise OptionError(name, f"{name} must be a number, got {_excerpt(raw)}") from None
     if not math.isfinite(value):
         raise OptionError(name, f"{name} must be finite")
     if lo is not None and (value < lo or (lo_open and value == lo)):
@@ -218,7 +165,15 @@ def _bool(name: str, raw: str | None, default: bool) -> bool:
         return True
     if text in {"false", "0", "no", "off"}:
         return False
-    raise OptionError(name, f"{name} must be true or false, got {raw!r}")
+    raise OptionError(name, f"{name} must be true or false, got {_excerpt(raw)}")
+
+
+def _punctuation(name: str, raw: str | None, default: str) -> str:
+    if raw is None:
+        return default
+    if len(raw) > MAX_PUNCTUATION_CHARS:
+        raise OptionError(name, f"{name} longer than {MAX_PUNCTUATION_CHARS} chars")
+    return raw
 
 
 def parse_suppress_tokens(raw: str | None) -> str:
@@ -230,10 +185,14 @@ def parse_suppress_tokens(raw: str | None) -> str:
     except ValueError:
         raise OptionError(
             "suppress_tokens",
-            f"suppress_tokens must be a comma-separated list of token ids, got {raw!r}",
+            f"suppress_tokens must be a comma-separated list of token ids, got {_excerpt(raw)}",
         ) from None
-    if any(i < -1 for i in ids) or len(ids) > 1000:
-        raise OptionError("suppress_tokens", "token ids must be >= -1 (-1: non-speech symbols)")
+    if len(ids) > MAX_SUPPRESS_TOKENS:
+        raise OptionError("suppress_tokens", f"at most {MAX_SUPPRESS_TOKENS} token ids")
+    if any(i < -1 or i > MAX_TOKEN_ID for i in ids):
+        raise OptionError(
+            "suppress_tokens", "token ids must be vocabulary ids >= -1 (-1: non-speech symbols)"
+        )
     return ",".join(str(i) for i in ids)
 
 
@@ -241,43 +200,65 @@ def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
     """Validate the hosted API's form fields; raise :class:`OptionError` naming the field."""
     task = (form.get("task") or "transcribe").strip().lower()
     if task not in ("transcribe", "translate"):
-        raise OptionError("task", f"task must be 'transcribe' or 'translate', got {task!r}")
+        raise OptionError("task", f"task must be 'transcribe' or 'translate', got {_excerpt(task)}")
     language = (form.get("language") or "").strip().lower() or None
     if language is not None and language not in LANGUAGE_CODES:
-        raise OptionError("language", f"unknown language code {language!r}")
+        raise OptionError("language", f"unknown language code {_excerpt(language)}")
     prompt = form.get("initial_prompt") or None
     if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
         raise OptionError("initial_prompt", f"initial_prompt longer than {MAX_PROMPT_CHARS} chars")
+    if prompt is not None and _SPECIAL_TOKEN_RE.search(prompt):
+        raise OptionError(
+            "initial_prompt",
+            "initial_prompt must not contain special tokens such as <|endoftext|>",
+        )
     temperature = _float("temperature", form.get("temperature"), 0.0, lo=0.0, hi=1.0)
     assert temperature is not None
+    increment = _float(
+        "temperature_increment_on_fallback",
+        form.get("temperature_increment_on_fallback"),
+        0.2,
+        lo=0.0,
+        hi=1.0,
+        nullable=True,
+    )
+    rungs = ladder_length(temperature, increment)
+    if rungs > MAX_TEMPERATURES:
+        raise OptionError(
+            "temperature_increment_on_fallback",
+            f"the fallback ladder from temperature {temperature:g} to 1.0 would have "
+            f"{rungs if rungs < _HUGE_LADDER else 'over a billion'} temperatures; "
+            f"at most {MAX_TEMPERATURES} are allowed "
+            f"(increment >= {(1.0 - temperature) / (MAX_TEMPERATURES - 1):.3g}, or 0 for none)",
+        )
     return TranscribeOptions(
         task=task,  # type: ignore[arg-type]
         language=language,
         temperature=temperature,
-        patience=_float("patience", form.get("patience"), None, lo=0.0, hi=10.0, lo_open=True),
+        patience=_float(
+            "patience", form.get("patience"), None, lo=PATIENCE_RANGE[0], hi=PATIENCE_RANGE[1]
+        ),
         suppress_tokens=parse_suppress_tokens(form.get("suppress_tokens")),
         initial_prompt=prompt,
         condition_on_previous_text=_bool(
             "condition_on_previous_text", form.get("condition_on_previous_text"), True
         ),
-        temperature_increment_on_fallback=_float(
-            "temperature_increment_on_fallback",
-            form.get("temperature_increment_on_fallback"),
-            0.2,
-            lo=0.0,
-            hi=1.0,
-            nullable=True,
-        ),
+        temperature_increment_on_fallback=increment,
         compression_ratio_threshold=_float(
             "compression_ratio_threshold",
             form.get("compression_ratio_threshold"),
             2.4,
-            lo=0.0,
-            lo_open=True,
+            lo=COMPRESSION_RATIO_RANGE[0],
+            hi=COMPRESSION_RATIO_RANGE[1],
             nullable=True,
         ),
         logprob_threshold=_float(
-            "logprob_threshold", form.get("logprob_threshold"), -1.0, hi=0.0, nullable=True
+            "logprob_threshold",
+            form.get("logprob_threshold"),
+            -1.0,
+            lo=LOGPROB_THRESHOLD_RANGE[0],
+            hi=LOGPROB_THRESHOLD_RANGE[1],
+            nullable=True,
         ),
         no_speech_threshold=_float(
             "no_speech_threshold",
@@ -286,5 +267,12 @@ def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
             lo=0.0,
             hi=1.0,
             nullable=True,
+        ),
+        word_timestamps=_bool("word_timestamps", form.get("word_timestamps"), False),
+        prepend_punctuations=_punctuation(
+            "prepend_punctuations", form.get("prepend_punctuations"), PREPEND_PUNCTUATIONS
+        ),
+        append_punctuations=_punctuation(
+            "append_punctuations", form.get("append_punctuations"), APPEND_PUNCTUATIONS
         ),
     )

@@ -1,11 +1,13 @@
-"""The public shapes of a job: the hosted API's response and webhook payload, and job status."""
+"""The public shapes of a job: the hosted API's response and webhook payload, job status, and
+the full transcript behind exports and OpenAI's verbose_json (app/schemas.py declares them)."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
-from app.models import Job, JobStatus
+from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
 
 
 def iso(value: datetime | None) -> str | None:
@@ -22,12 +24,23 @@ def inference_status(job: Job) -> dict[str, Any]:
     }
 
 
+# The hosted API's segment keys; the rest of what whisper reports is in the detailed views.
+HOSTED_SEGMENT_KEYS = ("id", "text", "start", "end")
+
+
+def hosted_segment(segment: dict[str, Any]) -> dict[str, Any]:
+    out = {k: segment[k] for k in HOSTED_SEGMENT_KEYS}
+    if segment.get("words") is not None:
+        out["words"] = segment["words"]
+    return out
+
+
 def results(job: Job) -> dict[str, Any] | None:
     if job.status != JobStatus.succeeded or job.result is None:
         return None
     return {
         "text": job.result["text"],
-        "segments": job.result["segments"],
+        "segments": [hosted_segment(s) for s in job.result["segments"]],
         "language": job.result["language"],
         "input_length_ms": job.input_length_ms,
     }
@@ -66,17 +79,71 @@ def webhook_payload(job: Job) -> dict[str, Any]:
     return payload
 
 
-def job_status(job: Job) -> dict[str, Any]:
+def job_summary(job: Job) -> dict[str, Any]:
     return {
         "request_id": job.id,
         "status": job.status,
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
-        "options": job.options,
-        "webhook": job.webhook_url,
+        "cancel_requested_at": iso(job.cancel_requested_at),
+        "deleted_at": iso(job.deleted_at),
         "input_length_ms": job.input_length_ms,
         "inference_status": inference_status(job),
-        "results": results(job),
         "error": error(job),
     }
+
+
+def job_status(job: Job) -> dict[str, Any]:
+    return {
+        **job_summary(job),
+        "options": job.options,
+        "webhook": job.webhook_url,
+        "results": results(job),
+    }
+
+
+def detailed_segment(segment: dict[str, Any]) -> dict[str, Any]:
+    """A stored segment with every field whisper reports; rows stored before the engine kept
+    them get neutral values rather than a missing key."""
+    return {
+        "id": segment["id"],
+        "seek": segment.get("seek", 0),
+        "start": segment["start"],
+        "end": segment["end"],
+        "text": segment["text"],
+        "tokens": segment.get("tokens", []),
+        "temperature": segment.get("temperature", 0.0),
+        "avg_logprob": segment.get("avg_logprob", 0.0),
+        "compression_ratio": segment.get("compression_ratio", 0.0),
+        "no_speech_prob": segment.get("no_speech_prob", 0.0),
+        "words": segment.get("words"),
+    }
+
+
+def transcript_document(job: Job) -> dict[str, Any]:
+    """The full transcript of a succeeded job (``transcript.json``)."""
+    assert job.result is not None
+    return {
+        "request_id": job.id,
+        "task": job.options.get("task", "transcribe"),
+        "language": job.result["language"],
+        "duration": None if job.input_length_ms is None else job.input_length_ms / 1000,
+        "text": job.result["text"],
+        "segments": [detailed_segment(s) for s in job.result["segments"]],
+    }
+
+
+def delivery_event(job: Job) -> WebhookDelivery | None:
+    """The webhook event of a job that just ended, to add in the transaction that ended it
+    (so it cannot be lost between the two). None when the job has no webhook."""
+    if job.webhook_url is None:
+        return None
+    return WebhookDelivery(
+        job_id=job.id,
+        url=job.webhook_url,
+        body=json.dumps(webhook_payload(job)),
+        status=DeliveryStatus.pending,
+        next_attempt_at=job.finished_at,
+        dispatched_at=job.finished_at,
+    )

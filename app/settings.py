@@ -2,18 +2,64 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_SECRET = "changethis"
+# A server secret shorter than this, or made of fewer distinct characters, is refused in
+# production (issue 14): 16 random URL-safe characters are about 96 bits.
+MIN_SECRET_CHARS = 16
+MIN_SECRET_DISTINCT_CHARS = 8
+
+
+def weak_secret_reason(secret: str) -> str | None:
+    """Why ``secret`` is too weak to protect production data, or None when it is not."""
+    if secret == DEFAULT_SECRET:
+        return f'the default "{DEFAULT_SECRET}"'
+    if not secret.strip():
+        return "empty"
+    if len(secret) < MIN_SECRET_CHARS:
+        return f"shorter than {MIN_SECRET_CHARS} characters"
+    if len(set(secret)) < MIN_SECRET_DISTINCT_CHARS:
+        return f"made of fewer than {MIN_SECRET_DISTINCT_CHARS} distinct characters"
+    return None
+
+
 # The Standard Webhooks schedule (5 s, 5 min, 30 min, 2 h, 5 h, 10 h...), stretched to about
 # three days in all before a delivery is given up.
 WEBHOOK_RETRY_SCHEDULE_S: tuple[float, ...] = (5, 300, 1800, 7200, 18000) + (36000.0,) * 6
+SQLITE_FILE = "whisperq.db"
+BLOB_SUBDIR = "blobs"
+
+
+def default_data_dir() -> Path:
+    """One place per user for the embedded stack's files (SQLite, blobs, .env, redis socket),
+    so a command run from any folder finds the same data (XDG base directory spec)."""
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "whisperq"
+
+
+def data_dir_from_env() -> Path:
+    return Path(os.environ.get("WHISPERQ_DATA_DIR") or default_data_dir()).expanduser().resolve()
+
+
+def _comma_list(value: Any) -> Any:
+    """List settings take JSON (``["a", "b"]``) or a plain comma-separated value (``a,b``)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 class Settings(BaseSettings):
@@ -21,9 +67,10 @@ class Settings(BaseSettings):
 
     environment: Literal["local", "test", "production"] = "local"
 
-    database_url: str = "sqlite:///./var/whisperq.db"
+    # Unset: SQLite file and blob folder inside DATA_DIR (resolved once, see _resolve_paths).
+    database_url: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
-    blob_dir: Path = Path("./var/blobs")
+    blob_dir: Path = Path()
 
     # HMAC pepper for API-key hashes. A leaked database alone must not reveal usable keys.
     key_pepper: str = DEFAULT_SECRET
@@ -44,6 +91,18 @@ class Settings(BaseSettings):
 
     # Sync requests wait this long for their job before answering 202 with the job id.
     sync_wait_s: float = 600.0
+    # A sync waiter is woken by the worker's completion signal; it also re-reads its row this
+    # often, in case a signal was lost (pub/sub is at-most-once).
+    sync_recheck_s: float = 5.0
+
+    # Database pool, per process. The API's requests hold a connection only per unit of work
+    # (never while reading uploads or waiting), so the pool bounds concurrent queries, not
+    # concurrent clients; its size should cover the threadpool's (40 threads by default).
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=30, ge=0)
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
+    # Seconds a caller is told to wait (Retry-After) when Postgres or Redis is unreachable.
+    retry_after_s: int = Field(default=5, ge=1)
 
     # Worker / queue
     worker_concurrency: int = 4  # jobs in flight per worker process (threads pool)
@@ -68,9 +127,7 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(default=3, ge=1)
     # Jobs of one API key running at once across all workers; 0 means no cap.
     key_max_in_flight: int = Field(default=0, ge=0)
-    # Wall-time limit of one run: the larger of the minimum and factor x audio length.
-    job_time_limit_factor: float = Field(default=3.0, gt=0)
-    job_time_limit_min_s: float = Field(default=600.0, ge=0)
+    # The wall-time limit of one run is job_time_limit_* (issue 14's block, app/limits.py).
     # On SIGTERM a running job gets this long to finish before it is handed back (queued);
     # compose's stop_grace_period must exceed it.
     worker_stop_grace_s: float = Field(default=20.0, ge=0)
@@ -79,27 +136,108 @@ class Settings(BaseSettings):
     db_retry_delay_s: float = Field(default=2.0, gt=0)
     # Webhooks
     webhook_timeout_s: float = 15.0
-    webhook_retry_schedule_s: list[float] = Field(
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: list(WEBHOOK_RETRY_SCHEDULE_S)
     )
     # Exact hosts or CIDRs that webhooks may reach although private (tests: 127.0.0.1).
-    webhook_allowlist: list[str] = Field(default_factory=list)
+    webhook_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Audio URLs are fetched by the worker: the same SSRF guard, with its own allow-list.
-    audio_url_allowlist: list[str] = Field(default_factory=list)
+    audio_url_allowlist: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_url_redirects: int = 3
     # Delays up to this are scheduled as Celery countdowns; longer ones are left to the reaper.
     webhook_countdown_max_s: float = 300.0
 
+    # --- issue 14: hostile input -------------------------------------------------------
+    # Upload bodies are counted as they arrive (chunked or not) and cut past this many bytes
+    # over max_upload_bytes (multipart headers, the other form fields).
+    upload_overhead_bytes: int = 1024 * 1024
+    # A form field (a data: URL as `audio` included) is held in memory: capped separately.
+    max_data_url_bytes: int = 16 * 1024 * 1024
+    # Request bodies read at once per API process; the rest wait. Each holds about one chunk
+    # in memory (the file part goes to disk) and at most max_upload_bytes of temporary disk.
+    upload_concurrency: int = 8
+    # Per API key: submissions per minute (429 + Retry-After past it) and jobs waiting or
+    # running at once (429 past it). 0 switches a limit off.
+    submit_rate_per_minute: int = 120
+    max_active_jobs_per_key: int = 1000
+    # A job may run for job_time_limit_min_s + factor x its audio length (see app/limits.py);
+    # enforced by the worker.
+    job_time_limit_factor: float = 2.0
+    job_time_limit_min_s: float = 120.0
+
+    # Issue 15: interfaces (OpenAI audio API, exports, job management, idempotency)
+    # Model names OpenAI clients send that mean "the model this server runs".
+    openai_model_aliases: list[str] = Field(default_factory=lambda: ["whisper-1", "whisper-tiny"])
+    idempotency_ttl_s: float = 24 * 3600
+    jobs_page_size_max: int = 100
+
+    # --- Operations (issue 16): data dir, blob store, retention, metrics, Flower, logs ---
+    # Where the embedded stack keeps SQLite, blobs, its .env and its redis socket.
+    data_dir: Path = Field(default_factory=data_dir_from_env)
+    blob_backend: Literal["local", "s3"] = "local"
+    s3_endpoint_url: str | None = None  # unset: AWS; else MinIO / SeaweedFS / R2 URL
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None  # unset: boto3's usual chain (env, profile, IAM role)
+    s3_secret_access_key: SecretStr | None = None
+    s3_prefix: str = "audio/"
+    # Audio is deleted when its job ends, unless kept this many days (then purged).
+    keep_audio_days: float = 0.0
+    # Finished jobs' transcripts (and any audio left) are purged after this many days; 0 keeps.
+    retention_days: float = 0.0
+    purge_interval_s: float = 3600.0
+    # The worker serves /metrics, /healthz, /readyz on this port (0: not at all).
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "0.0.0.0"
+    # Flower asks for these (basic auth); `whisperq flower` refuses to start without them
+    # unless bound to loopback.
+    flower_user: str = ""
+    flower_password: SecretStr | None = None
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    # The job page's cookie / signed links are signed with this (defaults to KEY_PEPPER).
+    page_link_ttl_s: int = 7 * 86400
+
+    @field_validator(
+        "webhook_retry_schedule_s", "webhook_allowlist", "audio_url_allowlist", mode="before"
+    )
+    @classmethod
+    def _lists_accept_commas(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    # Batches (issue 13)
+    batch_max_inputs_per_request: int = 1000  # files + URLs + manifest lines in one request
+    batch_max_manifest_bytes: int = 16 * 1024 * 1024
+    batch_results_page_size: int = 500  # rows per DB round trip while streaming JSONL
+    batch_list_max_limit: int = 100
+
     @model_validator(mode="after")
-    def _refuse_default_secrets(self) -> Self:
-        if self.key_pepper == DEFAULT_SECRET:
+    def _resolve_paths(self) -> Self:
+        """Relative paths are resolved once, here: the same files from any working folder."""
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / SQLITE_FILE}"
+        elif self.database_url.startswith("sqlite:///") and ":memory:" not in self.database_url:
+            head, _, path = self.database_url.partition(":///")
+            if path and not Path(path).is_absolute():
+                self.database_url = f"{head}:///{Path(path).resolve()}"
+        if self.blob_dir == Path():
+            self.blob_dir = self.data_dir / BLOB_SUBDIR
+        self.blob_dir = self.blob_dir.expanduser().resolve()
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_weak_secrets(self) -> Self:
+        problem = weak_secret_reason(self.key_pepper)
+        if problem is not None:
             message = (
-                'WHISPERQ_KEY_PEPPER is "changethis"; set it to a long random value '
+                f"WHISPERQ_KEY_PEPPER is {problem}; set it to a long random value "
                 "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
             if self.environment == "production":
                 raise ValueError(message)
-            warnings.warn(message, stacklevel=1)
+            if self.key_pepper == DEFAULT_SECRET:
+                warnings.warn(message, stacklevel=1)
         return self
 
     @property
@@ -107,6 +245,37 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
 
+def env_files() -> tuple[Path, ...]:
+    """``.env`` in the working folder, then the data dir's (which wins): ``make up`` writes
+    its pepper there, so ``whisperq keys create`` run from anywhere signs the same way."""
+    return (Path(".env"), data_dir_from_env() / ".env")
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return Settings(_env_file=env_files())
+
+
+def _reason(err: Any) -> str:
+    where = "_".join(str(p) for p in err["loc"]).upper()
+    message = str(err.get("msg", "")).removeprefix("Value error, ")
+    return f"setting WHISPERQ_{where}: {message}" if where else message
+
+
+def settings_or_exit() -> Settings:
+    """The settings, or one clear line on stderr and exit status 2: for process start-up, so
+    a misconfigured API or worker refuses to start instead of failing every request."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        reasons = "; ".join(
+            (
+                f"setting WHISPERQ_{'_'.join(str(p) for p in err['loc']).upper()}: "
+                if err["loc"]
+                else ""
+            )
+            + str(err.get("msg", "")).removeprefix("Value error, ")
+            for err in exc.errors()
+        )
+        print(f"whisperq: refusing to start: {reasons}", file=sys.stderr)
+        raise SystemExit(2) from None

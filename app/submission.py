@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote_to_bytes
+
+from sqlalchemy import update
 
 from app import blobs
 from app.audio_probe import AudioError, probe_duration_s
@@ -25,6 +29,10 @@ log = logging.getLogger(__name__)
 class AudioInput:
     data: bytes | None = None
     url: str | None = None
+    # An upload already streamed into the blob store and probed (app/uploads.py).
+    blob: str | None = None
+    input_length_ms: int | None = None
+    sha256: str | None = None  # of the upload's bytes, for idempotency
 
 
 def decode_data_url(value: str, *, max_bytes: int) -> bytes:
@@ -60,20 +68,28 @@ def store_and_probe(job_id: str, data: bytes, *, settings: Settings) -> int:
     """Write the upload to the blob store and check it is audio we will accept; returns ms."""
     if not data:
         raise ApiError(400, "empty_audio", "the audio file is empty", field="audio")
-    path = blobs.write_blob(job_id, data)
+    # Probed in a local scratch file, then handed to the blob store (maybe another host's).
+    with tempfile.TemporaryDirectory(prefix="whisperq-up-") as tmp:
+        path = Path(tmp) / job_id
+        path.write_bytes(data)
+        return probe_and_store(path, job_id, settings=settings)
+
+
+def probe_and_store(path: Path, name: str, *, settings: Settings) -> int:
+    """Check a local file is audio we will accept, then put it in the blob store as ``name``;
+    returns its length in ms. ApiError (and nothing stored) when it is not acceptable."""
     try:
         duration = probe_duration_s(path)
     except AudioError as exc:
-        blobs.delete_blob(job_id)
         raise ApiError(400, exc.code, exc.message, field="audio") from None
     if duration > settings.max_audio_seconds:
-        blobs.delete_blob(job_id)
         raise ApiError(
             413,
             "audio_too_long",
             f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
             field="audio",
         )
+    blobs.get_store().put_file(name, path)
     return round(duration * 1000)
 
 
@@ -87,39 +103,62 @@ def submit_job(
     settings: Settings,
 ) -> Job:
     job_id = new_job_id()
-    input_length_ms = None
+    input_length_ms = audio.input_length_ms
+    audio_blob = audio.blob
     if audio.data is not None:
         input_length_ms = store_and_probe(job_id, audio.data, settings=settings)
+        audio_blob = job_id
     job = Job(
         id=job_id,
         api_key_id=api_key_id,
         status=JobStatus.queued,
         queue=queue,
         options=options.to_json(),
-        audio_blob=job_id if audio.data is not None else None,
+        audio_blob=audio_blob,
         audio_url=audio.url,
         webhook_url=webhook_url,
         input_length_ms=input_length_ms,
         enqueued_at=utcnow(),
     )
-    with session_scope() as session:
-        session.add(job)
-    # Only after the commit: a worker must never receive an id it cannot read yet.
     try:
-        send_job(job_id, queue=queue)
-    except Exception as exc:  # broker down: the job must not be left queued forever in silence
-        log.exception("enqueue failed for job %s", job_id)
         with session_scope() as session:
-            row = session.get(Job, job_id)
-            if row is not None and row.status == JobStatus.queued:
-                row.status = JobStatus.failed
-                row.error_code = "queue_unavailable"
-                row.error_message = f"could not reach the job queue: {exc}"
-                row.finished_at = utcnow()
-        raise ApiError(
-            503,
-            "queue_unavailable",
-            "the job queue is unreachable; retry later",
-            extra={"request_id": job_id},
-        ) from None
+            session.add(job)
+    except Exception:  # Postgres down: no row, so no blob either (the caller gets a 503)
+        if job.audio_blob is not None:
+            blobs.delete_blob(job.audio_blob)
+        raise
+    log.info("job accepted", extra={"request_id": job_id, "queue": queue})
+    # Only after the commit: a worker must never receive an id it cannot read yet.
+    enqueue_jobs([job_id], queue=queue)
     return job
+
+
+def enqueue_jobs(job_ids: list[str], *, queue: str) -> None:
+    """Send committed jobs to the broker; if it is down, fail the ones not sent (a job must
+    not be left queued forever in silence) and answer 503."""
+    for sent, job_id in enumerate(job_ids):
+        try:
+            send_job(job_id, queue=queue)
+        except Exception as exc:
+            log.exception("enqueue failed for job %s", job_id)
+            _fail_unsent(job_ids[sent:], exc)
+            raise ApiError(
+                503,
+                "queue_unavailable",
+                "the job queue is unreachable; retry later",
+                extra={"request_id": job_id},
+            ) from None
+
+
+def _fail_unsent(job_ids: list[str], exc: Exception) -> None:
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(job_ids), Job.status == JobStatus.queued)
+            .values(
+                status=JobStatus.failed,
+                error_code="queue_unavailable",
+                error_message=f"could not reach the job queue: {exc}",
+                finished_at=utcnow(),
+            )
+        )

@@ -9,6 +9,8 @@ from app.db import Base, make_engine
 from app.settings import get_settings
 
 config = context.config
+# alembic.ini is for developers running `alembic` by hand; the installed package builds its
+# config in code (app/migrate.py) and has no file to read logging from.
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 

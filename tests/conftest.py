@@ -44,6 +44,8 @@ TEST_ENV = {
     "WHISPERQ_QUEUE_BULK": f"bulk-{RUN_ID}",
     "WHISPERQ_QUEUE_WEBHOOKS": f"webhooks-{RUN_ID}",
     "WHISPERQ_DEVICE": "cpu",
+    # Tests inspect blobs after their jobs end; tests/test_s3.py checks deletion (keep 0).
+    "WHISPERQ_KEEP_AUDIO_DAYS": "1",
 }
 os.environ.update(TEST_ENV)
 

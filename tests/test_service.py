@@ -358,7 +358,12 @@ def test_blob_is_stored_under_a_server_made_name(
         INFER, headers=auth(key), files={"audio": ("../../etc/evil name;rm -rf.wav", speech_wav)}
     )
     assert r.status_code == 200
-    stored = Path(get_settings().blob_dir) / r.json()["request_id"]
+    with session_scope() as session:
+        job = session.get(Job, r.json()["request_id"])
+        assert job is not None and job.audio_blob is not None
+        blob = job.audio_blob
+    assert blob.isalnum()  # made by the server (uploads are streamed in before the job row)
+    stored = Path(get_settings().blob_dir) / blob
     assert stored.is_file() and stored.read_bytes() == speech_wav
 
 

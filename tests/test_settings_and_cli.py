@@ -27,7 +27,7 @@ def test_production_refuses_the_default_pepper() -> None:
         Settings(environment="production", key_pepper="changethis")
     with pytest.warns(UserWarning, match="WHISPERQ_KEY_PEPPER"):
         Settings(environment="local", key_pepper="changethis")
-    assert Settings(environment="production", key_pepper="s3cret-value").key_pepper
+    assert Settings(environment="production", key_pepper="s3cret-value-long-enough").key_pepper
 
 
 def test_env_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -107,3 +107,98 @@ def test_api_never_imports_torch_or_whisper() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_list_settings_accept_plain_comma_separated_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WHISPERQ_WEBHOOK_ALLOWLIST", "10.0.0.0/8, hooks.internal")
+    monkeypatch.setenv("WHISPERQ_AUDIO_URL_ALLOWLIST", "127.0.0.1")
+    monkeypatch.setenv("WHISPERQ_WEBHOOK_RETRY_SCHEDULE_S", "1,2.5,60")
+    s = Settings()
+    assert s.webhook_allowlist == ["10.0.0.0/8", "hooks.internal"]
+    assert s.audio_url_allowlist == ["127.0.0.1"]
+    assert s.webhook_retry_schedule_s == [1.0, 2.5, 60.0]
+    monkeypatch.setenv("WHISPERQ_AUDIO_URL_ALLOWLIST", "")
+    assert Settings().audio_url_allowlist == []
+
+
+def _cli(args: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WHISPERQ_")}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=cwd,
+        env={**clean, "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_one_data_directory_from_any_folder(tmp_path: Path) -> None:
+    """The SQLite file, the blobs and the .env live in WHISPERQ_DATA_DIR (default: the
+    user's data folder), resolved once: a command run elsewhere finds the same data."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / ".env").write_text("WHISPERQ_KEY_PEPPER=from-the-data-dir\n")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    env = {"WHISPERQ_DATA_DIR": str(data)}
+    assert _cli(["migrate"], cwd=one, env=env).returncode == 0
+    made = _cli(["keys", "create", "--name", "elsewhere"], cwd=two, env=env)
+    assert made.returncode == 0, made.stderr
+    listed = _cli(["keys", "list"], cwd=one, env=env)
+    assert "elsewhere" in listed.stdout
+    assert (data / "whisperq.db").is_file() and not list(one.iterdir()) + list(two.iterdir())
+    code = "from app.settings import get_settings as g; s = g(); print(s.key_pepper, s.blob_dir)"
+    shown = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=two,
+        env={**_clean_env(), "PYTHONPATH": str(REPO), **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert shown == ["from-the-data-dir", str(data / "blobs")]
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("WHISPERQ_")}
+
+
+def test_user_mistakes_are_one_line(tmp_path: Path) -> None:
+    env = {"WHISPERQ_DATA_DIR": str(tmp_path / "empty"), "WHISPERQ_KEY_PEPPER": "x"}
+    # Not migrated yet (e.g. the wrong folder or data dir): says what to do.
+    r = _cli(["keys", "list"], cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "whisperq migrate" in r.stderr
+    r = _cli(["keys", "list"], cwd=tmp_path, env={**env, "WHISPERQ_SYNC_WAIT_S": "soon"})
+    assert r.returncode == 2 and "WHISPERQ_SYNC_WAIT_S" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(["flower", "--host", "0.0.0.0"], cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "WHISPERQ_FLOWER_PASSWORD" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _cli(["--version"], cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("whisperq ")
+    helps = _cli(["usage", "--help"], cwd=tmp_path, env=env).stdout
+    assert "--from" in helps and "30 days" in helps
+
+
+def test_flower_arguments_carry_basic_auth() -> None:
+    from pydantic import SecretStr
+
+    from app.cli import UserError, flower_argv
+
+    s = get_settings().model_copy(update={"flower_user": "ops", "flower_password": SecretStr("pw")})
+    assert "--basic-auth=ops:pw" in flower_argv(s, host="0.0.0.0", port=5555)
+    bare = get_settings().model_copy(update={"flower_user": "", "flower_password": None})
+    assert not any(
+        a.startswith("--basic-auth") for a in flower_argv(bare, host="127.0.0.1", port=1)
+    )
+    with pytest.raises(UserError):
+        flower_argv(bare, host="0.0.0.0", port=5555)

@@ -1,24 +1,67 @@
-"""Getting a job's audio as 16 kHz float32: blob or URL, through a hardened ffmpeg."""
+"""Getting a job's audio as 16 kHz float32: blob or URL, through a hardened ffmpeg.
+
+Hostile input (issue 14):
+* URLs are fetched by :func:`worker.webhook_http.fetch_to_file`, the webhooks' guarded path:
+  vetted and pinned addresses, re-vetted redirects, no proxies, one overall deadline and a
+  size cap while streaming.
+* The container header is only a first, cheap refusal: a FLAC can claim 1 s and hold hours.
+  The *decoded* length is what is checked against ``max_audio_seconds`` (ffmpeg's output is
+  cut one sample past the limit, so a lie costs at most the limit's worth of decoding) and
+  what is returned as ``input_length_ms`` for metering.
+* Error messages are generic and carry codes; what ffmpeg or a fetched server said (paths,
+  internal status codes) goes to the log only.
+"""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from app import blobs
-from app.audio_probe import AudioError, probe_duration_s
+from app.audio_probe import DEMUXER_WHITELIST, AudioError, probe_duration_s
+from app.errors import ErrorCode
 from app.settings import Settings
-from app.ssrf import AllowList, UnsafeURLError, validate_webhook_url
+from app.ssrf import AllowList
+from worker.webhook_http import FetchError, fetch_to_file
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
+BYTES_PER_SAMPLE = 2  # s16le
+READ_CHUNK = 1 << 16
+STDERR_TAIL = 4096
+
+# What a caller may be told about a failed fetch: the SSRF verdicts keep their codes, the rest
+# is one generic code and message (no status codes of internal hosts: no port scanner).
+_FETCH_MESSAGES = {
+    "too_large": (ErrorCode.audio_too_large, "the audio URL's body is over the size limit"),
+    "timeout": (ErrorCode.audio_fetch_failed, "the audio URL did not answer in time"),
+    "forbidden_address": (ErrorCode.audio_url_forbidden_address, "the audio URL is not allowed"),
+    "unresolvable_host": (
+        ErrorCode.audio_url_unresolvable_host,
+        "the audio URL's host cannot be found",
+    ),
+    "invalid_url": (
+        ErrorCode.audio_fetch_failed,
+        "the audio URL or one of its redirects is invalid",
+    ),
+}
+_FETCH_DEFAULT = (ErrorCode.audio_fetch_failed, "the audio URL could not be fetched")
 
 
-def decode(path: Path, *, timeout_s: float) -> np.ndarray:
-    """Decode with ffmpeg as openai-whisper does, but only local files and with a time limit."""
+def decode(path: Path, *, timeout_s: float, max_seconds: float | None = None) -> np.ndarray:
+    """Decode with ffmpeg as openai-whisper does: local files only, known demuxers only, a
+    time limit, and the output cut just past ``max_seconds``.
+
+    AudioError ``audio_too_long`` when the decoded audio is longer than the limit (whatever
+    its header says), ``invalid_audio`` when it does not decode or decodes to nothing.
+    ``max_seconds=None`` (tests, trusted files) decodes everything.
+    """
     cmd = [
         "ffmpeg",
         "-nostdin",
@@ -27,6 +70,8 @@ def decode(path: Path, *, timeout_s: float) -> np.ndarray:
         "error",
         "-protocol_whitelist",
         "file",
+        "-format_whitelist",
+        DEMUXER_WHITELIST,
         "-threads",
         "0",
         "-i",
@@ -42,62 +87,95 @@ def decode(path: Path, *, timeout_s: float) -> np.ndarray:
         str(SAMPLE_RATE),
         "-",
     ]
+    limit = (
+        (int(max_seconds * SAMPLE_RATE) + 1) * BYTES_PER_SAMPLE if max_seconds is not None else -1
+    )
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr_tail = bytearray()
+
+    def drain_stderr() -> None:  # bounded: a crafted file can make ffmpeg print for ever
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            stderr_tail.extend(line)
+            del stderr_tail[:-STDERR_TAIL]
+
+    timed_out = threading.Event()
+
+    def on_timeout() -> None:
+        timed_out.set()
+        proc.kill()
+
+    err_thread = threading.Thread(target=drain_stderr, daemon=True)
+    err_thread.start()
+    timer = threading.Timer(timeout_s, on_timeout)
+    timer.start()
+    out = bytearray()
+    too_long = False
     try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise AudioError("invalid_audio", f"decoding took over {timeout_s:.0f} s") from None
-    if proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise AudioError("invalid_audio", f"ffmpeg: {lines[-1] if lines else 'failed'}")
-    samples = np.frombuffer(proc.stdout, np.int16).astype(np.float32) / 32768.0
+        while chunk := proc.stdout.read(READ_CHUNK):
+            out += chunk
+            if 0 <= limit < len(out):
+                too_long = True
+                proc.kill()
+                break
+    finally:
+        timer.cancel()
+        proc.stdout.close()
+        returncode = proc.wait()
+        err_thread.join(5)
+        proc.stderr.close()
+    if too_long:
+        raise AudioError(
+            "audio_too_long", f"the decoded audio is longer than the {max_seconds or 0:.0f} s limit"
+        )
+    if timed_out.is_set():
+        raise AudioError("invalid_audio", f"decoding the audio took over {timeout_s:.0f} s")
+    if returncode != 0:
+        log.info("ffmpeg failed (%s): %s", returncode, stderr_tail.decode(errors="replace")[-500:])
+        raise AudioError("invalid_audio", "the audio could not be decoded")
+    usable = len(out) - len(out) % BYTES_PER_SAMPLE
+    samples = np.frombuffer(bytes(out[:usable]), np.int16).astype(np.float32) / 32768.0
     if samples.size == 0:
         raise AudioError("invalid_audio", "the audio decodes to no samples")
     return samples
 
 
 def fetch_url(url: str, dest: Path, *, settings: Settings) -> None:
-    """Download an audio URL, re-checking every hop against the SSRF guard."""
-    allow = AllowList.parse(settings.audio_url_allowlist)
-    limit = settings.max_upload_bytes
-    with httpx.Client(timeout=settings.audio_fetch_timeout_s, follow_redirects=False) as client:
-        for _ in range(settings.max_url_redirects + 1):
-            try:
-                validate_webhook_url(url, allow=allow)
-            except UnsafeURLError as exc:
-                raise AudioError(f"audio_url_{exc.code}", str(exc)) from None
-            try:
-                with client.stream("GET", url) as resp:
-                    if resp.is_redirect and "location" in resp.headers:
-                        url = str(resp.url.join(resp.headers["location"]))
-                        continue
-                    if resp.status_code != 200:
-                        raise AudioError(
-                            "audio_fetch_failed", f"GET {url} answered {resp.status_code}"
-                        )
-                    size = 0
-                    with dest.open("wb") as fh:
-                        for chunk in resp.iter_bytes():
-                            size += len(chunk)
-                            if size > limit:
-                                raise AudioError(
-                                    "audio_too_large", f"audio URL body over {limit} bytes"
-                                )
-                            fh.write(chunk)
-                    return
-            except httpx.HTTPError as exc:
-                raise AudioError("audio_fetch_failed", f"fetching {url}: {exc}") from None
-    raise AudioError("audio_fetch_failed", "too many redirects")
+    """Download an audio URL through the guarded HTTP path; AudioError with a safe message."""
+    with dest.open("wb") as fh:
+        try:
+            fetch_to_file(
+                url,
+                fh,
+                timeout_s=settings.audio_fetch_timeout_s,
+                allow=AllowList.parse(settings.audio_url_allowlist),
+                max_bytes=settings.max_upload_bytes,
+                max_redirects=settings.max_url_redirects,
+            )
+        except FetchError as exc:
+            log.info("audio fetch failed: %s", exc.detail)
+            code, message = _FETCH_MESSAGES.get(exc.reason, _FETCH_DEFAULT)
+            raise AudioError(code, message) from None
+        except Exception as exc:  # whatever a hostile server makes a parser raise: a reason
+            log.warning("audio fetch raised %s", type(exc).__name__, exc_info=True)
+            raise AudioError(*_FETCH_DEFAULT) from None
 
 
 def load_job_audio(
     *, blob: str | None, url: str | None, settings: Settings
 ) -> tuple[np.ndarray, int]:
-    """The samples and the input length in ms; AudioError says what is wrong with them."""
+    """The samples and the *decoded* input length in ms; AudioError says what is wrong."""
     with tempfile.TemporaryDirectory(prefix="whisperq-") as tmp:
         if blob is not None:
-            path = blobs.blob_path(blob)
-            if not path.is_file():
-                raise AudioError("audio_missing", "the uploaded audio is gone from the blob store")
+            try:
+                path = blobs.get_store().local_path(blob, Path(tmp))
+            except blobs.BlobMissingError:
+                raise AudioError(
+                    "audio_missing", "the uploaded audio is gone from the blob store"
+                ) from None
         elif url is not None:
             path = Path(tmp) / "input"
             fetch_url(url, path, settings=settings)
@@ -105,11 +183,14 @@ def load_job_audio(
                 raise AudioError("empty_audio", "the audio URL returned an empty body")
         else:
             raise AudioError("audio_missing", "the job has no audio")
+        # The header's claim: a cheap early refusal only, never trusted for the limit.
         duration = probe_duration_s(path)
         if duration > settings.max_audio_seconds:
             raise AudioError(
                 "audio_too_long",
                 f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
             )
-        samples = decode(path, timeout_s=settings.ffmpeg_timeout_s)
+        samples = decode(
+            path, timeout_s=settings.ffmpeg_timeout_s, max_seconds=settings.max_audio_seconds
+        )
     return samples, round(len(samples) * 1000 / SAMPLE_RATE)

@@ -11,12 +11,16 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from app.queue import get_celery
-from app.settings import get_settings
+from app.settings import get_settings, settings_or_exit
+from worker.observability import install as install_observability
+
+settings_or_exit()  # `celery -A worker.celery_app` too refuses weak secrets at start
 
 log = logging.getLogger(__name__)
 
 celery = get_celery()
 celery.conf.update(include=["worker.tasks"])
+install_observability(celery)  # metrics, /readyz, request-id logs, audio cleanup (issue 16)
 
 _stop_loops = threading.Event()
 

@@ -14,7 +14,7 @@ from app.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDeliv
 from app.settings import Settings
 from app.ssrf import AllowList
 from app.webhook_signing import signature_headers
-from worker.webhook_http import deliver_once, retry_delay
+from worker.webhook_http import AttemptResult, deliver_once, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,27 @@ def attempt(delivery_id: str, *, settings: Settings) -> Scheduled:
     body = claimed.body.encode()
     headers = signature_headers(secrets, msg_id=delivery_id, timestamp=int(time.time()), body=body)
     started = utcnow()
-    result = deliver_once(
-        claimed.url,
-        body,
-        headers,
-        timeout_s=settings.webhook_timeout_s,
-        allow=AllowList.parse(settings.webhook_allowlist),
-        max_redirects=settings.max_url_redirects,
-    )
+    try:
+        result = deliver_once(
+            claimed.url,
+            body,
+            headers,
+            timeout_s=settings.webhook_timeout_s,
+            allow=AllowList.parse(settings.webhook_allowlist),
+            max_redirects=settings.max_url_redirects,
+        )
+    except Exception as exc:
+        # Whatever a receiver sends (issue 14: a malformed redirect escaped as InvalidURL and
+        # left the delivery 'sending', re-POSTed for ever), the attempt is recorded and the
+        # retry schedule, which ends, decides what comes next.
+        log.warning("webhook %s: attempt raised %s", delivery_id, type(exc).__name__)
+        result = AttemptResult(
+            outcome="retry",
+            status_code=None,
+            latency_ms=round((utcnow() - started).total_seconds() * 1000),
+            error=f"delivery error: {type(exc).__name__}",
+            retry_after_s=None,
+        )
     made = claimed.attempts + 1
 
     delay: float | None = None

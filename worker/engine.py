@@ -47,14 +47,79 @@ class EngineJob:
 
 
 @dataclass(frozen=True)
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "word": self.word,
+            "start": self.start,
+            "end": self.end,
+            "probability": self.probability,
+        }
+
+
+@dataclass(frozen=True)
 class Segment:
     id: int
     start: float
     end: float
     text: str
+    # What openai-whisper reports per segment (OpenAI's verbose_json carries them all).
+    seek: int = 0
+    tokens: tuple[int, ...] = ()
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    words: tuple[Word, ...] | None = None  # only with word_timestamps
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "text": self.text, "start": self.start, "end": self.end}
+        out: dict[str, Any] = {
+            "id": self.id,
+            "seek": self.seek,
+            "start": self.start,
+            "end": self.end,
+            "text": self.text,
+            "tokens": list(self.tokens),
+            "temperature": self.temperature,
+            "avg_logprob": self.avg_logprob,
+            "compression_ratio": self.compression_ratio,
+            "no_speech_prob": self.no_speech_prob,
+        }
+        if self.words is not None:
+            out["words"] = [w.to_json() for w in self.words]
+        return out
+
+
+def _segment(i: int, s: dict[str, Any]) -> Segment:
+    words = s.get("words")
+    return Segment(
+        id=i,
+        start=round(float(s["start"]), 3),
+        end=round(float(s["end"]), 3),
+        text=str(s["text"]),
+        seek=int(s["seek"]),
+        tokens=tuple(int(t) for t in s["tokens"]),
+        temperature=float(s["temperature"]),
+        avg_logprob=float(s["avg_logprob"]),
+        compression_ratio=float(s["compression_ratio"]),
+        no_speech_prob=float(s["no_speech_prob"]),
+        words=None
+        if words is None
+        else tuple(
+            Word(
+                word=str(w["word"]),
+                start=round(float(w["start"]), 3),
+                end=round(float(w["end"]), 3),
+                probability=round(float(w["probability"]), 4),
+            )
+            for w in words
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -131,15 +196,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         runtime_ms = max(1, round((time.perf_counter() - start) * 1000))
-        segments = tuple(
-            Segment(
-                id=i,
-                start=round(float(s["start"]), 3),
-                end=round(float(s["end"]), 3),
-                text=str(s["text"]),
-            )
-            for i, s in enumerate(out["segments"])
-        )
+        segments = tuple(_segment(i, s) for i, s in enumerate(out["segments"]))
         return EngineResult(
             text=str(out["text"]).strip(),
             segments=segments,

@@ -148,6 +148,42 @@ def claim_next(*, queues: Sequence[str], settings: Settings, worker: str = HOST)
     return ClaimResult(None, capped=capped)
 
 
+def claim(job_id: str, *, settings: Settings, worker: str = HOST) -> ClaimedJob | None:
+    """Start one given job if it is still queued (tools and tests; tasks use claim_next)."""
+    now = utcnow()
+    with session_scope() as session:
+        row = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued)
+            .values(
+                status=JobStatus.running,
+                started_at=now,
+                attempts=Job.attempts + 1,
+                lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
+                worker=worker,
+            )
+            .returning(
+                Job.attempts,
+                Job.options,
+                Job.audio_blob,
+                Job.audio_url,
+                Job.queue,
+                Job.input_length_ms,
+            )
+        ).one_or_none()
+    if row is None:
+        return None
+    return ClaimedJob(
+        id=job_id,
+        attempt=row.attempts,
+        options=TranscribeOptions.from_json(row.options),
+        audio_blob=row.audio_blob,
+        audio_url=row.audio_url,
+        queue=row.queue,
+        input_length_ms=row.input_length_ms,
+    )
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     renewed: frozenset[str]  # still ours
@@ -289,7 +325,8 @@ def finish(
 @dataclass(frozen=True)
 class Expired:
     requeued: list[tuple[str, str]]  # (job id, queue): back to queued, to be run again
-    failed: list[tuple[str, str | None]]  # (job id, delivery id): out of attempts
+    # (job id, delivery id): ended here, out of attempts (or canceled meanwhile)
+    failed: list[tuple[str, str | None]]
 
 
 def expire_leases(settings: Settings, *, limit: int = 500) -> Expired:
@@ -305,7 +342,18 @@ def expire_leases(settings: Settings, *, limit: int = 500) -> Expired:
             .with_for_update(skip_locked=True)
         ).all()
         for job in rows:
-            if job.attempts >= settings.job_max_attempts:
+            if job.cancel_requested_at is not None:
+                # Canceled while its worker died: it ends here, never runs again.
+                delivery_id = _finish_row(
+                    session,
+                    job,
+                    status=JobStatus.canceled,
+                    settings=settings,
+                    error_code="canceled",
+                    error_message="canceled on request while running",
+                )
+                failed.append((job.id, delivery_id))
+            elif job.attempts >= settings.job_max_attempts:
                 delivery_id = _finish_row(
                     session,
                     job,

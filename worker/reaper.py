@@ -43,12 +43,12 @@ UNACKED = "unacked"
 
 def expire_and_dispatch(settings: Settings) -> int:
     """Expire dead workers' leases; returns how many jobs went back to the queue."""
-    from worker.tasks import publish_done
+    from worker.tasks import notify_done
 
     expired = jobs.expire_leases(settings)
     for job_id, delivery_id in expired.failed:
         log.warning("job %s failed: its worker died %d times", job_id, settings.job_max_attempts)
-        publish_done(job_id, settings)
+        notify_done(job_id, settings)
         if delivery_id is not None:
             send_delivery(delivery_id)
     if expired.requeued:

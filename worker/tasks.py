@@ -21,7 +21,9 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.audio_probe import AudioError
+from app.limits import job_time_limit_s
 from app.models import JobStatus
+from app.notify import publish_done
 from app.queue import DELIVER_WEBHOOK, RUN_JOB, send_delivery
 from app.settings import Settings, get_settings
 from worker import deliveries, engine, jobs, runtime
@@ -48,13 +50,10 @@ class JobFailed(Exception):  # noqa: N818 (it names the outcome Flower shows)
     argument, so Celery can pickle it into the task-failed event."""
 
 
-def publish_done(job_id: str, settings: Settings) -> None:
-    """Wake the API's sync waiters (the lead's app.notify, issue 11)."""
-    try:
-        from app.notify import publish_done as publish  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return
-    publish(job_id, redis_url=settings.redis_url)
+def notify_done(job_id: str, settings: Settings) -> None:
+    """Wake the API's sync waiters; a spurious wake-up (a finish that lost a race) only makes
+    them re-read the row."""
+    publish_done(job_id, redis_url=settings.redis_url)
 
 
 def _store(claimed: jobs.ClaimedJob, settings: Settings, **outcome: Any) -> bool:
@@ -75,7 +74,7 @@ def _store(claimed: jobs.ClaimedJob, settings: Settings, **outcome: Any) -> bool
     if not done.stored:
         log.info("job %s: another run owns it now; this run's outcome is dropped", claimed.id)
         return False
-    publish_done(claimed.id, settings)
+    notify_done(claimed.id, settings)
     if done.delivery_id is not None:
         try:
             send_delivery(done.delivery_id)
@@ -91,8 +90,7 @@ def _fail(claimed: jobs.ClaimedJob, settings: Settings, code: str, message: str)
 
 
 def _time_limit_s(audio: np.ndarray, settings: Settings) -> float:
-    seconds = len(audio) / SAMPLE_RATE
-    return max(settings.job_time_limit_min_s, settings.job_time_limit_factor * seconds)
+    return job_time_limit_s(round(len(audio) * 1000 / SAMPLE_RATE), settings)
 
 
 def _engine_job(audio: np.ndarray, claimed: jobs.ClaimedJob, entry: runtime.InFlight) -> Any:
@@ -193,8 +191,8 @@ def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) 
             claimed,
             settings,
             "time_limit_exceeded",
-            f"the job ran over its time limit of {limit_s:.0f} s (the larger of "
-            f"{settings.job_time_limit_min_s:.0f} s and {settings.job_time_limit_factor:g} x "
+            f"the job ran over its time limit of {limit_s:.0f} s "
+            f"({settings.job_time_limit_min_s:.0f} s + {settings.job_time_limit_factor:g} x "
             "the audio length)",
         )
     if reason == runtime.STOP_LEASE_LOST:

@@ -48,7 +48,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import httpcore
 import httpx
@@ -62,8 +62,10 @@ __all__ = [
     "RETRY_AFTER_CAP_S",
     "USER_AGENT",
     "AttemptResult",
+    "FetchError",
     "Outcome",
     "deliver_once",
+    "fetch_to_file",
     "parse_retry_after",
     "retry_delay",
 ]
@@ -432,7 +434,7 @@ def deliver_once(
                 target = httpx.URL(current)
             except UnsafeURLError as exc:
                 return done("refused", redirect_status, f"{exc.code}: {where}{exc}")
-            except httpx.InvalidURL as exc:
+            except (httpx.InvalidURL, ValueError) as exc:
                 return done("refused", redirect_status, f"invalid_url: {where}{exc}")
             if target.scheme != parsed.scheme or not _same_host(parsed.host, parsed.ip, target):
                 return done("refused", redirect_status, f"invalid_url: {where}ambiguous host")
@@ -454,7 +456,7 @@ def deliver_once(
                     "retry",
                     error=f"timeout: no response within {timeout_s:g} s ({type(exc).__name__})",
                 )
-            except httpx.UnsupportedProtocol as exc:
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
                 return done("refused", error=f"invalid_url: {exc}")
             except httpx.HTTPError as exc:
                 return done("retry", error=f"connection error: {exc}")
@@ -469,7 +471,7 @@ def deliver_once(
                         return done("retry", status, f"too many redirects (> {max_redirects})")
                     try:
                         next_url = target.join(location)
-                    except httpx.InvalidURL as exc:
+                    except (httpx.InvalidURL, ValueError) as exc:  # IDNAError is a ValueError
                         return done("refused", status, f"invalid_url: redirect target: {exc}")
                     if target.scheme == "https" and next_url.scheme == "http":
                         return done("refused", status, "invalid_url: redirect from https to http")
@@ -490,3 +492,113 @@ def deliver_once(
     finally:
         if client is None:
             http.close()
+
+
+# ------------------------------------------------------------------------------ fetching
+
+
+class FetchError(Exception):
+    """A guarded GET failed. ``reason`` is machine-readable and safe to show a caller:
+    ``invalid_url``, ``forbidden_address``, ``unresolvable_host`` (the SSRF verdict, also
+    for redirect targets), ``too_large``, ``timeout``, ``http_status``, ``redirects``,
+    ``connection``. ``detail`` is for server logs only: it may name internal status codes.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def fetch_to_file(
+    url: str,
+    dest: BinaryIO,
+    *,
+    timeout_s: float,
+    allow: AllowList,
+    max_bytes: int,
+    max_redirects: int = 3,
+    user_agent: str = USER_AGENT,
+) -> int:
+    """GET ``url`` into ``dest`` through the same guard as webhooks; returns the byte count.
+
+    Every hop is vetted by the SSRF check and the connection pinned to the vetted addresses
+    (no DNS-rebinding window); redirects are followed by hand, re-vetted, never from https
+    to http; environment proxies are ignored; ``timeout_s`` bounds the whole fetch (every
+    hop, every read); the body is cut at ``max_bytes`` while streaming, and read raw (no
+    decompression: a gzip bomb stays its compressed size). Raises :class:`FetchError`.
+    """
+    deadline = _Deadline(timeout_s)
+    backend = _PinnedBackend(deadline)
+    headers = {"User-Agent": user_agent, "Accept-Encoding": "identity"}
+    with httpx.Client(
+        transport=_PinnedTransport(backend),
+        trust_env=False,
+        follow_redirects=False,
+        timeout=timeout_s,
+    ) as http:
+        current = url
+        for hop in range(max_redirects + 1):
+            where = "redirect target" if hop else "URL"
+            try:
+                parsed = parse_webhook_url(current)
+                addresses = validate_webhook_url(current, allow=allow)
+                target = httpx.URL(current)
+            except UnsafeURLError as exc:
+                raise FetchError(exc.code, f"{where}: {exc}") from None
+            except (httpx.InvalidURL, ValueError) as exc:
+                raise FetchError("invalid_url", f"{where}: {exc}") from None
+            if target.scheme != parsed.scheme or not _same_host(parsed.host, parsed.ip, target):
+                raise FetchError("invalid_url", f"{where}: ambiguous host")
+            backend.pin(target.raw_host.decode("ascii"), addresses)
+            http.cookies.clear()
+            left = deadline.remaining()
+            if left <= 0:
+                raise FetchError("timeout", f"no answer within {timeout_s:g} s")
+            try:
+                request = http.build_request(
+                    "GET", target, headers=headers, timeout=httpx.Timeout(left)
+                )
+                response = http.send(request, stream=True, follow_redirects=False)
+            except httpx.TimeoutException as exc:
+                raise FetchError("timeout", f"{type(exc).__name__}") from None
+            except httpx.InvalidURL as exc:
+                raise FetchError("invalid_url", f"{where}: {exc}") from None
+            except httpx.HTTPError as exc:
+                raise FetchError("connection", f"{type(exc).__name__}: {exc}") from None
+            try:
+                status = response.status_code
+                if status in REDIRECT_STATUSES:
+                    location = response.headers.get("location")
+                    if not location:
+                        raise FetchError("http_status", f"HTTP {status} without Location")
+                    try:
+                        next_url = target.join(location)
+                    except (httpx.InvalidURL, ValueError) as exc:  # IDNAError is a ValueError
+                        raise FetchError("invalid_url", f"redirect target: {exc}") from None
+                    if target.scheme == "https" and next_url.scheme != "https":
+                        raise FetchError("invalid_url", "redirect from https to http")
+                    current = str(next_url)
+                    continue
+                if status != 200:
+                    raise FetchError("http_status", f"HTTP {status}")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
+                    raise FetchError("too_large", f"Content-Length {declared} > {max_bytes}")
+                size = 0
+                try:
+                    for chunk in response.iter_raw():
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise FetchError("too_large", f"body over {max_bytes} bytes")
+                        if deadline.remaining() <= 0:
+                            raise FetchError("timeout", f"body not read within {timeout_s:g} s")
+                        dest.write(chunk)
+                except httpx.TimeoutException as exc:
+                    raise FetchError("timeout", f"{type(exc).__name__}") from None
+                except httpx.HTTPError as exc:
+                    raise FetchError("connection", f"{type(exc).__name__}: {exc}") from None
+                return size
+            finally:
+                response.close()
+    raise FetchError("redirects", f"more than {max_redirects} redirects")

@@ -1,17 +1,19 @@
-"""FastAPI dependencies: a DB session per request and the caller's API key."""
+"""FastAPI dependencies: a DB session per unit of work, the caller's API key, the completion
+listener."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, FastAPI, Header
 from sqlalchemy.orm import Session
 
 from app.db import get_sessionmaker
 from app.errors import ApiError
 from app.keys import authenticate
 from app.models import ApiKey, Job
+from app.notify import CompletionListener
 from app.settings import Settings, get_settings
 
 
@@ -31,17 +33,29 @@ def presented_key(authorization: Annotated[str | None, Header()] = None) -> str:
     return token.strip()
 
 
-def current_key(
-    session: SessionDep, settings: SettingsDep, token: Annotated[str, Depends(presented_key)]
-) -> ApiKey:
-    key = authenticate(session, presented=token, pepper=settings.key_pepper)
-    if key is None:
-        raise ApiError(401, "unauthorized", "unknown or revoked API key")
-    session.expunge(key)
+def current_key(settings: SettingsDep, token: Annotated[str, Depends(presented_key)]) -> ApiKey:
+    # Its own short session, closed before the route runs: a request that then reads an
+    # upload or waits for a transcript must not hold a pooled connection all that time.
+    with get_sessionmaker()() as session:
+        key = authenticate(session, presented=token, pepper=settings.key_pepper)
+        if key is None:
+            raise ApiError(401, "unauthorized", "unknown or revoked API key")
+        session.expunge(key)
     return key
 
 
 CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+
+def completion_listener(app: FastAPI) -> CompletionListener:
+    """The process's one completion subscription (started by the lifespan, or lazily by the
+    first sync caller when the app runs without one)."""
+    listener: CompletionListener | None = getattr(app.state, "completions", None)
+    if listener is None:
+        listener = CompletionListener(get_settings().redis_url)
+        app.state.completions = listener
+    listener.start()
+    return listener
 
 
 def owned_job(session: Session, *, job_id: str, key: ApiKey) -> Job:

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
 
-from app.api.deps import CurrentKey, SettingsDep
+from app import blobs, idempotency, schemas
+from app.api.deps import CurrentKey, SettingsDep, completion_listener
 from app.db import get_sessionmaker
-from app.errors import ApiError
+from app.errors import ApiError, is_caller_fault
 from app.models import TERMINAL_STATUSES, Job, JobStatus
+from app.notify import CompletionListener
 from app.options import OptionError, TranscribeOptions, parse_options
+from app.ratelimit import check_submission_limits
 from app.serialize import inference_response
 from app.settings import Settings
 from app.submission import AudioInput, check_url, decode_data_url, submit_job
+from app.uploads import read_form, store_upload
 
 router = APIRouter()
 
@@ -34,19 +39,9 @@ OPTION_FIELDS = (
     "compression_ratio_threshold",
     "logprob_threshold",
     "no_speech_threshold",
-)
-# Errors the caller caused (their audio); anything else failing a job is on us.
-CLIENT_ERROR_CODES = frozenset(
-    {
-        "invalid_audio",
-        "empty_audio",
-        "audio_too_long",
-        "audio_too_large",
-        "audio_fetch_failed",
-        "audio_url_forbidden_address",
-        "audio_url_unresolvable_host",
-        "invalid_option",
-    }
+    "word_timestamps",
+    "prepend_punctuations",
+    "append_punctuations",
 )
 
 
@@ -56,14 +51,8 @@ async def _read_audio(value: Any, settings: Settings) -> AudioInput:
             422, "missing_audio", "send 'audio' as a file upload or a URL", field="audio"
         )
     if isinstance(value, UploadFile):
-        if value.size is not None and value.size > settings.max_upload_bytes:
-            raise ApiError(
-                413,
-                "audio_too_large",
-                f"audio over {settings.max_upload_bytes} bytes",
-                field="audio",
-            )
-        return AudioInput(data=await value.read())
+        blob, claimed_ms, sha256 = await store_upload(value, settings)  # streamed, not whole
+        return AudioInput(blob=blob, input_length_ms=claimed_ms, sha256=sha256)
     text = str(value).strip()
     if text.startswith("data:"):
         return AudioInput(data=decode_data_url(text, max_bytes=settings.max_upload_bytes))
@@ -78,22 +67,31 @@ def _load(job_id: str) -> Job | None:
         return session.get(Job, job_id)
 
 
-async def _wait_for(job_id: str, *, timeout_s: float) -> Job | None:
+async def _wait_for(
+    job_id: str, *, listener: CompletionListener, timeout_s: float, recheck_s: float
+) -> Job | None:
+    """Wait for the job's completion signal, holding no database connection meanwhile. The
+    row is re-read after each wake-up and every ``recheck_s``: a lost signal only delays."""
     deadline = time.monotonic() + timeout_s
-    delay = 0.05
-    while True:
-        job = await run_in_threadpool(_load, job_id)
-        if job is None or job.status in TERMINAL_STATUSES or time.monotonic() >= deadline:
-            return job
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+    event = listener.register(job_id)  # before the first read, so no signal falls between
+    try:
+        while True:
+            event.clear()
+            job = await run_in_threadpool(_load, job_id)
+            left = deadline - time.monotonic()
+            if job is None or job.status in TERMINAL_STATUSES or left <= 0:
+                return job
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=min(left, recheck_s))
+    finally:
+        listener.unregister(job_id, event)
 
 
 def _status_code(job: Job) -> int:
     if job.status == JobStatus.succeeded:
         return 200
     if job.status == JobStatus.failed:
-        return 422 if job.error_code in CLIENT_ERROR_CODES else 500
+        return 422 if is_caller_fault(job.error_code) else 500
     if job.status == JobStatus.canceled:
         return 409
     return 202  # still running when the sync wait ran out: poll GET /v1/jobs/{id}
@@ -121,34 +119,65 @@ async def _read_request(
     return options, webhook_url, await _read_audio(form.get("audio"), settings)
 
 
-@router.post("/v1/inference/openai/whisper-tiny")
-async def infer(request: Request, key: CurrentKey, settings: SettingsDep) -> JSONResponse:
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > settings.max_upload_bytes + 1024 * 1024:
-        raise ApiError(
-            413, "audio_too_large", f"request over {settings.max_upload_bytes} bytes", field="audio"
-        )
-    try:
-        form = await request.form(max_files=2, max_fields=64)
-    except Exception as exc:  # malformed multipart body
-        raise ApiError(400, "invalid_form", f"could not read the form: {exc}") from None
+@router.post(
+    "/v1/inference/openai/whisper-tiny",
+    response_model=schemas.InferenceResponse,
+    responses={
+        202: {
+            "model": schemas.InferenceResponse,
+            "description": "with a webhook: accepted; without: still running when the sync "
+            "wait ran out (poll GET /v1/jobs/{request_id})",
+        },
+        409: {"model": schemas.InferenceResponse, "description": "the job was canceled"},
+        **schemas.error_responses(400, 401, 413, 422, 429, 503),
+        500: {"model": schemas.InferenceResponse, "description": "the job failed on our side"},
+    },
+    openapi_extra=schemas.INFERENCE_FORM,
+)
+async def infer(
+    request: Request,
+    key: CurrentKey,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None, Header(alias=idempotency.HEADER, description=idempotency.HEADER_DOC)
+    ] = None,
+) -> JSONResponse:
+    await check_submission_limits(key.id, settings)
+    form = await read_form(request, settings)  # byte-capped, chunked or not
     try:
         options, webhook_url, audio = await _read_request(form, settings)
     finally:
         await form.close()  # spooled upload files must not outlive the request
 
-    job = await run_in_threadpool(
-        lambda: submit_job(
+    submitted = await run_in_threadpool(
+        lambda: idempotency.submit_once(
             api_key_id=key.id,
-            options=options,
-            audio=audio,
-            webhook_url=webhook_url,
-            queue=settings.queue_interactive,
-            settings=settings,
+            key=idempotency.check_key(idempotency_key),
+            fingerprint=idempotency.fingerprint(
+                request.url.path, {"options": options.to_json(), "webhook": webhook_url}, audio
+            ),
+            submit=lambda: submit_job(
+                api_key_id=key.id,
+                options=options,
+                audio=audio,
+                webhook_url=webhook_url,
+                queue=settings.queue_interactive,
+                settings=settings,
+            ),
+            ttl_s=settings.idempotency_ttl_s,
         )
     )
+    job = submitted.job
+    headers = {"Idempotent-Replayed": "true"} if submitted.replayed else None
+    if submitted.replayed and audio.blob is not None:
+        blobs.delete_blob(audio.blob)  # this request's copy: the replayed job has its own
     if webhook_url is not None:
-        return JSONResponse(inference_response(job), status_code=202)
-    done = await _wait_for(job.id, timeout_s=settings.sync_wait_s)
+        return JSONResponse(inference_response(job), status_code=202, headers=headers)
+    done = await _wait_for(
+        job.id,
+        listener=completion_listener(request.app),
+        timeout_s=settings.sync_wait_s,
+        recheck_s=settings.sync_recheck_s,
+    )
     assert done is not None
-    return JSONResponse(inference_response(done), status_code=_status_code(done))
+    return JSONResponse(inference_response(done), status_code=_status_code(done), headers=headers)

@@ -378,6 +378,8 @@ class Stack:
             "WHISPERQ_QUEUE_INTERACTIVE": f"interactive-{self.tag}",
             "WHISPERQ_QUEUE_BULK": f"bulk-{self.tag}",
             "WHISPERQ_QUEUE_WEBHOOKS": f"webhooks-{self.tag}",
+            # Jobs of a test share their audio blob: a finished one must not delete it.
+            "WHISPERQ_KEEP_AUDIO_DAYS": "1",
             **self.overrides,
         }
 

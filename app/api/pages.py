@@ -1,0 +1,260 @@
+"""Pages for people: a job (status, transcript with timestamps, audio, cost, delivery log)
+and a key's recent jobs, rendered on the server (Jinja2, no build step, no script needed).
+
+Two ways in, neither puts the API key in a URL:
+- a session cookie, set by POST /login with the key; it holds the key's prefix, an expiry
+  and an HMAC over them and the key's stored hash (so revoking or replacing the key ends it);
+- a signed link to one job (``POST /v1/jobs/{id}/link``), shareable, expiring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Cookie, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import blobs
+from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
+from app.errors import ApiError
+from app.keys import authenticate
+from app.models import ApiKey, Job, WebhookDelivery
+from app.settings import Settings
+
+router = APIRouter()
+COOKIE = "whisperq_session"
+SESSION_TTL_S = 12 * 3600
+RECENT_JOBS = 50
+_env = Environment(
+    loader=FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=select_autoescape(["html"]),
+)
+
+
+class JobLink(BaseModel):
+    url: str
+    expires_at: int
+
+
+def _sign(settings: Settings, *parts: str) -> str:
+    msg = "\x1f".join(parts).encode()
+    return hmac.new(settings.key_pepper.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def job_link_token(settings: Settings, job_id: str, *, now: float | None = None) -> JobLink:
+    expires = int((time.time() if now is None else now) + settings.page_link_ttl_s)
+    sig = _sign(settings, "job-link", job_id, str(expires))
+    return JobLink(url=f"/jobs/{job_id}?token={expires}.{sig}", expires_at=expires)
+
+
+def _link_ok(settings: Settings, job_id: str, token: str | None) -> bool:
+    expires, _, sig = (token or "").partition(".")
+    if not expires.isdigit() or int(expires) < time.time():
+        return False
+    return hmac.compare_digest(sig, _sign(settings, "job-link", job_id, expires))
+
+
+def session_cookie(settings: Settings, key: ApiKey) -> str:
+    expires = str(int(time.time()) + SESSION_TTL_S)
+    return (
+        f"{key.prefix}.{expires}.{_sign(settings, 'session', key.prefix, expires, key.secret_hash)}"
+    )
+
+
+def key_from_cookie(session: Session, settings: Settings, value: str | None) -> ApiKey | None:
+    prefix, _, rest = (value or "").partition(".")
+    expires, _, sig = rest.partition(".")
+    if not prefix or not expires.isdigit() or int(expires) < time.time():
+        return None
+    key = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+    if key is None or key.revoked_at is not None:
+        return None
+    want = _sign(settings, "session", prefix, expires, key.secret_hash)
+    return key if hmac.compare_digest(sig, want) else None
+
+
+MAGIC_TYPES = (
+    (b"RIFF", "audio/wav"),
+    (b"OggS", "audio/ogg"),
+    (b"fLaC", "audio/flac"),
+    (b"ID3", "audio/mpeg"),
+    (b"\xff\xfb", "audio/mpeg"),
+    (b"\x1aE\xdf\xa3", "audio/webm"),
+)
+
+
+def sniff_audio_type(head: bytes) -> str:
+    """The player needs a media type; uploads carry none we trust, so read the magic."""
+    for magic, media_type in MAGIC_TYPES:
+        if head.startswith(magic):
+            return media_type
+    return "audio/mp4" if head[4:8] == b"ftyp" else "application/octet-stream"
+
+
+def _html(name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    return HTMLResponse(_env.get_template(name).render(**context), status_code=status)
+
+
+def _fmt_time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "–"
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(max(seconds, 0.0), 60)
+    return f"{int(m):02d}:{s:05.2f}"
+
+
+_env.filters["when"] = _fmt_time
+_env.filters["clock"] = _clock
+
+
+def _login_page(next_url: str, status: int = 200, error: str = "") -> HTMLResponse:
+    return _html("login.html", status, next_url=next_url, error=error)
+
+
+def _safe_next(value: str) -> str:
+    # Only our own pages: never an open redirect.
+    return value if value.startswith("/jobs") and "//" not in value else "/jobs"
+
+
+@router.get("/login", response_class=HTMLResponse, include_in_schema=False)
+def login_form(next: str = "/jobs") -> HTMLResponse:
+    return _login_page(_safe_next(next))
+
+
+@router.post("/login", response_class=HTMLResponse, include_in_schema=False)
+def login(
+    session: SessionDep,
+    settings: SettingsDep,
+    request: Request,
+    api_key: Annotated[str, Form()],
+    next: Annotated[str, Form()] = "/jobs",
+) -> Response:
+    key = authenticate(session, presented=api_key.strip(), pepper=settings.key_pepper)
+    if key is None:
+        return _login_page(_safe_next(next), 401, "unknown or revoked API key")
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(
+        COOKIE,
+        session_cookie(settings, key),
+        max_age=SESSION_TTL_S,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout", include_in_schema=False)
+def logout() -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+@router.post("/v1/jobs/{job_id}/link", response_model=JobLink)
+def make_job_link(
+    job_id: str, key: CurrentKey, session: SessionDep, settings: SettingsDep
+) -> JobLink:
+    """A link to the job's page that works without the key, until it expires."""
+    job = owned_job(session, job_id=job_id, key=key)
+    return job_link_token(settings, job.id)
+
+
+def _viewer(
+    session: Session, settings: Settings, job_id: str, cookie: str | None, token: str | None
+) -> Job | None:
+    if token is not None and job_id.isalnum() and _link_ok(settings, job_id, token):
+        return session.get(Job, job_id)
+    key = key_from_cookie(session, settings, cookie)
+    if key is None:
+        return None
+    try:
+        return owned_job(session, job_id=job_id, key=key)
+    except ApiError:
+        return None
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
+def job_page(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    token: Annotated[str | None, Query()] = None,
+    whisperq_session: Annotated[str | None, Cookie()] = None,
+) -> Response:
+    job = _viewer(session, settings, job_id, whisperq_session, token)
+    if job is None:
+        if whisperq_session is None and token is None:
+            return RedirectResponse(f"/login?next={quote('/jobs/' + job_id)}", status_code=303)
+        return _html("missing.html", 404, job_id=job_id)
+    deliveries = session.scalars(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.job_id == job.id)
+        .order_by(WebhookDelivery.created_at)
+    ).all()
+    has_audio = job.audio_blob is not None and blobs.get_store().size(job.audio_blob) is not None
+    audio_url = f"/jobs/{job.id}/audio" + (f"?token={quote(token)}" if token else "")
+    return _html(
+        "job.html",
+        job=job,
+        segments=(job.result or {}).get("segments", []),
+        text=(job.result or {}).get("text", ""),
+        deliveries=deliveries,
+        has_audio=has_audio,
+        audio_url=audio_url,
+        refresh=job.status in ("queued", "running"),
+    )
+
+
+@router.get("/jobs/{job_id}/audio", include_in_schema=False)
+def job_audio(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    token: Annotated[str | None, Query()] = None,
+    whisperq_session: Annotated[str | None, Cookie()] = None,
+) -> Response:
+    job = _viewer(session, settings, job_id, whisperq_session, token)
+    if job is None or job.audio_blob is None:
+        raise ApiError(404, "audio_not_found", "no audio for this job (deleted after the job)")
+    store = blobs.get_store()
+    size = store.size(job.audio_blob)
+    if size is None:
+        raise ApiError(404, "audio_not_found", "no audio for this job (deleted after the job)")
+    chunks = store.iter_bytes(job.audio_blob)
+    first = next(chunks, b"")
+    return StreamingResponse(
+        itertools.chain([first], chunks),
+        media_type=sniff_audio_type(first),
+        headers={"content-length": str(size), "cache-control": "private, max-age=300"},
+    )
+
+
+@router.get("/jobs", response_class=HTMLResponse, include_in_schema=False)
+def jobs_page(
+    session: SessionDep,
+    settings: SettingsDep,
+    whisperq_session: Annotated[str | None, Cookie()] = None,
+) -> Response:
+    key = key_from_cookie(session, settings, whisperq_session)
+    if key is None:
+        return RedirectResponse("/login?next=/jobs", status_code=303)
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.api_key_id == key.id)
+        .order_by(Job.created_at.desc())
+        .limit(RECENT_JOBS)
+    ).all()
+    return _html("jobs.html", key=key, jobs=jobs)

@@ -1,0 +1,163 @@
+"""Usage and billing: what a key's finished jobs used (jobs, audio seconds, model time, cost),
+per day or in total. ``GET /v1/usage`` for the caller's key; ``whisperq usage`` for an
+operator across keys. A job counts on the day it finished (when it was billed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from app.api.deps import CurrentKey, SessionDep
+from app.errors import ApiError
+from app.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
+
+router = APIRouter()
+DEFAULT_WINDOW = timedelta(days=30)
+GroupBy = Literal["day", "none"]
+
+
+class UsageRow(BaseModel):
+    day: str | None = Field(None, description="UTC day (YYYY-MM-DD) when grouped by day")
+    jobs: int = Field(description="jobs that finished (succeeded, failed or canceled)")
+    succeeded: int
+    failed: int
+    audio_seconds: float = Field(description="audio length of succeeded jobs")
+    runtime_ms: int = Field(description="model time billed")
+    cost: float = Field(description="USD")
+
+
+class Usage(BaseModel):
+    key_prefix: str
+    start: str = Field(description="inclusive, UTC")
+    end: str = Field(description="exclusive, UTC")
+    group_by: GroupBy
+    rows: list[UsageRow]
+    total: UsageRow
+
+
+@dataclass(frozen=True)
+class Window:
+    start: datetime
+    end: datetime
+
+
+def parse_instant(value: str | None, *, field: str) -> datetime | None:
+    if value is None or not value.strip():
+        return None
+    text = value.strip().replace("Z", "+00:00")
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ApiError(
+            422, "invalid_date", f"{field} must be a date or ISO 8601 time", field=field
+        ) from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def window(start: str | None, end: str | None, *, now: datetime) -> Window:
+    """``to`` given as a bare date includes that whole day."""
+    e = parse_instant(end, field="to")
+    if e is not None and end is not None and len(end.strip()) == 10:
+        e += timedelta(days=1)
+    e = e or now
+    s = parse_instant(start, field="from") or (e - DEFAULT_WINDOW)
+    if s >= e:
+        raise ApiError(422, "invalid_date", "from must be before to", field="from")
+    return Window(s, e)
+
+
+def _measures() -> list[Any]:
+    ok = Job.status == JobStatus.succeeded
+    return [
+        func.count().label("jobs"),
+        func.sum(case((ok, 1), else_=0)).label("succeeded"),
+        func.sum(case((Job.status == JobStatus.failed, 1), else_=0)).label("failed"),
+        func.sum(case((ok, Job.input_length_ms), else_=0)).label("audio_ms"),
+        func.sum(Job.runtime_ms).label("runtime_ms"),
+        func.sum(Job.cost).label("cost"),
+    ]
+
+
+def _row(r: Any, day: str | None = None) -> UsageRow:
+    return UsageRow(
+        day=day,
+        jobs=int(r.jobs or 0),
+        succeeded=int(r.succeeded or 0),
+        failed=int(r.failed or 0),
+        audio_seconds=round((r.audio_ms or 0) / 1000, 3),
+        runtime_ms=int(r.runtime_ms or 0),
+        cost=round(float(r.cost or 0.0), 10),
+    )
+
+
+def _base(w: Window) -> Any:
+    return (
+        Job.status.in_([str(s) for s in TERMINAL_STATUSES]),
+        Job.finished_at >= w.start,
+        Job.finished_at < w.end,
+    )
+
+
+def usage_for_key(
+    session: Session, *, key_id: int, w: Window, group_by: GroupBy
+) -> tuple[list[UsageRow], UsageRow]:
+    rows: list[UsageRow] = []
+    if group_by == "day":
+        day = func.date(Job.finished_at)
+        for r in session.execute(
+            select(day.label("day"), *_measures())
+            .where(Job.api_key_id == key_id, *_base(w))
+            .group_by(day)
+            .order_by(day)
+        ).all():
+            rows.append(_row(r, str(r.day)[:10]))
+    total = _row(
+        session.execute(select(*_measures()).where(Job.api_key_id == key_id, *_base(w))).one()
+    )
+    return rows, total
+
+
+def usage_by_key(session: Session, *, w: Window) -> list[tuple[ApiKey, UsageRow]]:
+    """Every key (revoked ones too: they were billed), busiest first."""
+    found = {
+        r.api_key_id: _row(r)
+        for r in session.execute(
+            select(Job.api_key_id, *_measures()).where(*_base(w)).group_by(Job.api_key_id)
+        ).all()
+    }
+    keys = session.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
+    empty = UsageRow(jobs=0, succeeded=0, failed=0, audio_seconds=0, runtime_ms=0, cost=0)
+    out = [(k, found.get(k.id, empty)) for k in keys]
+    return sorted(out, key=lambda kv: -kv[1].runtime_ms)
+
+
+def _iso(d: datetime) -> str:
+    return d.isoformat().replace("+00:00", "Z")
+
+
+@router.get("/v1/usage", response_model=Usage)
+def get_usage(
+    key: CurrentKey,
+    session: SessionDep,
+    start: Annotated[str | None, Query(alias="from", description="date or ISO time")] = None,
+    end: Annotated[
+        str | None, Query(alias="to", description="date (inclusive) or ISO time")
+    ] = None,
+    group_by: GroupBy = "day",
+) -> Usage:
+    w = window(start, end, now=datetime.now(UTC))
+    rows, total = usage_for_key(session, key_id=key.id, w=w, group_by=group_by)
+    return Usage(
+        key_prefix=key.prefix,
+        start=_iso(w.start),
+        end=_iso(w.end),
+        group_by=group_by,
+        rows=rows,
+        total=total,
+    )

@@ -1,0 +1,17 @@
+"""Bounds on the work one job may cost (issue 14), as pure functions the worker enforces."""
+
+from __future__ import annotations
+
+from app.settings import Settings
+
+
+def job_time_limit_s(input_length_ms: int | None, settings: Settings) -> float:
+    """Wall-time a job may run: ``job_time_limit_min_s + job_time_limit_factor x audio s``.
+
+    The floor covers model warm-up and short clips; the factor scales with the decoded audio
+    (the worker knows it before the engine starts). With options bounded (at most six decode
+    passes per 30 s window) an honest job stays far inside this; a job past it is failed with
+    a reason instead of renewing its lease for ever.
+    """
+    audio_s = max(input_length_ms or 0, 0) / 1000
+    return settings.job_time_limit_min_s + settings.job_time_limit_factor * audio_s
