@@ -136,12 +136,17 @@ UNACKED_INDEX = "unacked_index"  # kombu's Redis transport: delivery time of hel
 
 
 def held_delivery_tags() -> list[str]:
-    """Delivery tags of the messages this worker holds (reserved or running)."""
+    """Delivery tags of the messages this worker holds: reserved, running, or waiting for
+    their countdown (webhook retries)."""
     from celery.worker import state
 
     for _ in range(5):
         try:  # the worker's sets change under us; a retry is cheaper than a lock
-            requests = [*state.reserved_requests, *state.active_requests]
+            requests = [
+                *state.reserved_requests,
+                *state.active_requests,
+                *state.scheduled_requests,
+            ]
             break
         except RuntimeError:
             continue
