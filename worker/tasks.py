@@ -247,7 +247,10 @@ def run_job(job_id: str | None = None) -> str:
         # Outside the slot: a capped key or a database outage must not hold up other work.
         time.sleep(settings.db_retry_delay_s)
         raise Reject("cannot claim now", requeue=True)
-    log.info("nothing to claim for message of job %s", job_id)
+    log.info(
+        "job %s is not claimable (done, canceled or running elsewhere) and nothing else waits",
+        job_id,
+    )
     return "idle"
 
 
