@@ -333,14 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args.slots)
         return 0
-    rows = []
-    for size in args.sizes:
-        workdir = Path(tempfile.mkdtemp(prefix="whisperq-backlog-"))
-        try:
-            rows.append(run_size(size, workers=args.workers, slots=args.slots, workdir=workdir))
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        print(f"size {size}: done", file=sys.stderr, flush=True)
     print(
         f"# backlog bench, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {args.workers} workers x "
@@ -351,13 +343,20 @@ def main(argv: list[str] | None = None) -> int:
         " Redis cmds/job drain | Redis B/waiting job | Redis peak MiB | claimed twice |"
         " re-sent | not ended |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for size in args.sizes:  # each row as soon as it is measured
+        workdir = Path(tempfile.mkdtemp(prefix="whisperq-backlog-"))
+        try:
+            r = run_size(size, workers=args.workers, slots=args.slots, workdir=workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
         print(
             f"| {r.size:,} | {r.jobs_per_s:.0f} | {r.pg_xact_per_job:.1f} | {r.pg_rows_per_job:.0f}"
             f" | {r.redis_enqueue_cmds_per_job:.1f} | {r.redis_drain_cmds_per_job:.1f}"
             f" | {r.redis_bytes_per_waiting_job:.0f} | {r.redis_peak_mib:.1f}"
             f" | {r.claimed_twice} | {r.resent} | {r.not_ended} |"
+            f"  (load {os.getloadavg()[0]:.1f})",
+            flush=True,
         )
     return 0
 

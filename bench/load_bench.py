@@ -148,7 +148,7 @@ async def created_since(http: httpx.AsyncClient, since: datetime) -> set[str]:
         if cursor:
             params["cursor"] = cursor
         page = (await http.get("/v1/jobs", params=params)).json()
-        ids |= {j["id"] for j in page["data"]}
+        ids |= {j["request_id"] for j in page["data"]}
         cursor = page.get("next_cursor")
         if not cursor:
             return ids
