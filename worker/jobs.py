@@ -81,7 +81,6 @@ def _fair_order(session: Session, keys: list[int], running: dict[int, int]) -> l
 
 def claim_next(*, queues: Sequence[str], settings: Settings, worker: str = HOST) -> ClaimResult:
     """Start the next job by policy, or return none (nothing queued, or all keys capped)."""
-    now = utcnow()
     capped = False
     with session_scope() as session:
         running: dict[int, int] = {
@@ -113,64 +112,35 @@ def claim_next(*, queues: Sequence[str], settings: Settings, worker: str = HOST)
                 )
                 if job_id is None:
                     continue  # all of this key's queued jobs are being claimed right now
-                row = session.execute(
-                    update(Job)
-                    # Guarded even though locked: SQLite has no row locks.
-                    .where(Job.id == job_id, Job.status == JobStatus.queued)
-                    .values(
-                        status=JobStatus.running,
-                        started_at=now,
-                        attempts=Job.attempts + 1,
-                        lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
-                        worker=worker,
-                    )
-                    .returning(
-                        Job.attempts,
-                        Job.options,
-                        Job.audio_blob,
-                        Job.audio_url,
-                        Job.input_length_ms,
-                    )
-                ).one_or_none()
-                if row is None:
-                    continue
-                return ClaimResult(
-                    ClaimedJob(
-                        id=job_id,
-                        attempt=row.attempts,
-                        options=TranscribeOptions.from_json(row.options),
-                        audio_blob=row.audio_blob,
-                        audio_url=row.audio_url,
-                        queue=queue,
-                        input_length_ms=row.input_length_ms,
-                    )
-                )
+                claimed = _start(session, job_id, settings=settings, worker=worker)
+                if claimed is not None:
+                    return ClaimResult(claimed)
     return ClaimResult(None, capped=capped)
 
 
-def claim(job_id: str, *, settings: Settings, worker: str = HOST) -> ClaimedJob | None:
-    """Start one given job if it is still queued (tools and tests; tasks use claim_next)."""
+def _start(session: Session, job_id: str, *, settings: Settings, worker: str) -> ClaimedJob | None:
+    """queued → running with a fresh lease and the next attempt number. Guarded even after
+    ``FOR UPDATE``: SQLite has no row locks, and a cancel may have won the row."""
     now = utcnow()
-    with session_scope() as session:
-        row = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.queued)
-            .values(
-                status=JobStatus.running,
-                started_at=now,
-                attempts=Job.attempts + 1,
-                lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
-                worker=worker,
-            )
-            .returning(
-                Job.attempts,
-                Job.options,
-                Job.audio_blob,
-                Job.audio_url,
-                Job.queue,
-                Job.input_length_ms,
-            )
-        ).one_or_none()
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(
+            status=JobStatus.running,
+            started_at=now,
+            attempts=Job.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
+            worker=worker,
+        )
+        .returning(
+            Job.attempts,
+            Job.options,
+            Job.audio_blob,
+            Job.audio_url,
+            Job.queue,
+            Job.input_length_ms,
+        )
+    ).one_or_none()
     if row is None:
         return None
     return ClaimedJob(
@@ -182,6 +152,12 @@ def claim(job_id: str, *, settings: Settings, worker: str = HOST) -> ClaimedJob 
         queue=row.queue,
         input_length_ms=row.input_length_ms,
     )
+
+
+def claim(job_id: str, *, settings: Settings, worker: str = HOST) -> ClaimedJob | None:
+    """Start one given job if it is still queued (tools and tests; tasks use claim_next)."""
+    with session_scope() as session:
+        return _start(session, job_id, settings=settings, worker=worker)
 
 
 @dataclass(frozen=True)
