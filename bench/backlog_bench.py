@@ -103,6 +103,7 @@ def free_port() -> int:
 @dataclass(frozen=True)
 class Row:
     size: int
+    drained: int
     drain_s: float
     pg_xact_per_job: float
     pg_rows_per_job: float
@@ -116,7 +117,7 @@ class Row:
 
     @property
     def jobs_per_s(self) -> float:
-        return self.size / self.drain_s
+        return self.drained / self.drain_s
 
 
 def _redis_cmds(client: Any) -> int:
@@ -138,7 +139,9 @@ def _pg_stats(engine: Any, db: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def run_size(size: int, *, workers: int, slots: int, workdir: Path) -> Row:
+def run_size(size: int, *, workers: int, slots: int, workdir: Path, drain: int = 0) -> Row:
+    """Queue ``size`` jobs, then drain them all (or the first ``drain``, when set: rates and
+    per-job counts are then taken over those, with the rest of the backlog still waiting)."""
     import redis
     from sqlalchemy import create_engine, func, insert, select, text
 
@@ -258,27 +261,31 @@ def run_size(size: int, *, workers: int, slots: int, workdir: Path) -> Row:
                     start_new_session=True,
                 )
             )
-        left = size
+        target = min(drain, size) if drain else size
+        done = 0
         deadline = t0 + max(600.0, size / 5)
-        while left and time.monotonic() < deadline:
+        while done < target and time.monotonic() < deadline:
             time.sleep(0.5)
-            # An index probe, not a count: the bench must not load the database it measures.
             with engine.connect() as conn:
-                left = int(
-                    conn.execute(
+                if target == size:
+                    # An index probe, not a count: the bench must not load what it measures.
+                    busy = conn.execute(
                         select(Job.id).where(Job.status.in_(["queued", "running"])).limit(1)
                     ).first()
-                    is not None
-                )
-        if left:
-            with engine.connect() as conn:
-                left = int(
-                    conn.execute(
-                        select(func.count())
-                        .select_from(Job)
-                        .where(Job.status.in_(["queued", "running"]))
-                    ).scalar_one()
-                )
+                    done = size if busy is None else 0
+                else:
+                    done = int(
+                        conn.execute(
+                            select(func.count()).select_from(Job).where(Job.status == "succeeded")
+                        ).scalar_one()
+                    )
+        with engine.connect() as conn:
+            done = int(
+                conn.execute(
+                    select(func.count()).select_from(Job).where(Job.status == "succeeded")
+                ).scalar_one()
+            )
+        left = target - min(done, target)
         drain_s = time.monotonic() - t0
         drain_cmds = _redis_cmds(client)
         x1, r1 = _pg_stats(admin, db)
@@ -297,11 +304,12 @@ def run_size(size: int, *, workers: int, slots: int, workdir: Path) -> Row:
         )
         return Row(
             size=size,
+            drained=done,
             drain_s=drain_s,
-            pg_xact_per_job=(x1 - x0) / size,
-            pg_rows_per_job=(r1 - r0) / size,
+            pg_xact_per_job=(x1 - x0) / done,
+            pg_rows_per_job=(r1 - r0) / done,
             redis_enqueue_cmds_per_job=enqueue_cmds / size,
-            redis_drain_cmds_per_job=drain_cmds / size,
+            redis_drain_cmds_per_job=drain_cmds / done,
             redis_bytes_per_waiting_job=per_waiting,
             redis_peak_mib=peak,
             claimed_twice=twice,
@@ -328,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     ap.add_argument("--workers", type=int, default=2, help="worker processes")
     ap.add_argument("--slots", type=int, default=8, help="jobs in flight per worker")
+    ap.add_argument(
+        "--drain", type=int, default=0, help="measure over the first N jobs only (0: all)"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -339,19 +350,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.slots} slots, {KEYS} keys"
     )
     print(
-        "| backlog | drain jobs/s | PG xacts/job | PG rows/job | Redis cmds/job enqueue |"
+        "| backlog | drained | drain jobs/s | PG xacts/job | PG rows/job | Redis cmds/job enqueue |"
         " Redis cmds/job drain | Redis B/waiting job | Redis peak MiB | claimed twice |"
         " re-sent | not ended |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for size in args.sizes:  # each row as soon as it is measured
         workdir = Path(tempfile.mkdtemp(prefix="whisperq-backlog-"))
         try:
-            r = run_size(size, workers=args.workers, slots=args.slots, workdir=workdir)
+            r = run_size(
+                size, workers=args.workers, slots=args.slots, workdir=workdir, drain=args.drain
+            )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         print(
-            f"| {r.size:,} | {r.jobs_per_s:.0f} | {r.pg_xact_per_job:.1f} | {r.pg_rows_per_job:.0f}"
+            f"| {r.size:,} | {r.drained:,} | {r.jobs_per_s:.0f} | {r.pg_xact_per_job:.1f}"
+            f" | {r.pg_rows_per_job:.0f}"
             f" | {r.redis_enqueue_cmds_per_job:.1f} | {r.redis_drain_cmds_per_job:.1f}"
             f" | {r.redis_bytes_per_waiting_job:.0f} | {r.redis_peak_mib:.1f}"
             f" | {r.claimed_twice} | {r.resent} | {r.not_ended} |"
