@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     model: str = "tiny"  # an openai-whisper model name, or a path to a local checkpoint
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_download_root: Path | None = None
+    # Batched engine (issue 12). Rows = jobs whose current 30 s window is decoded together;
+    # it is also Engine.max_in_flight, from which the worker sizes its threads pool and
+    # claims, so the jobs in flight can fill one batch. A lone job waits at most max_wait.
+    engine_max_batch_rows: int = Field(default=16, ge=1, le=1024)
+    engine_max_wait_ms: float = Field(default=10.0, ge=0.0, le=10_000.0)
 
     # Metering
     price_per_second: float = 0.0005

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import itertools
 import os
 import platform
 import re
@@ -200,7 +199,10 @@ def engine_system(engine: Engine, opts: TranscribeOptions, in_flight: int) -> Sy
         with ThreadPoolExecutor(max_workers=in_flight) as pool:
             return list(pool.map(one, clips))
 
-    return System(f"whisperq Engine ({in_flight} jobs in flight)", transcribe_all)
+    return System(
+        f"whisperq Engine (batched, {in_flight} jobs in flight, max_batch_rows={in_flight})",
+        transcribe_all,
+    )
 
 
 def transcribe_system(model: Any, opts: TranscribeOptions, fp16: bool) -> System:
@@ -275,7 +277,7 @@ def section_throughput(
     say()
 
     model = whisper.load_model(str(tiny_en_checkpoint()), device=device)
-    engine = Engine(model)
+    engine = Engine(model, max_batch_rows=in_flight)
     try:
         systems = [engine_system(engine, opts, in_flight), transcribe_system(model, opts, fp16)]
         for system in systems:
@@ -417,9 +419,9 @@ class _CountingEngine(Engine):
     engine's runner thread must enter the mode itself.
     """
 
-    def __init__(self, model: Any, counter: OpCounter) -> None:
+    def __init__(self, model: Any, counter: OpCounter, **kwargs: Any) -> None:
         self.counter = counter  # set before Engine.__init__ starts the thread
-        super().__init__(model)
+        super().__init__(model, **kwargs)
 
     def _run(self) -> None:
         with self.counter:
@@ -429,36 +431,24 @@ class _CountingEngine(Engine):
 @dataclass(frozen=True)
 class EngineCount:
     jobs: int
-    steps: int
-    rows_per_step: float
-    ops_per_step: float
-    ops_per_row_token: float
+    decoder_calls: int
+    rows_per_call: float
+    ops: int
     wall_s: float
 
 
-def count_engine(jobs: int, device: torch.device) -> EngineCount:
+def count_engine(jobs: int, device: torch.device, sample_len: int) -> EngineCount:
+    """N jobs of 2 s noise decoded by one engine, EOT suppressed: every row runs exactly
+    `sample_len` steps, so two runs differing only in sample_len differ only in steps."""
     from tests.support.random_model import random_model
 
     model = random_model().to(device)
     counter = OpCounter()
-    encodes = 0
-    marks: list[tuple[int, int, int]] = []  # (ops so far, rows in this step, encodes so far)
-
-    def on_encoder(*_: Any) -> None:
-        nonlocal encodes
-        encodes += 1
-
-    def on_decoder(_module: Any, args: tuple[Any, ...]) -> None:
-        marks.append((counter.ops, int(args[0].shape[0]), encodes))
-
-    hooks = [
-        model.encoder.register_forward_pre_hook(on_encoder),
-        model.decoder.register_forward_pre_hook(on_decoder),
-    ]
-    # Thresholds off: one decode per 30 s window at the first temperature, so the run time
-    # is bounded (a random model would otherwise walk the whole fallback ladder).
+    eot = 50257  # the multilingual vocabulary's <|endoftext|> (the random model's)
+    # Thresholds off: one decode per 30 s window at the first temperature.
     opts = TranscribeOptions(
         language="en",
+        suppress_tokens=f"-1,{eot}",
         temperature_increment_on_fallback=None,
         compression_ratio_threshold=None,
         logprob_threshold=None,
@@ -468,28 +458,27 @@ def count_engine(jobs: int, device: torch.device) -> EngineCount:
         (np.random.default_rng(seed).standard_normal(2 * SAMPLE_RATE) * 0.1).astype(np.float32)
         for seed in range(jobs)
     ]
-    engine = _CountingEngine(model, counter)
+    # max_wait long enough that all N jobs form one batch (it closes as soon as it is full)
+    engine = _CountingEngine(
+        model, counter, max_batch_rows=jobs, max_wait_ms=60_000, sample_len=sample_len
+    )
+    rows: list[int] = []
+    hook = engine.decoder.register_forward_pre_hook(
+        lambda _m, args: rows.append(int(args[0].shape[0]))
+    )
     start = time.perf_counter()
     try:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             list(pool.map(lambda a: engine.submit(EngineJob(a, opts)).result(), audios))
     finally:
         engine.close()
-        for h in hooks:
-            h.remove()
-    wall = time.perf_counter() - start
-    # A step is the span from one decoder call to the next; spans with an encoder call in
-    # them cross a decode boundary (setup, finalisation) and are left out.
-    spans = [(b[0] - a[0], a[1]) for a, b in itertools.pairwise(marks) if a[2] == b[2]]
-    span_ops = sum(ops for ops, _ in spans)
-    span_rows = sum(rows for _, rows in spans)
+        hook.remove()
     return EngineCount(
         jobs=jobs,
-        steps=len(marks),
-        rows_per_step=sum(rows for _, rows, _ in marks) / len(marks),
-        ops_per_step=span_ops / len(spans),
-        ops_per_row_token=span_ops / span_rows,
-        wall_s=wall,
+        decoder_calls=len(rows),
+        rows_per_call=sum(rows) / len(rows),
+        ops=counter.ops,
+        wall_s=time.perf_counter() - start,
     )
 
 
@@ -540,33 +529,32 @@ def section_ops(quick: bool, device: torch.device) -> None:
     say()
 
     job_counts = (1, 16) if quick else BATCH_ROWS
-    counts = [count_engine(n, device) for n in job_counts]
+    short_e, long_e = 8, 24
+    pairs = [
+        (count_engine(n, device, short_e), count_engine(n, device, long_e)) for n in job_counts
+    ]
     say(
-        "whisperq Engine: N jobs of 2 s noise submitted at once from N threads (thresholds "
-        "off, so one decode per window; language=en; the engine's own fp16 choice, "
-        f"fp16={device.type == 'cuda'}), ops counted on the engine's own thread. A step is the "
-        "span between two decoder calls inside one decode."
+        "whisperq Engine: N jobs of 2 s noise submitted at once from N threads, one batch of N "
+        "rows (max_batch_rows=N), EOT suppressed through the job's suppress_tokens so every "
+        f"row runs exactly sample_len steps; engine run twice, sample_len={short_e} and "
+        f"{long_e}; ops counted on the engine's own thread (everything it does: admission, "
+        "log-mel, encoder, prefill, steps, segments). Ops to advance every in-flight job one "
+        "token = (ops at the long run - ops at the short run) / "
+        f"{long_e - short_e}: the per-job and per-window work cancels. "
+        f"fp16={device.type == 'cuda'}."
     )
     say()
-    headers = ["whisperq Engine", *(f"{c.jobs} jobs in flight" for c in counts)]
+    headers = ["whisperq Engine", *(f"{n} jobs in flight" for n in job_counts)]
     rows_out = [
-        ["decoder steps"] + [f"{c.steps}" for c in counts],
-        ["mean batch rows per step"] + [f"{c.rows_per_step:.2f}" for c in counts],
-        ["ops per decode step"] + [f"{c.ops_per_step:.0f}" for c in counts],
+        ["decoder calls (short / long run)"]
+        + [f"{a.decoder_calls} / {b.decoder_calls}" for a, b in pairs],
+        ["mean batch rows per decoder call"] + [f"{b.rows_per_call:.2f}" for _, b in pairs],
+        ["ops, whole run (short / long)"] + [f"{a.ops} / {b.ops}" for a, b in pairs],
         ["ops to advance every in-flight job one token"]
-        + [f"{c.ops_per_row_token * c.jobs:.0f}" for c in counts],
-        ["wall s (with counting)"] + [f"{c.wall_s:.1f}" for c in counts],
+        + [f"{(b.ops - a.ops) / (long_e - short_e):.0f}" for a, b in pairs],
+        ["wall s, long run (with counting)"] + [f"{b.wall_s:.1f}" for _, b in pairs],
     ]
     say(markdown_table(headers, rows_out))
-    say()
-    if all(c.rows_per_step == 1 for c in counts):
-        say(
-            "Today the engine calls whisper.transcribe() once per job, one job at a time: every "
-            "decode step has 1 row whatever the number of jobs in flight, so its per-step count "
-            "is openai-whisper decode() at batch 1 with timestamps on, and advancing N jobs one "
-            "token costs N times that. A batched engine must show a flat 'ops to advance every "
-            "in-flight job one token' here (a few hundred at most at 256 jobs)."
-        )
     say()
 
 
@@ -588,7 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="torch.set_num_threads and faster-whisper cpu_threads",
     )
     parser.add_argument(
-        "--in-flight", type=int, default=4, help="engine jobs submitted at once (section 1)"
+        "--in-flight",
+        type=int,
+        default=16,
+        help="engine jobs submitted at once and the engine's max_batch_rows (section 1)",
     )
     parser.add_argument(
         "--rounds", type=int, default=None, help="timed rounds per system (2 quick, 3 full)"

@@ -1,45 +1,62 @@
-"""The engine behind the worker–engine seam, on a small random Whisper: every decoding option
-reaches ``model.decode`` for real (observed with a pass-through recorder, not a mock)."""
+"""The batched engine on a small random Whisper: every decoding option, jobs mixed in one batch,
+compared with openai-whisper's own sequential ``transcribe()`` on the same model (the engine's
+``transcribe`` method runs it), plus scheduling: stop checks, priority, metering, OOM split."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from whisper.decoding import DecodingOptions
 from whisper.tokenizer import get_tokenizer
 
-from app.options import BEAM_SIZE, TranscribeOptions, parse_options
+from app.options import TranscribeOptions, parse_options
 from tests.support.random_model import random_model
-from worker.engine import Engine, EngineInputError, EngineJob
+from worker.engine import Engine, EngineInputError, EngineJob, EngineResult, EngineStopped
 
 SR = 16_000
 
 
+# Thresholds set on the options as they are: the API refuses values that force every fallback
+# (issue 14), but the engine must still walk the ladder right for any options it is given.
+RAW_THRESHOLDS = ("logprob_threshold", "compression_ratio_threshold")
+
+
+def options_of(fields: dict[str, str | None]) -> TranscribeOptions:
+    raw = dict(fields)
+    direct = {name: raw.pop(name) for name in RAW_THRESHOLDS if name in raw}
+    opts = parse_options(raw)
+    for name, text in direct.items():
+        value = None if text in (None, "none") else float(text)
+        opts = dataclasses.replace(opts, **{name: value})
+    return opts
+
+
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    eng = Engine(random_model(seed=1))
+    eng = Engine(random_model(seed=1), max_batch_rows=8, max_wait_ms=50)
     yield eng
     eng.close(5)
 
 
 @pytest.fixture
-def decode_calls(engine: Engine) -> Iterator[list[DecodingOptions]]:
-    """Records the DecodingOptions of every real model.decode call whisper makes."""
-    calls: list[DecodingOptions] = []
-    original = engine.model.decode
+def passes(engine: Engine) -> Iterator[list[int]]:
+    """Rows of every decode pass the batched decoder runs (a pass starts with its prefill,
+    the only decoder call with more than one token per row)."""
+    seen: list[int] = []
 
-    def recording_decode(mel: torch.Tensor, options: DecodingOptions) -> Any:
-        calls.append(options)
-        return original(mel, options)
+    def on_call(_m: Any, args: tuple[Any, ...]) -> None:
+        if args[0].shape[1] > 1:
+            seen.append(int(args[0].shape[0]))
 
-    engine.model.decode = recording_decode  # type: ignore[method-assign]
-    yield calls
-    del engine.model.decode
+    hook = engine.decoder.register_forward_pre_hook(on_call)
+    yield seen
+    hook.remove()
 
 
 def noise(seconds: float, seed: int = 0) -> np.ndarray:
@@ -47,9 +64,13 @@ def noise(seconds: float, seed: int = 0) -> np.ndarray:
     return (rng.standard_normal(int(seconds * SR)) * 0.1).astype(np.float32)
 
 
-def run(engine: Engine, seconds: float = 5.0, **fields: str) -> Any:
-    job = EngineJob(audio=noise(seconds), options=parse_options(fields))
+def run(engine: Engine, seconds: float = 5.0, **fields: str) -> EngineResult:
+    job = EngineJob(audio=noise(seconds), options=options_of(fields))
     return engine.submit(job).result(timeout=300)
+
+
+def key(result: EngineResult) -> list[tuple[Any, ...]]:
+    return [(s.seek, s.start, s.end, s.text, s.tokens, s.temperature) for s in result.segments]
 
 
 # With thresholds off, whisper decodes each 30 s window exactly once at the first temperature.
@@ -68,36 +89,65 @@ def test_result_shape_and_metering(engine: Engine) -> None:
     assert out.text == out.raw["text"].strip()
     assert [s.id for s in out.segments] == list(range(len(out.segments)))
     assert out.language == out.raw["language"]
+    fields = set(out.segments[0].to_json())
+    assert fields >= {"id", "seek", "start", "end", "text", "tokens", "temperature"}
+    assert fields >= {"avg_logprob", "compression_ratio", "no_speech_prob"}
+    assert engine.max_in_flight == 8
 
 
-def test_task_and_language_reach_decoding(
-    engine: Engine, decode_calls: list[DecodingOptions]
-) -> None:
-    out = run(engine, task="translate", language="de", **NO_FALLBACK)
-    assert {(c.task, c.language) for c in decode_calls} == {("translate", "de")}
-    assert out.language == "de"
-    decode_calls.clear()
-    out = run(engine, **NO_FALLBACK)  # no language: detected first, then decoded with it
-    assert decode_calls[0].language == out.language and out.language is not None
+def test_mixed_batch_matches_sequential_transcribe(engine: Engine, passes: list[int]) -> None:
+    """Different options, languages and lengths in one batch; each job equals whisper's own
+    transcribe() of it alone (greedy, so exactly)."""
+    cases: list[tuple[float, int, dict[str, str]]] = [
+        (5.0, 0, NO_FALLBACK),
+        (5.0, 1, {**NO_FALLBACK, "language": "de", "task": "translate"}),
+        (5.0, 2, {**NO_FALLBACK, "language": None}),  # type: ignore[dict-item]
+        (65.0, 3, {**NO_FALLBACK, "language": "en", "initial_prompt": "Kaffee und Kuchen"}),
+        (
+            65.0,
+            4,
+            {
+                **NO_FALLBACK,
+                "initial_prompt": "Kaffee und Kuchen",
+                "condition_on_previous_text": "false",
+            },
+        ),
+        (8.0, 5, {**NO_FALLBACK, "language": "en", "suppress_tokens": "-1,11,13,50"}),
+        (0.0, 6, NO_FALLBACK),  # empty audio: no window at all
+    ]
+    jobs = [EngineJob(noise(sec, seed), options_of(f)) for sec, seed, f in cases]
+    futures = [engine.submit(j) for j in jobs]
+    ours = [f.result(timeout=300) for f in futures]
+    assert max(passes) == len(cases) - 1  # all but the empty job decoded in one batch
+    for job, got in zip(jobs, ours, strict=True):
+        ref = engine.transcribe(job)
+        assert (got.text, got.language, key(got)) == (ref.text, ref.language, key(ref))
+    # the long jobs really ran several windows with prompts from earlier ones
+    assert len({s.seek for s in ours[3].segments}) >= 2
 
 
-def test_temperature_and_fallback_thresholds(
-    engine: Engine, decode_calls: list[DecodingOptions]
-) -> None:
-    run(engine, temperature="0.3", temperature_increment_on_fallback="none", **NO_FALLBACK)
-    assert [c.temperature for c in decode_calls] == [0.3]
-    decode_calls.clear()
-    # A random model's output fails logprob_threshold=0 every time: the whole ladder is tried.
-    run(
-        engine,
-        logprob_threshold="0",
-        compression_ratio_threshold="none",
-        no_speech_threshold="none",
-        temperature_increment_on_fallback="0.25",
+def test_fallback_walks_the_ladder_for_failing_rows_only(engine: Engine, passes: list[int]) -> None:
+    # A random model's output fails logprob_threshold=0 every time: the whole ladder is
+    # tried; the job beside it (thresholds off) is decoded once.
+    failing = EngineJob(
+        noise(5.0),
+        options_of(
+            {
+                "logprob_threshold": "0",
+                "compression_ratio_threshold": "none",
+                "no_speech_threshold": "none",
+                "temperature_increment_on_fallback": "0.25",
+            }
+        ),
     )
-    assert [c.temperature for c in decode_calls] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    decode_calls.clear()
-    # Compression ratio threshold alone: a tiny threshold makes every decode "too repetitive".
+    fine = EngineJob(noise(5.0, 1), options_of(NO_FALLBACK))
+    a, b = engine.submit(failing), engine.submit(fine)
+    out, other = a.result(timeout=300), b.result(timeout=300)
+    assert passes == [2, 1, 1, 1, 1]  # 0.0 both rows, then 0.25, 0.5, 0.75, 1.0 alone
+    assert {s.temperature for s in out.segments} == {1.0}
+    assert {s.temperature for s in other.segments} == {0.0}
+    passes.clear()
+    # Compression ratio alone: a tiny threshold makes every decode "too repetitive".
     run(
         engine,
         compression_ratio_threshold="0.01",
@@ -105,18 +155,16 @@ def test_temperature_and_fallback_thresholds(
         no_speech_threshold="none",
         temperature_increment_on_fallback="0.5",
     )
-    assert [c.temperature for c in decode_calls] == [0.0, 0.5, 1.0]
+    assert passes == [1, 1, 1]
 
 
-def test_no_speech_threshold_skips_silence(
-    engine: Engine, decode_calls: list[DecodingOptions]
-) -> None:
+def test_no_speech_threshold_skips_silence(engine: Engine, passes: list[int]) -> None:
     # no_speech_prob > 0 always and avg_logprob < 0 always: every window is judged silent.
     silent = run(
         engine, no_speech_threshold="0", logprob_threshold="0", compression_ratio_threshold="none"
     )
     assert silent.segments == () and silent.text == ""
-    assert len(decode_calls) == 1  # silence is not retried at higher temperatures
+    assert passes == [1]  # silence is not retried at higher temperatures
     kept = run(
         engine,
         no_speech_threshold="none",
@@ -127,89 +175,148 @@ def test_no_speech_threshold_skips_silence(
     assert kept.segments != ()
 
 
-def test_patience_means_beam_search(engine: Engine, decode_calls: list[DecodingOptions]) -> None:
-    run(engine, patience="2", **NO_FALLBACK)
-    assert [(c.beam_size, c.patience) for c in decode_calls] == [(BEAM_SIZE, 2.0)]
-    decode_calls.clear()
-    run(engine, **NO_FALLBACK)
-    assert [(c.beam_size, c.patience) for c in decode_calls] == [(None, None)]
+def test_patience_runs_whisper_beam_search(engine: Engine, passes: list[int]) -> None:
+    job = EngineJob(noise(5.0), options_of({"patience": "2", **NO_FALLBACK}))
+    out = engine.submit(job).result(timeout=300)
+    assert passes == []  # not the batched greedy decoder
+    ref = engine.transcribe(job)
+    assert (out.text, key(out)) == (ref.text, key(ref))
 
 
-def test_suppress_tokens_are_never_emitted(
-    engine: Engine, decode_calls: list[DecodingOptions]
-) -> None:
+def test_suppress_tokens_are_never_emitted(engine: Engine) -> None:
     first = run(engine, language="en", **NO_FALLBACK)
     emitted = [t for s in first.raw["segments"] for t in s["tokens"] if t < 50257]
     assert emitted, "the random model produced no text tokens to suppress"
     banned = sorted(set(emitted))[:5]
-    decode_calls.clear()
     second = run(
         engine, language="en", suppress_tokens=",".join(map(str, [-1, *banned])), **NO_FALLBACK
     )
-    assert decode_calls[0].suppress_tokens == ",".join(map(str, [-1, *banned]))
     again = {t for s in second.raw["segments"] for t in s["tokens"]}
     assert not again & set(banned)
 
 
-def test_initial_prompt_and_condition_on_previous_text(
-    engine: Engine, decode_calls: list[DecodingOptions]
-) -> None:
+def test_initial_prompt_reaches_the_decoder(engine: Engine) -> None:
     tokenizer = get_tokenizer(True, language="en", task="transcribe")
     prompt_tokens = tokenizer.encode(" Kaffee und Kuchen")
-    # 65 s = three 30 s windows: the 2nd and 3rd are prompted with earlier text, or not.
-    run(engine, 65.0, language="en", initial_prompt="Kaffee und Kuchen", **NO_FALLBACK)
-    assert len(decode_calls) >= 2
-    assert decode_calls[0].prompt == prompt_tokens
-    assert len(decode_calls[1].prompt) > len(prompt_tokens)  # + the first window's output
-    decode_calls.clear()
-    run(
-        engine,
-        65.0,
-        language="en",
-        initial_prompt="Kaffee und Kuchen",
-        condition_on_previous_text="false",
-        **NO_FALLBACK,
-    )
-    assert decode_calls[0].prompt == prompt_tokens
-    assert all(c.prompt == [] for c in decode_calls[1:])
+    prefills: list[list[int]] = []
+
+    def on_call(_m: Any, args: tuple[Any, ...]) -> None:
+        if args[0].shape[1] > 1:
+            prefills.append(args[0][0].tolist())
+
+    hook = engine.decoder.register_forward_pre_hook(on_call)
+    try:
+        run(engine, 65.0, language="en", initial_prompt="Kaffee und Kuchen", **NO_FALLBACK)
+    finally:
+        hook.remove()
+    sot_prev = tokenizer.sot_prev
+    first = prefills[0]
+    assert first == [sot_prev, *prompt_tokens, *tokenizer.sot_sequence]
+    assert len(prefills[1]) > len(first)  # + the first window's output
+
+
+def test_stop_check_drops_a_job_at_a_window_boundary(engine: Engine) -> None:
+    calls = 0
+
+    def stop_after_first_window() -> str | None:
+        nonlocal calls
+        calls += 1
+        return "canceled" if calls > 1 else None
+
+    opts = options_of(NO_FALLBACK)
+    stopped = engine.submit(EngineJob(noise(65.0), opts, stop_check=stop_after_first_window))
+    beside = EngineJob(noise(65.0, 1), opts)
+    kept = engine.submit(beside)
+    with pytest.raises(EngineStopped) as err:
+        stopped.result(timeout=300)
+    assert err.value.reason == "canceled"
+    assert err.value.runtime_ms > 0  # its first window was decoded and charged
+    assert calls == 2
+    # the job beside it is unaffected
+    assert key(kept.result(timeout=300)) == key(engine.transcribe(beside))
+
+
+def test_interactive_jobs_go_first() -> None:
+    eng = Engine(random_model(seed=1), max_batch_rows=1, max_wait_ms=0)
+    release = threading.Event()
+    done: list[str] = []
+    try:
+        opts = options_of(NO_FALLBACK)
+
+        def hold() -> None:
+            release.wait(60)  # the engine thread waits here while the others queue up
+
+        blocker = eng.submit(EngineJob(noise(1.0), opts, stop_check=lambda: hold()))
+        time.sleep(0.2)  # let the engine take the blocker (order, not timing, is asserted)
+        futures = {
+            name: eng.submit(EngineJob(noise(1.0), opts, priority=prio))
+            for name, prio in (("bulk-1", 0), ("bulk-2", 0), ("interactive", 1))
+        }
+        for name, fut in futures.items():
+            fut.add_done_callback(lambda _f, n=name: done.append(n))
+        release.set()
+        blocker.result(timeout=300)
+        for fut in futures.values():
+            fut.result(timeout=300)
+    finally:
+        eng.close(5)
+    assert done == ["interactive", "bulk-1", "bulk-2"]
+
+
+def test_batch_shares_sum_to_wall_time(engine: Engine) -> None:
+    """Each job pays its share of a batch, not the whole batch."""
+    jobs = [EngineJob(noise(5.0, seed), options_of(NO_FALLBACK)) for seed in range(6)]
+    start = time.perf_counter()
+    results = [f.result(timeout=300) for f in [engine.submit(j) for j in jobs]]
+    wall_ms = (time.perf_counter() - start) * 1000
+    assert all(r.runtime_ms > 0 for r in results)
+    # shares partition the engine's time (+1 ms rounding per job)
+    assert sum(r.runtime_ms for r in results) <= wall_ms + len(results)
+
+
+def test_out_of_memory_splits_the_batch(engine: Engine, passes: list[int]) -> None:
+    real = engine.decoder.decode
+    refused: list[int] = []
+
+    def small_memory(features: torch.Tensor, rows: Any, *args: Any) -> Any:
+        if len(rows) > 2:  # as if a bigger batch did not fit
+            refused.append(len(rows))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(features, rows, *args)
+
+    engine.decoder.decode = small_memory  # type: ignore[method-assign]
+    try:
+        jobs = [EngineJob(noise(3.0, seed), options_of(NO_FALLBACK)) for seed in range(5)]
+        results = [f.result(timeout=300) for f in [engine.submit(j) for j in jobs]]
+    finally:
+        del engine.decoder.decode
+    assert refused == [5, 3]  # 5 -> 2 + 3 -> 2 + 1 + 2
+    assert sorted(passes) == [1, 2, 2]
+    for job, got in zip(jobs, results, strict=True):
+        assert key(got) == key(engine.transcribe(job))
 
 
 def test_many_threads_share_one_engine(engine: Engine) -> None:
     """Tasks of a threads pool hand jobs in concurrently; each gets its own result."""
     results: dict[int, Any] = {}
+    opts = TranscribeOptions(
+        compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None
+    )
 
     def task(i: int) -> None:
-        job = EngineJob(
-            audio=noise(3.0, seed=i),
-            options=TranscribeOptions(
-                compression_ratio_threshold=None, logprob_threshold=None, no_speech_threshold=None
-            ),
-        )
-        results[i] = engine.submit(job).result(timeout=300)
+        results[i] = engine.submit(EngineJob(noise(3.0, seed=i), opts)).result(timeout=300)
 
     threads = [threading.Thread(target=task, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    solo = {
-        i: engine.transcribe(
-            EngineJob(
-                audio=noise(3.0, seed=i),
-                options=TranscribeOptions(
-                    compression_ratio_threshold=None,
-                    logprob_threshold=None,
-                    no_speech_threshold=None,
-                ),
-            )
-        )
-        for i in range(4)
-    }
+    solo = {i: engine.transcribe(EngineJob(noise(3.0, seed=i), opts)) for i in range(4)}
     assert {i: r.text for i, r in results.items()} == {i: r.text for i, r in solo.items()}
 
 
 def test_errors_reach_the_caller(engine: Engine) -> None:
-    bad = EngineJob(audio=noise(1.0), options=parse_options({"suppress_tokens": "99999"}))
+    bad = EngineJob(audio=noise(1.0), options=options_of({"suppress_tokens": "99999"}))
     with pytest.raises(EngineInputError) as err:
         engine.submit(bad).result(timeout=60)
     assert err.value.code == "invalid_option"
@@ -227,7 +334,7 @@ def test_english_only_model_refuses_translate() -> None:
     try:
         for fields in ({"task": "translate"}, {"language": "de"}):
             with pytest.raises(EngineInputError) as err:
-                eng.submit(EngineJob(audio=noise(1.0), options=parse_options(fields))).result(60)
+                eng.submit(EngineJob(audio=noise(1.0), options=options_of(fields))).result(60)
             assert err.value.code == "unsupported_option"
     finally:
         eng.close(5)

@@ -92,6 +92,9 @@ def wait_running(stack: Stack, job_id: str, *, attempt: int, timeout: float = 60
 def test_sigkill_mid_job_reruns_once_and_strands_nothing(
     stack: Stack, key: CreatedKey, model: Path, tmp_path: Path
 ) -> None:
+    # One engine slot, so the worker can start one job: the other messages it takes must
+    # leave their jobs alone.
+    stack.overrides["WHISPERQ_ENGINE_MAX_BATCH_ROWS"] = "1"
     first = worker(stack, model, tmp_path, "w1")
     second = None
     try:

@@ -1,18 +1,28 @@
 """The engine: pure numerics behind the worker–engine seam.
 
 Each worker process holds one :class:`Engine`. It owns the model and one thread that runs it;
-tasks (several in flight per process) call :meth:`Engine.submit` and wait on the future. This
-first engine runs its jobs one at a time; a batched engine replaces what sits behind
-``submit`` without any change to the tasks. No database, Celery or HTTP here.
+tasks (several in flight per process) call :meth:`Engine.submit` and wait on the future. The
+thread decodes the current 30 s window of up to ``max_batch_rows`` jobs as one batch
+(encoder and decoder, :mod:`worker.batch_decoding`); jobs join and leave between windows.
+Per job it keeps ``whisper.transcribe()``'s long-form semantics (:class:`_JobState` follows
+``whisper/transcribe.py`` line by line): seek from timestamp tokens, temperature fallback
+(only failing rows re-decode, reusing their encoder output), no-speech skips, prompts from
+previous text, initial prompt, language detection (batched).
+
+Beam search (``patience``) and word timestamps run through openai-whisper's own
+``transcribe()`` in the same thread, one job at a time: exact openai-whisper behaviour, not
+batched. No database, Celery or HTTP here.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,14 +31,22 @@ import numpy as np
 import torch
 
 from app.options import TranscribeOptions
+from worker.batch_decoding import BatchDecoder, RowResult, RowSpec, suppress_list
 
 if TYPE_CHECKING:
     from whisper.model import Whisper
+    from whisper.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 ENCODER_TOKENS_PER_SECOND = 50  # one encoder position per 20 ms of audio
+DEFAULT_MAX_BATCH_ROWS = 16
+DEFAULT_MAX_WAIT_MS = 10.0
+_WORD_PUNCT_DEFAULTS = {
+    "prepend_punctuations": "\"'“¿([{-",
+    "append_punctuations": "\"'.。,，!！?？:：”)]}、",
+}
 
 
 class EngineInputError(ValueError):
@@ -40,10 +58,22 @@ class EngineInputError(ValueError):
         self.message = message
 
 
+class EngineStopped(Exception):  # noqa: N818 (the name the worker imports)
+    """The job's ``stop_check`` asked to stop it; raised at a window boundary."""
+
+    def __init__(self, reason: str, runtime_ms: int) -> None:
+        super().__init__(f"stopped: {reason} after {runtime_ms} ms of model time")
+        self.reason = reason
+        self.runtime_ms = runtime_ms
+
+
 @dataclass(frozen=True)
 class EngineJob:
     audio: np.ndarray  # float32 mono, 16 kHz
     options: TranscribeOptions
+    priority: int = 0  # higher goes first into a batch (the worker passes 1 for interactive)
+    # Polled between windows, never per token: a reason string stops the job there.
+    stop_check: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +98,6 @@ class Segment:
     start: float
     end: float
     text: str
-    # What openai-whisper reports per segment (OpenAI's verbose_json carries them all).
     seek: int = 0
     tokens: tuple[int, ...] = ()
     temperature: float = 0.0
@@ -94,32 +123,32 @@ class Segment:
             out["words"] = [w.to_json() for w in self.words]
         return out
 
-
-def _segment(i: int, s: dict[str, Any]) -> Segment:
-    words = s.get("words")
-    return Segment(
-        id=i,
-        start=round(float(s["start"]), 3),
-        end=round(float(s["end"]), 3),
-        text=str(s["text"]),
-        seek=int(s["seek"]),
-        tokens=tuple(int(t) for t in s["tokens"]),
-        temperature=float(s["temperature"]),
-        avg_logprob=float(s["avg_logprob"]),
-        compression_ratio=float(s["compression_ratio"]),
-        no_speech_prob=float(s["no_speech_prob"]),
-        words=None
-        if words is None
-        else tuple(
-            Word(
-                word=str(w["word"]),
-                start=round(float(w["start"]), 3),
-                end=round(float(w["end"]), 3),
-                probability=round(float(w["probability"]), 4),
-            )
-            for w in words
-        ),
-    )
+    @classmethod
+    def from_whisper(cls, s: dict[str, Any]) -> Segment:
+        words = s.get("words")
+        return cls(
+            id=int(s["id"]),
+            seek=int(s["seek"]),
+            start=round(float(s["start"]), 3),
+            end=round(float(s["end"]), 3),
+            text=str(s["text"]),
+            tokens=tuple(int(t) for t in s["tokens"]),
+            temperature=float(s["temperature"]),
+            avg_logprob=float(s["avg_logprob"]),
+            compression_ratio=float(s["compression_ratio"]),
+            no_speech_prob=float(s["no_speech_prob"]),
+            words=None
+            if words is None
+            else tuple(
+                Word(
+                    word=str(w["word"]),
+                    start=round(float(w["start"]), 3),
+                    end=round(float(w["end"]), 3),
+                    probability=round(float(w["probability"]), 4),
+                )
+                for w in words
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -127,23 +156,302 @@ class EngineResult:
     text: str
     segments: tuple[Segment, ...]
     language: str
-    runtime_ms: int  # model time spent on this job (its share, once jobs are batched)
+    runtime_ms: int  # this job's share of the batches it was in (README: metering)
     tokens_generated: int  # decoder output tokens kept in the transcript (text + timestamps)
     tokens_input: int  # encoder positions the audio occupies (20 ms each)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
+@dataclass
+class _Decoded:
+    """whisper's DecodingResult, the fields transcribe() reads."""
+
+    tokens: list[int]
+    text: str
+    avg_logprob: float
+    no_speech_prob: float
+    temperature: float
+    compression_ratio: float
+
+
 _STOP = object()
 
 
+def _batched(opts: TranscribeOptions) -> bool:
+    return opts.patience is None and not getattr(opts, "word_timestamps", False)
+
+
+class _JobState:
+    """One job's long-form loop, whisper.transcribe() split at its decode call."""
+
+    def __init__(self, engine: Engine, job: EngineJob, fut: Future[EngineResult], seq: int):
+        self.job, self.fut, self.seq = job, fut, seq
+        self.opts = job.options
+        self.runtime_s = 0.0
+        self.n_mels = engine.model.dims.n_mels
+        self.mel: torch.Tensor | None = None  # made when the job is first picked for a batch
+        self.content_frames = 0
+        self.language: str | None = self.opts.language
+        if self.language is None and not engine.model.is_multilingual:
+            self.language = "en"
+        self.seek = 0
+        self.all_tokens: list[int] = []
+        self.all_segments: list[dict[str, Any]] = []
+        self.prompt_reset_since = 0
+        self.initial_prompt_tokens: list[int] = []
+        self.temps = self.opts.temperatures()
+        self.tokenizer: Tokenizer | None = None
+        self.window: dict[str, Any] = {}
+
+    def prepare(self) -> None:
+        """The log-mel of the whole file, padded with 30 s of silence, as transcribe() makes
+        it (the log-mel floor is set over the whole file, so it cannot be made per window)."""
+        from whisper.audio import N_SAMPLES, log_mel_spectrogram
+
+        if self.mel is not None:
+            return
+        start = time.perf_counter()
+        audio = torch.from_numpy(np.ascontiguousarray(self.job.audio, dtype=np.float32))
+        self.mel = log_mel_spectrogram(audio, self.n_mels, padding=N_SAMPLES)
+        self.content_frames = self.mel.shape[-1] - 3000
+        self.runtime_s += time.perf_counter() - start
+
+    @property
+    def done(self) -> bool:
+        return (
+            self.mel is not None
+            and self.tokenizer is not None
+            and (self.seek >= self.content_frames)
+        )
+
+    def set_language(self, engine: Engine, language: str) -> None:
+        from whisper.tokenizer import get_tokenizer
+
+        self.language = language
+        model = engine.model
+        self.tokenizer = get_tokenizer(
+            model.is_multilingual,
+            num_languages=model.num_languages,
+            language=language,
+            task=self.opts.task,
+        )
+        if self.opts.initial_prompt is not None:
+            self.initial_prompt_tokens = self.tokenizer.encode(
+                " " + self.opts.initial_prompt.strip()
+            )
+            self.all_tokens.extend(self.initial_prompt_tokens)
+
+    def detection_mel(self) -> torch.Tensor:
+        from whisper.audio import pad_or_trim
+
+        assert self.mel is not None
+        mel: torch.Tensor = pad_or_trim(self.mel, 3000)
+        return mel
+
+    def next_window(self, n_text_ctx: int) -> tuple[torch.Tensor, list[int]]:
+        from whisper.audio import pad_or_trim
+
+        assert self.mel is not None
+        segment_size = min(3000, self.content_frames - self.seek)
+        mel_segment = pad_or_trim(self.mel[:, self.seek : self.seek + segment_size], 3000)
+        self.window = {"segment_size": segment_size, "seek": self.seek}
+        prompt = self.all_tokens[self.prompt_reset_since :]
+        assert self.tokenizer is not None
+        sot = list(self.tokenizer.sot_sequence)
+        if prompt:
+            initial = [self.tokenizer.sot_prev, *prompt[-(n_text_ctx // 2 - 1) :], *sot]
+        else:
+            initial = sot
+        self.window["initial"] = tuple(initial)
+        self.window["sot_index"] = initial.index(self.tokenizer.sot)
+        return mel_segment, initial
+
+    def row(self, engine: Engine, temperature: float) -> RowSpec:
+        assert self.tokenizer is not None
+        return RowSpec(
+            initial_tokens=self.window["initial"],
+            sot_index=self.window["sot_index"],
+            suppress=engine.suppress_ids(self.tokenizer, self.opts.suppress_tokens),
+            temperature=temperature,
+        )
+
+    def to_decoded(self, r: RowResult, temperature: float) -> _Decoded:
+        from whisper.utils import compression_ratio
+
+        assert self.tokenizer is not None
+        text = self.tokenizer.decode(r.tokens).strip()
+        return _Decoded(
+            tokens=r.tokens,
+            text=text,
+            avg_logprob=r.sum_logprob / (len(r.tokens) + 1),
+            no_speech_prob=r.no_speech_prob,
+            temperature=temperature,
+            compression_ratio=compression_ratio(text),
+        )
+
+    def needs_fallback(self, d: _Decoded) -> bool:
+        """decode_with_fallback's test, for one result."""
+        o = self.opts
+        needs = False
+        if o.compression_ratio_threshold is not None and (
+            d.compression_ratio > o.compression_ratio_threshold
+        ):
+            needs = True  # too repetitive
+        if o.logprob_threshold is not None and d.avg_logprob < o.logprob_threshold:
+            needs = True  # average log probability is too low
+        if (
+            o.no_speech_threshold is not None
+            and d.no_speech_prob > o.no_speech_threshold
+            and o.logprob_threshold is not None
+            and d.avg_logprob < o.logprob_threshold
+        ):
+            needs = False  # silence
+        return needs
+
+    def accept(self, result: _Decoded) -> None:
+        """The rest of transcribe()'s loop body, after decode_with_fallback."""
+        tokenizer = self.tokenizer
+        assert tokenizer is not None
+        o = self.opts
+        input_stride = 2  # mel frames per output token
+        time_precision = 0.02
+        seek = self.window["seek"]
+        segment_size = self.window["segment_size"]
+        time_offset = float(seek * 160 / SAMPLE_RATE)
+        segment_duration = segment_size * 160 / SAMPLE_RATE
+        tokens = result.tokens
+
+        if o.no_speech_threshold is not None:
+            should_skip = result.no_speech_prob > o.no_speech_threshold
+            if o.logprob_threshold is not None and result.avg_logprob > o.logprob_threshold:
+                should_skip = False
+            if should_skip:
+                self.seek += segment_size
+                return
+
+        def new_segment(start: float, end: float, toks: list[int]) -> dict[str, Any]:
+            return {
+                "seek": seek,
+                "start": start,
+                "end": end,
+                "text": tokenizer.decode([t for t in toks if t < tokenizer.eot]),
+                "tokens": toks,
+                "temperature": result.temperature,
+                "avg_logprob": result.avg_logprob,
+                "compression_ratio": result.compression_ratio,
+                "no_speech_prob": result.no_speech_prob,
+            }
+
+        # transcribe()'s tensor code on a list: host work per window, no torch ops
+        current: list[dict[str, Any]] = []
+        tb = tokenizer.timestamp_begin
+        timestamp_tokens = [t >= tb for t in tokens]
+        single_timestamp_ending = timestamp_tokens[-2:] == [False, True]
+        consecutive = [
+            i + 1 for i in range(len(tokens) - 1) if timestamp_tokens[i] and timestamp_tokens[i + 1]
+        ]
+        if consecutive:
+            slices = list(consecutive)
+            if single_timestamp_ending:
+                slices.append(len(tokens))
+            last_slice = 0
+            for current_slice in slices:
+                sliced = tokens[last_slice:current_slice]
+                current.append(
+                    new_segment(
+                        time_offset + (sliced[0] - tb) * time_precision,
+                        time_offset + (sliced[-1] - tb) * time_precision,
+                        sliced,
+                    )
+                )
+                last_slice = current_slice
+            if single_timestamp_ending:
+                self.seek += segment_size
+            else:
+                self.seek += (tokens[last_slice - 1] - tb) * input_stride
+        else:
+            duration = segment_duration
+            timestamps = [t for t in tokens if t >= tb]
+            if timestamps and timestamps[-1] != tb:
+                duration = (timestamps[-1] - tb) * time_precision
+            current.append(new_segment(time_offset, time_offset + duration, list(tokens)))
+            self.seek += segment_size
+
+        for segment in current:
+            if segment["start"] == segment["end"] or segment["text"].strip() == "":
+                segment["text"] = ""
+                segment["tokens"] = []
+        self.all_segments.extend(
+            {"id": i, **segment} for i, segment in enumerate(current, start=len(self.all_segments))
+        )
+        self.all_tokens.extend(t for segment in current for t in segment["tokens"])
+        if not o.condition_on_previous_text or result.temperature > 0.5:
+            # do not feed the prompt tokens if a high temperature was used
+            self.prompt_reset_since = len(self.all_tokens)
+
+    def result(self) -> EngineResult:
+        assert self.tokenizer is not None and self.language is not None
+        text = self.tokenizer.decode(self.all_tokens[len(self.initial_prompt_tokens) :])
+        raw = {"text": text, "segments": self.all_segments, "language": self.language}
+        return _result_of(raw, len(self.job.audio), self.runtime_s)
+
+
+def _result_of(raw: dict[str, Any], n_samples: int, runtime_s: float) -> EngineResult:
+    segments = tuple(Segment.from_whisper(s) for s in raw["segments"])
+    return EngineResult(
+        text=str(raw["text"]).strip(),
+        segments=segments,
+        language=str(raw["language"]),
+        runtime_ms=max(1, round(runtime_s * 1000)),
+        tokens_generated=sum(len(s["tokens"]) for s in raw["segments"]),
+        tokens_input=math.ceil(n_samples / SAMPLE_RATE * ENCODER_TOKENS_PER_SECOND),
+        raw=raw,
+    )
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
 class Engine:
-    def __init__(self, model: Whisper) -> None:
+    """One per worker process: the model, loaded once, and the thread that batches jobs."""
+
+    def __init__(
+        self,
+        model: Whisper,
+        *,
+        max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+        sample_len: int | None = None,
+    ) -> None:
+        from whisper.tokenizer import get_tokenizer
+
+        if max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be >= 1")
         self.model = model
         self.device = next(model.parameters()).device
         self.fp16 = self.device.type == "cuda"
+        self.dtype = torch.float16 if self.fp16 else torch.float32
+        self.max_in_flight = max_batch_rows
+        self.max_wait_s = max_wait_ms / 1000
+        # tokens sampled per window at most: whisper's default, smaller only for benchmarks
+        self.sample_len = sample_len or model.dims.n_text_ctx // 2
+        self._tokenizer = get_tokenizer(
+            model.is_multilingual, num_languages=model.num_languages, language="en"
+        )
+        self.decoder = BatchDecoder(model, self.dtype, self._tokenizer)
+        self._suppress: dict[tuple[int, str], tuple[int, ...]] = {}
         self._inbox: queue.Queue[Any] = queue.Queue()
+        self._seq = itertools.count()
         self._thread = threading.Thread(target=self._run, name="whisperq-engine", daemon=True)
         self._thread.start()
+
+    # ------------------------------------------------------------------ the seam
 
     def submit(self, job: EngineJob) -> Future[EngineResult]:
         fut: Future[EngineResult] = Future()
@@ -154,18 +462,248 @@ class Engine:
         self._inbox.put(_STOP)
         self._thread.join(timeout)
 
+    def suppress_ids(self, tokenizer: Tokenizer, suppress_tokens: str) -> tuple[int, ...]:
+        key = (id(tokenizer.encoding), suppress_tokens)
+        ids = self._suppress.get(key)
+        if ids is None:
+            ids = self._suppress[key] = suppress_list(tokenizer, suppress_tokens)
+        return ids
+
+    # ------------------------------------------------------------------ the thread
+
     def _run(self) -> None:
-        while True:
-            item = self._inbox.get()
-            if item is _STOP:
+        active: list[_JobState] = []
+        stopping = False
+        while not stopping or active:
+            stopping = self._admit(active, block=not active) or stopping
+            if stopping and not active:
                 return
+            self._poll_stops(active)
+            exact = [s for s in active if not _batched(s.opts)]
+            if exact:
+                state = min(exact, key=lambda s: (-s.job.priority, s.seq))
+                active.remove(state)
+                self._run_exact(state)
+                continue
+            if not active:
+                continue
+            active.sort(key=lambda s: (-s.job.priority, s.seq))
+            chosen = active[: self.max_in_flight]
+            try:
+                self._step_window(chosen)
+            except BaseException as exc:  # handed to the waiting tasks, never lost here
+                log.exception("engine batch failed")
+                for s in chosen:
+                    _fail(s, exc)
+                    active.remove(s)
+                continue
+            for s in chosen:
+                if s.done:
+                    active.remove(s)
+                    _succeed(s, s.result())
+
+    def _admit(self, active: list[_JobState], block: bool) -> bool:
+        """Move new jobs in; an idle engine waits up to max_wait for a batch to fill."""
+        deadline: float | None = None
+        stop = False
+        # Everything queued is admitted (cheap: the log-mel waits until the job is picked),
+        # so an interactive job that arrives behind bulk ones can be picked first.
+        while True:
+            try:
+                if block and not active:
+                    item = self._inbox.get()
+                    deadline = time.monotonic() + self.max_wait_s
+                else:
+                    try:  # whatever is already queued joins, however long admission took
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        full = len(active) >= self.max_in_flight
+                        left = -1.0 if deadline is None or full else deadline - time.monotonic()
+                        if left <= 0:
+                            raise
+                        item = self._inbox.get(timeout=left)
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+                break
             job, fut = item
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(self.transcribe(job))
-            except BaseException as exc:  # handed to the waiting task, never lost here
+                self._check(job.options)
+                active.append(_JobState(self, job, fut, next(self._seq)))
+            except BaseException as exc:
                 fut.set_exception(exc)
+        return stop
+
+    def _poll_stops(self, active: list[_JobState]) -> None:
+        for s in list(active):
+            if s.job.stop_check is None:
+                continue
+            try:
+                reason = s.job.stop_check()
+            except Exception as exc:  # a broken check must not take the batch down
+                active.remove(s)
+                _fail(s, exc)
+                continue
+            if reason:
+                active.remove(s)
+                _fail(s, EngineStopped(reason, max(0, round(s.runtime_s * 1000))))
+
+    # ------------------------------------------------------------------ batched windows
+
+    def _encode(self, mels: list[torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            mel = torch.stack(mels).to(self.device, self.dtype)
+            features: torch.Tensor = self.model.encoder(mel)
+            return features
+
+    def _timed(self, states: list[_JobState], weights: list[float], fn: Callable[[], Any]) -> Any:
+        """Run fn and charge its wall time to the jobs, in proportion to their weights."""
+        start = time.perf_counter()
+        out = fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - start
+        total = sum(weights) or 1.0
+        for s, w in zip(states, weights, strict=True):
+            s.runtime_s += wall * w / total
+        return out
+
+    def _with_oom_split(self, fn: Callable[[list[int]], list[Any]], idx: list[int]) -> list[Any]:
+        """Run fn over rows idx; out of memory splits the rows in two and retries each half."""
+        try:
+            return fn(idx)
+        except BaseException as exc:
+            if not _is_oom(exc) or len(idx) == 1:
+                raise
+            log.warning("out of memory at %d rows: splitting the batch", len(idx))
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(idx) // 2
+            return self._with_oom_split(fn, idx[:half]) + self._with_oom_split(fn, idx[half:])
+
+    def _detect(self, states: list[_JobState]) -> None:
+        from whisper.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer(
+            self.model.is_multilingual, num_languages=self.model.num_languages
+        )
+
+        def run(idx: list[int]) -> list[str]:
+            with torch.inference_mode():
+                sub = [states[i] for i in idx]
+                features = self._timed(
+                    sub, [1.0] * len(sub), lambda: self._encode([s.detection_mel() for s in sub])
+                )
+                _, probs = self._timed(
+                    sub,
+                    [1.0] * len(sub),
+                    lambda: self.model.detect_language(features, tokenizer),
+                )
+            return [max(p, key=p.get) for p in probs]
+
+        languages = self._with_oom_split(run, list(range(len(states))))
+        for s, lang in zip(states, languages, strict=True):
+            s.set_language(self, lang)
+
+    def _step_window(self, states: list[_JobState]) -> None:
+        """The current window of every job in `states`, decoded with fallback, in batches."""
+        for s in states:
+            s.prepare()
+        need = [s for s in states if s.tokenizer is None and s.language is None]
+        if need:
+            self._detect(need)
+        for s in states:
+            if s.tokenizer is None:
+                assert s.language is not None
+                s.set_language(self, s.language)
+        states = [s for s in states if not s.done]
+        if not states:
+            return
+        n_ctx = self.model.dims.n_text_ctx
+        mels = [s.next_window(n_ctx)[0] for s in states]
+
+        def encode(idx: list[int]) -> list[torch.Tensor]:
+            sub = [states[i] for i in idx]
+            feats = self._timed(sub, [1.0] * len(sub), lambda: self._encode([mels[i] for i in idx]))
+            return list(feats)
+
+        features = self._with_oom_split(encode, list(range(len(states))))
+        # temperature fallback: rows still failing re-decode at their next temperature
+        level = [0] * len(states)
+        final: list[_Decoded | None] = [None] * len(states)
+        pending = list(range(len(states)))
+        while pending:
+            decoded = self._with_oom_split(
+                lambda idx: self._decode_rows(states, features, level, idx), pending
+            )
+            still = []
+            for i, d in zip(pending, decoded, strict=True):
+                s = states[i]
+                if s.needs_fallback(d) and level[i] + 1 < len(s.temps):
+                    level[i] += 1
+                    still.append(i)
+                else:
+                    final[i] = d
+            pending = still
+        for s, d in zip(states, final, strict=True):
+            assert d is not None
+            start = time.perf_counter()
+            s.accept(d)
+            s.runtime_s += time.perf_counter() - start
+
+    def _decode_rows(
+        self,
+        states: list[_JobState],
+        features: list[torch.Tensor],
+        level: list[int],
+        idx: list[int],
+    ) -> list[_Decoded]:
+        sub = [states[i] for i in idx]
+        temps = [states[i].temps[level[i]] for i in idx]
+        rows = [s.row(self, t) for s, t in zip(sub, temps, strict=True)]
+        feats = torch.stack([features[i] for i in idx])
+        start = time.perf_counter()
+        results = self.decoder.decode(feats, rows, self.sample_len)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - start
+        # metering: a pass's wall time split by the decoder steps each row was live
+        total = sum(r.steps for r in results) or 1
+        out = []
+        for s, r, t in zip(sub, results, temps, strict=True):
+            s.runtime_s += wall * r.steps / total
+            out.append(s.to_decoded(r, t))
+        return out
+
+    # ------------------------------------------------------------------ exact path
+
+    def _run_exact(self, state: _JobState) -> None:
+        """Beam search / word timestamps: openai-whisper's transcribe(), one job, this thread."""
+        stop_check = state.job.stop_check
+
+        def at_window(*_: Any) -> None:
+            # every decode() encodes its window first: a window boundary
+            if stop_check is not None and (reason := stop_check()):
+                raise _StopAtWindowError(reason)
+
+        hook = self.model.encoder.register_forward_pre_hook(at_window)
+        start = time.perf_counter()
+        try:
+            out = self.transcribe(state.job)
+        except _StopAtWindowError as stop:
+            spent = state.runtime_s + time.perf_counter() - start
+            _fail(state, EngineStopped(stop.reason, round(spent * 1000)))
+        except BaseException as exc:
+            _fail(state, exc)
+        else:
+            raw = out.raw
+            state.runtime_s += time.perf_counter() - start
+            _succeed(state, _result_of(raw, len(state.job.audio), state.runtime_s))
+        finally:
+            hook.remove()
 
     def _check(self, opts: TranscribeOptions) -> None:
         if not self.model.is_multilingual and (
@@ -185,24 +723,36 @@ class Engine:
             )
 
     def transcribe(self, job: EngineJob) -> EngineResult:
+        """Sequential openai-whisper ``transcribe()`` of one job: the reference semantics."""
         import whisper
 
         opts = job.options
         self._check(opts)
         audio = torch.from_numpy(np.ascontiguousarray(job.audio, dtype=np.float32))
+        kwargs = opts.transcribe_kwargs(fp16=self.fp16)
+        if getattr(opts, "word_timestamps", False):
+            kwargs["word_timestamps"] = True
+            for name, default in _WORD_PUNCT_DEFAULTS.items():
+                kwargs.setdefault(name, getattr(opts, name, default))
         start = time.perf_counter()
         with torch.inference_mode():
-            out = whisper.transcribe(self.model, audio, **opts.transcribe_kwargs(fp16=self.fp16))
+            out = whisper.transcribe(self.model, audio, **kwargs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        runtime_ms = max(1, round((time.perf_counter() - start) * 1000))
-        segments = tuple(_segment(i, s) for i, s in enumerate(out["segments"]))
-        return EngineResult(
-            text=str(out["text"]).strip(),
-            segments=segments,
-            language=str(out["language"]),
-            runtime_ms=runtime_ms,
-            tokens_generated=sum(len(s["tokens"]) for s in out["segments"]),
-            tokens_input=math.ceil(len(job.audio) / SAMPLE_RATE * ENCODER_TOKENS_PER_SECOND),
-            raw=out,
-        )
+        return _result_of(out, len(job.audio), time.perf_counter() - start)
+
+
+class _StopAtWindowError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _succeed(state: _JobState, result: EngineResult) -> None:
+    if not state.fut.done():
+        state.fut.set_result(result)
+
+
+def _fail(state: _JobState, exc: BaseException) -> None:
+    if not state.fut.done():
+        state.fut.set_exception(exc)

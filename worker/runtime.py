@@ -44,7 +44,11 @@ def get_engine() -> Engine:
             model = load_model(
                 settings.model, device=device, download_root=settings.model_download_root
             )
-            _engine = Engine(model)
+            _engine = Engine(
+                model,
+                max_batch_rows=settings.engine_max_batch_rows,
+                max_wait_ms=settings.engine_max_wait_ms,
+            )
         return _engine
 
 

@@ -9,7 +9,6 @@ run, or when every key with work is at its in-flight cap. It is never acked and 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from concurrent.futures import Future
@@ -26,10 +25,10 @@ from app.models import JobStatus
 from app.notify import publish_done
 from app.queue import DELIVER_WEBHOOK, RUN_JOB, send_delivery
 from app.settings import Settings, get_settings
-from worker import deliveries, engine, jobs, runtime
+from worker import deliveries, jobs, runtime
 from worker.audio import load_job_audio
 from worker.celery_app import celery
-from worker.engine import EngineInputError, EngineJob, EngineResult
+from worker.engine import EngineInputError, EngineJob, EngineResult, EngineStopped
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,6 @@ SAMPLE_RATE = 16_000
 POLL_S = 0.25
 # With an engine that stops between windows, how long to let it reach the next one.
 ENGINE_STOP_WAIT_S = 60.0
-
-_stopped = getattr(engine, "EngineStopped", None)
-ENGINE_STOPPED: tuple[type[BaseException], ...] = (_stopped,) if _stopped else ()
-ENGINE_TAKES_STOP_CHECK = "stop_check" in {f.name for f in dataclasses.fields(EngineJob)}
 
 
 class JobFailed(Exception):  # noqa: N818 (it names the outcome Flower shows)
@@ -93,11 +88,16 @@ def _time_limit_s(audio: np.ndarray, settings: Settings) -> float:
     return job_time_limit_s(round(len(audio) * 1000 / SAMPLE_RATE), settings)
 
 
-def _engine_job(audio: np.ndarray, claimed: jobs.ClaimedJob, entry: runtime.InFlight) -> Any:
-    fields: dict[str, Any] = {"audio": audio, "options": claimed.options}
-    if ENGINE_TAKES_STOP_CHECK:
-        fields["stop_check"] = entry.stop_check
-    return EngineJob(**fields)
+def _engine_job(
+    audio: np.ndarray, claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings
+) -> EngineJob:
+    return EngineJob(
+        audio=audio,
+        options=claimed.options,
+        # Interactive rows go first into the engine's batch too.
+        priority=1 if claimed.queue == settings.queue_interactive else 0,
+        stop_check=entry.stop_check,
+    )
 
 
 def _wait(
@@ -122,9 +122,9 @@ def _wait(
         if entry.reason is None:
             continue
         stop_noticed = stop_noticed or now
-        # An engine that polls stop_check ends the run itself at its next window (and says
-        # what it used); an older one cannot be stopped, so the task lets go of it now.
-        if not ENGINE_TAKES_STOP_CHECK or now - stop_noticed > ENGINE_STOP_WAIT_S:
+        # The engine polls stop_check and ends the run at its next window, saying what it
+        # used; one that does not within the wait is let go of.
+        if now - stop_noticed > ENGINE_STOP_WAIT_S:
             future.cancel()
             return None
 
@@ -148,13 +148,13 @@ def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) 
     started = time.monotonic()
     ran_ms: int | None = None
     try:
-        future = runtime.get_engine().submit(_engine_job(audio, claimed, entry))
+        future = runtime.get_engine().submit(_engine_job(audio, claimed, entry, settings))
         out = _wait(future, entry, limit_s, settings)
     except EngineInputError as exc:
         return _fail(claimed, settings, exc.code, exc.message)
-    except ENGINE_STOPPED as exc:
-        entry.stop(str(getattr(exc, "reason", "") or runtime.STOP_SHUTDOWN))
-        ran_ms = int(getattr(exc, "runtime_ms", 0))
+    except EngineStopped as exc:
+        entry.stop(exc.reason or runtime.STOP_SHUTDOWN)
+        ran_ms = exc.runtime_ms
         out = None
     except Exception as exc:
         log.exception("job %s failed", claimed.id)

@@ -1,0 +1,198 @@
+"""The engine on a lent GPU, in one run: sequential ``whisper.transcribe()`` against the batched
+engine on the same model and audio, throughput (× real time) with WER beside it.
+
+Made for the GPU machine of ``../shared/gpu/README.md``: no ffmpeg, no database, no jiwer there,
+so it reads 16 kHz int16 ``.npy`` clips, the model from a checkpoint path, and computes WER
+itself. The clips are the three espeak-ng sentences ``pack.sh`` speaks (their texts are below)
+and long-form files built from them (30-50 s: several windows, prompts from earlier ones).
+
+    python3 -m bench.gpu_bench --model /tmp/gpukeep/tiny_en.pt --audio /tmp/gpukeep/audio
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.options import TranscribeOptions
+from worker.engine import Engine, EngineJob
+
+SAMPLE_RATE = 16_000
+# pack.sh's espeak-ng texts, keyed by the file it writes.
+TEXTS = {
+    "espeak0": "Good morning everyone. Today we will talk about the new product and the plans "
+    "for next year. Please ask questions at the end.",
+    "espeak1": "The quarterly report shows that sales grew in every region except the north, "
+    "where the weather delayed two of our largest shipments.",
+    "espeak2": "Please remember to lock the doors and switch off the lights when you leave the "
+    "office this evening.",
+}
+LONG_FORMS = (("espeak0", "espeak1", "espeak2"), ("espeak2", "espeak0", "espeak1", "espeak0"))
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    text: str
+    audio: np.ndarray
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+
+
+def corpus_wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    errors = total = 0
+    for ref, hyp in zip(refs, hyps, strict=True):
+        r, h = words(ref), words(hyp)
+        prev = list(range(len(h) + 1))
+        for i, rw in enumerate(r, 1):
+            cur = [i] + [0] * len(h)
+            for j, hw in enumerate(h, 1):
+                cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (rw != hw))
+            prev = cur
+        errors += prev[-1]
+        total += len(r)
+    return errors / max(total, 1)
+
+
+def load_corpus(audio_dir: Path) -> list[Clip]:
+    base = {p.stem: np.load(p).astype(np.float32) / 32768 for p in sorted(audio_dir.glob("*.npy"))}
+    missing = set(TEXTS) - set(base)
+    if missing:
+        raise SystemExit(f"gpu_bench: missing clips {sorted(missing)} in {audio_dir}")
+    gap = np.zeros(SAMPLE_RATE // 2, np.float32)
+    clips = [Clip(name, TEXTS[name], base[name]) for name in TEXTS]
+    for parts in LONG_FORMS:
+        audio = np.concatenate([x for p in parts for x in (base[p], gap)])
+        clips.append(Clip("+".join(parts), " ".join(TEXTS[p] for p in parts), audio))
+    return clips
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_sequential(
+    model: torch.nn.Module, clips: Sequence[Clip], opts: TranscribeOptions
+) -> list[str]:
+    import whisper
+
+    kwargs = opts.transcribe_kwargs(fp16=torch.cuda.is_available())
+    out = []
+    for clip in clips:
+        with torch.inference_mode():
+            out.append(
+                str(whisper.transcribe(model, torch.from_numpy(clip.audio), **kwargs)["text"])
+            )
+    sync()
+    return out
+
+
+def run_engine(engine: Engine, clips: Sequence[Clip], opts: TranscribeOptions) -> list[str]:
+    futures = [engine.submit(EngineJob(clip.audio, opts)) for clip in clips]
+    return [f.result().text for f in futures]
+
+
+def row(name: str, clips: Sequence[Clip], texts: Sequence[str], seconds: float) -> list[str]:
+    audio_s = sum(c.seconds for c in clips)
+    wer = corpus_wer([c.text for c in clips], texts)
+    return [
+        name,
+        str(len(clips)),
+        f"{audio_s:,.0f}",
+        f"{seconds:.2f}",
+        f"{audio_s / seconds:,.0f}",
+        f"{wer * 100:.2f}",
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import whisper
+
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_bench", description=__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--audio", required=True, type=Path)
+    parser.add_argument("--jobs", type=int, default=1024, help="files the engine transcribes")
+    parser.add_argument("--sequential-files", type=int, default=15)
+    parser.add_argument("--batch-rows", default="64,256,512")
+    parser.add_argument("--budget-s", type=float, default=300, help="skip configs past this")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = whisper.load_model(args.model, device=device)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    print(f"# whisperq engine on {name}, torch {torch.__version__}, {dt.date.today()}")
+    print(f"model {args.model} (multilingual={model.is_multilingual}); fp16={device == 'cuda'}")
+    variants = load_corpus(args.audio)
+    opts = TranscribeOptions()  # the hosted API's defaults: greedy, fallback, prompts on
+    seq_clips = [variants[i % len(variants)] for i in range(args.sequential_files)]
+    eng_clips = [variants[i % len(variants)] for i in range(args.jobs)]
+
+    headers = ["system", "files", "audio s", "wall s", "× real time", "WER %"]
+    rows: list[list[str]] = []
+    run_sequential(model, variants[:2], opts)  # warm-up: CUDA context, kernels, tokenizer
+    t = time.perf_counter()
+    seq_texts = run_sequential(model, seq_clips, opts)
+    seq_s = time.perf_counter() - t
+    rows.append(row("openai-whisper transcribe(), sequential", seq_clips, seq_texts, seq_s))
+    seq_rate = sum(c.seconds for c in seq_clips) / seq_s
+    reference = {c.name: text.strip() for c, text in zip(seq_clips, seq_texts, strict=True)}
+
+    ratios = []
+    for rows_n in [int(x) for x in args.batch_rows.split(",")]:
+        if time.monotonic() - started > args.budget_s:
+            print(f"(skipped max_batch_rows={rows_n}: over the {args.budget_s:.0f} s budget)")
+            continue
+        try:
+            engine = Engine(model, max_batch_rows=rows_n, max_wait_ms=5)
+            run_engine(engine, variants * 2, opts)  # warm-up
+            t = time.perf_counter()
+            texts = run_engine(engine, eng_clips, opts)
+            sync()
+            took = time.perf_counter() - t
+            engine.close(10)
+        except Exception as exc:  # print what broke, keep the rest of the table
+            print(f"engine max_batch_rows={rows_n} failed: {type(exc).__name__}: {exc}")
+            continue
+        rows.append(row(f"whisperq engine, max_batch_rows={rows_n}", eng_clips, texts, took))
+        same = sum(
+            text.strip() == reference.get(c.name) for c, text in zip(eng_clips, texts, strict=True)
+        )
+        rate = sum(c.seconds for c in eng_clips) / took
+        ratios.append(
+            f"rows={rows_n}: {rate / seq_rate:,.1f}× sequential, {same}/{len(eng_clips)} "
+            "texts identical to sequential transcribe() of the same file"
+        )
+        if device == "cuda":
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            ratios[-1] += f", peak GPU memory {peak:,.0f} MiB"
+    print()
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print()
+    for line in ratios:
+        print("- " + line)
+    print(f"(total {time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
