@@ -154,7 +154,9 @@ def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) 
         return _fail(claimed, settings, exc.code, exc.message)
     except EngineStopped as exc:
         entry.stop(exc.reason or runtime.STOP_SHUTDOWN)
-        ran_ms = exc.runtime_ms
+        # The engine's share of model time; a stop before it attributed any falls back to
+        # the wall time below.
+        ran_ms = exc.runtime_ms or None
         out = None
     except Exception as exc:
         log.exception("job %s failed", claimed.id)
