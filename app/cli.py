@@ -273,56 +273,78 @@ def _redis_up(url: str) -> bool:
         return False
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _own_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server for this stack alone (its own port and folder), so two stacks on one
+    machine never share a broker, workers or Flower."""
+    if shutil.which("redis-server") is None:
+        raise UserError("no redis-server to start (apt-get install redis-server)")
+    port = _free_port()
+    folder = data_dir / "redis"
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "noeviction",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        if _redis_up(url):
+            return proc, url
+        time.sleep(0.1)
+    proc.kill()
+    raise UserError(f"redis-server did not start on port {port}")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    """The whole stack on this machine: redis-server if none answers, SQLite, api, worker,
-    flower. Ctrl-C stops everything it started."""
+    """The whole stack on this machine: its own redis-server (unless WHISPERQ_REDIS_URL is
+    set), SQLite in the data dir, api, worker, flower. Ctrl-C stops everything it started."""
     settings = _settings()
     children: list[subprocess.Popen[bytes]] = []
     exe = [sys.executable, "-m", "app.cli"]
+    env = {**os.environ, "WHISPERQ_DATA_DIR": str(settings.data_dir)}
     try:
-        if not _redis_up(settings.redis_url):
-            if shutil.which("redis-server") is None:
-                print(
-                    "whisperq up: no Redis at WHISPERQ_REDIS_URL and no redis-server to start "
-                    "(apt-get install redis-server)",
-                    file=sys.stderr,
-                )
-                return 2
-            port = urlsplit(settings.redis_url).port or 6379
-            Path("var").mkdir(exist_ok=True)
-            children.append(
-                subprocess.Popen(
-                    [
-                        "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--maxmemory-policy",
-                        "noeviction",
-                        "--dir",
-                        "var",
-                    ]
-                )
-            )
-            for _ in range(50):
-                if _redis_up(settings.redis_url):
-                    break
-                time.sleep(0.1)
+        if "redis_url" in settings.model_fields_set:
+            if not _redis_up(settings.redis_url):
+                raise UserError(f"no Redis answers at WHISPERQ_REDIS_URL ({settings.redis_url})")
+            redis_line = f"your Redis at {settings.redis_url} (WHISPERQ_REDIS_URL)"
+        else:
+            redis_proc, url = _own_redis(settings.data_dir)
+            children.append(redis_proc)
+            env["WHISPERQ_REDIS_URL"] = url
+            redis_line = f"own redis-server at {url} (set WHISPERQ_REDIS_URL to use another)"
+        print(f"whisperq up: data in {settings.data_dir}", flush=True)
+        print(f"whisperq up: Redis: {redis_line}", flush=True)
         if cmd_migrate(args) != 0:
             return 1
-        children.append(subprocess.Popen([*exe, "worker"]))
-        children.append(subprocess.Popen([*exe, "flower", "--port", str(args.flower_port)]))
+        children.append(subprocess.Popen([*exe, "worker"], env=env))
         children.append(
-            subprocess.Popen([*exe, "api", "--host", args.host, "--port", str(args.port)])
+            subprocess.Popen([*exe, "flower", "--port", str(args.flower_port)], env=env)
+        )
+        children.append(
+            subprocess.Popen([*exe, "api", "--host", args.host, "--port", str(args.port)], env=env)
         )
         print(
-            f"whisperq: API http://{args.host}:{args.port}  Flower "
-            f"http://127.0.0.1:{args.flower_port}  (Ctrl-C stops)",
+            f"whisperq: API http://{args.host}:{args.port} (jobs page: /jobs, docs: /docs)  "
+            f"Flower http://127.0.0.1:{args.flower_port}  (Ctrl-C stops)",
             flush=True,
         )
         while all(c.poll() is None for c in children):
@@ -378,32 +400,46 @@ def build_parser() -> argparse.ArgumentParser:
     purge.set_defaults(func=cmd_purge)
 
     api = sub.add_parser("api", help="run the HTTP API")
-    api.add_argument("--host", default="127.0.0.1")
-    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    api.add_argument("--port", type=int, default=8000, help="port to listen on")
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="run a transcription worker")
-    worker.add_argument("--concurrency", type=int, default=0)
-    worker.add_argument("--queues", default="")
+    worker.add_argument(
+        "--concurrency", type=int, default=0, help="jobs in flight (WHISPERQ_WORKER_CONCURRENCY)"
+    )
+    worker.add_argument("--queues", default="", help="comma-separated queues (default: all)")
     worker.set_defaults(func=cmd_worker)
 
     flower = sub.add_parser("flower", help="run the Flower dashboard")
-    flower.add_argument("--host", default="127.0.0.1")
-    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument(
+        "--host", default="127.0.0.1", help="address; beyond loopback needs WHISPERQ_FLOWER_*"
+    )
+    flower.add_argument("--port", type=int, default=5555, help="port to listen on")
     flower.set_defaults(func=cmd_flower)
 
     model = sub.add_parser("model", help="model files").add_subparsers(
         dest="model_cmd", required=True
     )
     imp = model.add_parser("import-ct2", help="convert a CTranslate2 Whisper dir to a .pt")
-    imp.add_argument("src")
-    imp.add_argument("out")
+    imp.add_argument("src", help="CTranslate2 / faster-whisper model directory")
+    imp.add_argument("out", help="openai-whisper checkpoint (.pt) to write")
     imp.set_defaults(func=cmd_import_ct2)
 
-    up = sub.add_parser("up", help="run the whole stack locally (SQLite, local redis-server)")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--flower-port", type=int, default=5555)
+    up = sub.add_parser("up", help="run the whole stack locally (SQLite, its own redis-server)")
+    up.add_argument("--host", default="127.0.0.1", help="API address")
+    up.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("WHISPERQ_API_PORT") or 8000),
+        help="API port (env WHISPERQ_API_PORT; default 8000)",
+    )
+    up.add_argument(
+        "--flower-port",
+        type=int,
+        default=int(os.environ.get("WHISPERQ_FLOWER_PORT") or 5555),
+        help="Flower port on 127.0.0.1 (env WHISPERQ_FLOWER_PORT; default 5555)",
+    )
     up.set_defaults(func=cmd_up)
 
     from app.client_cli import add_client_commands  # submit, fetch: HTTP clients (issue 13)

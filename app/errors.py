@@ -74,7 +74,8 @@ class ErrorCode(StrEnum):
     job_already_finished = ("job_already_finished", 409, Fault.caller)
     job_in_progress = ("job_in_progress", 409, Fault.caller)
     job_deleted = ("job_deleted", 410, Fault.caller)
-    job_canceled = ("job_canceled", 409, Fault.caller)
+    canceled = ("canceled", 409, Fault.caller)  # ended on its owner's request
+    batch_canceled = ("batch_canceled", 409, Fault.caller)  # its batch was canceled
     job_still_running = ("job_still_running", 504, Fault.server)
     invalid_cursor = ("invalid_cursor", 422, Fault.caller)
     no_delivery = ("no_delivery", 409, Fault.caller)
@@ -96,11 +97,17 @@ class ErrorCode(StrEnum):
     invalid_idempotency_key = ("invalid_idempotency_key", 422, Fault.caller)
     idempotency_key_reused = ("idempotency_key_reused", 409, Fault.caller)
     idempotency_key_in_use = ("idempotency_key_in_use", 409, Fault.caller)
+    # Limits (issue 14)
+    rate_limited = ("rate_limited", 429, Fault.caller)
+    too_many_active_jobs = ("too_many_active_jobs", 429, Fault.caller)
+
     # Ours
     audio_missing = ("audio_missing", 500, Fault.server)  # the blob vanished from the store
     ffmpeg_missing = ("ffmpeg_missing", 500, Fault.server)
     queue_unavailable = ("queue_unavailable", 503, Fault.server)
     internal_error = ("internal_error", 500, Fault.server)
+    # The queue branch's worker: a job whose worker died on every attempt is failed with it.
+    worker_lost = ("worker_lost", 500, Fault.server)
 
     @classmethod
     def lookup(cls, code: str | None) -> ErrorCode | None:

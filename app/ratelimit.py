@@ -19,13 +19,11 @@ import time
 from functools import lru_cache
 
 import redis
-from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
 from app.db import session_scope
-from app.errors import ApiError
+from app.limits import LimitError
 from app.models import Job, JobStatus
 from app.settings import Settings
 
@@ -36,11 +34,11 @@ ACTIVE_RETRY_AFTER_S = 30
 _PREFIX = "whisperq:submit-rate"
 
 
-class RateLimitedError(ApiError):
+class RateLimitedError(LimitError):
     """A 429 that carries ``Retry-After``."""
 
     def __init__(self, code: str, message: str, *, retry_after_s: int) -> None:
-        super().__init__(429, code, message)
+        super().__init__(429, code, message, headers={"Retry-After": str(retry_after_s)})
         self.retry_after_s = retry_after_s
 
 
@@ -81,6 +79,9 @@ def _check_active(key_id: int, settings: Settings) -> None:
             select(func.count())
             .select_from(Job)
             .where(Job.api_key_id == key_id)
+            # A key's batch backlog (issue 13: tens of thousands queued) must not lock its
+            # single submissions out: batches are bounded by their own settings.
+            .where(Job.batch_id.is_(None))
             .where(Job.status.in_([JobStatus.queued, JobStatus.running]))
         )
     if (active or 0) >= cap:
@@ -99,11 +100,3 @@ def check_submission_limits_sync(key_id: int, settings: Settings) -> None:
 async def check_submission_limits(key_id: int, settings: Settings) -> None:
     """Raise :class:`RateLimitedError` (429) when this key may not submit now."""
     await run_in_threadpool(check_submission_limits_sync, key_id, settings)
-
-
-def install_rate_limit_handler(app: FastAPI) -> None:
-    @app.exception_handler(RateLimitedError)
-    async def _limited(_: Request, exc: RateLimitedError) -> JSONResponse:
-        return JSONResponse(
-            exc.body(), status_code=429, headers={"Retry-After": str(exc.retry_after_s)}
-        )

@@ -60,7 +60,10 @@ def check_url(value: str, *, field: str, allowlist: list[str]) -> str:
         validate_webhook_url(value, allow=AllowList.parse(allowlist))
     except UnsafeURLError as exc:
         code = exc.code if exc.code == "invalid_url" else f"{field}_{exc.code}"
-        raise ApiError(422, code, str(exc), field=field) from None
+        message = str(exc)
+        if exc.code == "forbidden_address":  # say which setting lets an operator allow it
+            message += f" (an operator may allow it in WHISPERQ_{field.upper()}_ALLOWLIST)"
+        raise ApiError(422, code, message, field=field) from None
     return value
 
 

@@ -33,6 +33,7 @@ from starlette.types import Message
 from app import blobs
 from app.audio_probe import AudioError, probe_duration_s
 from app.errors import ApiError
+from app.limits import LimitError
 from app.settings import Settings
 
 COPY_CHUNK = 1024 * 1024
@@ -53,11 +54,13 @@ def body_cap(settings: Settings) -> int:
 
 
 def too_large(settings: Settings) -> ApiError:
-    return ApiError(
+    # Connection: close, or the server would drain (read and discard) the rest of the body.
+    return LimitError(
         413,
         "audio_too_large",
         f"the request body is over the {settings.max_upload_bytes} byte upload limit",
         field="audio",
+        headers={"Connection": "close"},
     )
 
 

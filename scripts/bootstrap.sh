@@ -12,6 +12,9 @@ if [ "${WHISPERQ_BOOTSTRAP_TEST:-0}" = 1 ]; then
   command -v sox >/dev/null || need_apt+=(sox)
   command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
   command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+  # The browser test (tests/test_browser.py) drives Debian's chromium through Selenium.
+  command -v chromium >/dev/null || need_apt+=(chromium)
+  command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: apt-get install ${need_apt[*]}"

@@ -183,6 +183,15 @@ def test_patience_runs_whisper_beam_search(engine: Engine, passes: list[int]) ->
     assert (out.text, key(out)) == (ref.text, key(ref))
 
 
+def test_word_timestamps_run_whisper_transcribe(engine: Engine, passes: list[int]) -> None:
+    job = EngineJob(noise(5.0), options_of({"word_timestamps": "true", **NO_FALLBACK}))
+    out = engine.submit(job).result(timeout=300)
+    assert passes == []  # not the batched decoder: openai-whisper's own word alignment
+    assert out.segments and all(s.words is not None for s in out.segments)
+    ref = engine.transcribe(job)
+    assert [s.to_json() for s in out.segments] == [s.to_json() for s in ref.segments]
+
+
 def test_suppress_tokens_are_never_emitted(engine: Engine) -> None:
     first = run(engine, language="en", **NO_FALLBACK)
     emitted = [t for s in first.raw["segments"] for t in s["tokens"] if t < 50257]

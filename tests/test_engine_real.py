@@ -4,6 +4,7 @@ translation, batched)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,9 @@ def test_mixed_batch_matches_sequential_transcribe(tiny_en: Engine, tmp_path: Pa
         (LONG_ENGLISH, long, {"initial_prompt": prompt}),
         (ENGLISH, short, {"patience": "1.0"}),  # beam search: whisper's own decoder
     ]
-    # logprob_threshold=0 fails every decode: the whole temperature ladder is walked
-    fallback = EngineJob(short, parse_options({"logprob_threshold": "0"}))
+    # logprob_threshold=0 fails every decode: the whole temperature ladder is walked (set on
+    # the options directly: the API refuses thresholds that force every fallback)
+    fallback = EngineJob(short, dataclasses.replace(parse_options({}), logprob_threshold=0.0))
     jobs = [EngineJob(audio, parse_options(fields)) for _, audio, fields in greedy]
     futures = [tiny_en.submit(j) for j in [*jobs, fallback]]
     ours = [f.result(timeout=600) for f in futures]

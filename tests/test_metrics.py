@@ -3,6 +3,7 @@ parser and say what the database says; /healthz and /readyz answer on both."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +48,7 @@ def metered_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[W
         env={
             "WHISPERQ_WORKER_METRICS_PORT": str(port),
             "WHISPERQ_WORKER_METRICS_HOST": "127.0.0.1",
+            "WHISPERQ_LOG_FORMAT": "json",
         },
     )
     yield proc, port
@@ -56,7 +58,7 @@ def metered_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[W
 def test_metrics_equal_the_database(
     api: TestClient, metered_worker: tuple[WorkerProcess, int], receiver: Receiver
 ) -> None:
-    _worker, port = metered_worker
+    worker, port = metered_worker
     since: datetime = utcnow()
     key = new_key("metrics")
     ids = []
@@ -119,6 +121,18 @@ def test_metrics_equal_the_database(
         assert total(w, "whisperq_webhook_attempts_total", outcome=outcome) == count
     assert total(w, "whisperq_worker_model_loaded") == 1
 
+    # JSON logs: the job's request_id on the worker's lines and on each webhook attempt;
+    # never the key, the webhook secret or transcript text.
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    events = {(e.get("event"), e.get("request_id")) for e in lines}
+    assert ("job_finished", bad) in events and ("webhook_attempt", bad) in events
+    assert all(e["request_id"] == ids[0] for e in lines if ids[0] in e["msg"])
+    with session_scope() as session:
+        texts = [session.get(Job, i).result["text"] for i in ids]  # type: ignore[union-attr]
+    raw = worker.log()
+    assert key.key not in raw and key.webhook_secret not in raw
+    assert not [t for t in texts if len(t.strip()) > 8 and t.strip() in raw]
+
     # The API reports jobs by state and queue straight from the database, and queue depth.
     a = scrape(api.get("/metrics").text)
     with session_scope() as session:
@@ -158,3 +172,43 @@ def test_docs_are_served_offline(api: TestClient) -> None:
     assert "cdn." not in page and "/static/swagger/swagger-ui-bundle.js" in page
     js = api.get("/static/swagger/swagger-ui-bundle.js")
     assert js.status_code == 200 and len(js.content) > 100_000
+
+
+def test_api_logs_carry_the_request_id_and_mask_secrets(
+    api: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    import io
+    import logging
+
+    from app.logging import JsonFormatter, RequestIdFilter, mask
+
+    key = new_key("logs")
+    with caplog.at_level("INFO"):
+        r = api.post(
+            INFER,
+            headers={**auth(key), "X-Request-ID": "trace-123"},
+            files={"audio": ("a.wav", noise_wav(0.5))},
+            data={"webhook": "http://127.0.0.1:9/x"},
+        )
+    assert r.status_code == 202 and r.headers["x-request-id"] == "trace-123"
+    job_id = r.json()["request_id"]
+    accepted = [rec for rec in caplog.records if rec.getMessage() == "job accepted"]
+    assert [getattr(rec, "request_id", None) for rec in accepted] == [job_id]
+    access = [rec for rec in caplog.records if getattr(rec, "event", "") == "http_request"]
+    assert access and getattr(access[-1], "request_id", None) == "trace-123"
+    assert all(key.key not in rec.getMessage() for rec in caplog.records)
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("whisperq.test-json")
+    logger.addHandler(handler)
+    try:
+        logger.warning("presented %s and %s", key.key, key.webhook_secret, extra={"n": 3})
+    finally:
+        logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert key.key not in line["msg"] and key.webhook_secret not in line["msg"]
+    assert line["msg"].count("[redacted]") == 2 and line["n"] == 3 and line["level"] == "warning"
+    assert mask("Authorization: Bearer abc.def") == "Authorization: [redacted]"

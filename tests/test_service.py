@@ -346,6 +346,9 @@ def test_job_options_are_stored_as_sent(
         "compression_ratio_threshold": 2.0,
         "logprob_threshold": -2.0,
         "no_speech_threshold": 0.5,
+        "word_timestamps": False,
+        "prepend_punctuations": "\"'“¿([{-",
+        "append_punctuations": "\"'.。,，!！?？:：”)]}、",
     }
     assert wer(SPEECH, job["results"]["text"]) < 0.15
     assert json.loads(receiver.wait_for(1)[0].body)["request_id"] == job["request_id"]

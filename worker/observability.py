@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from celery import Celery
 from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from app import blobs
 from app.db import session_scope
@@ -28,26 +26,12 @@ from app.metrics import WorkerMetrics, worker_metrics
 from app.models import TERMINAL_STATUSES, Job, JobStatus, WebhookDelivery
 from app.queue import DELIVER_WEBHOOK, RUN_JOB
 from app.settings import Settings, get_settings
+from worker.gpu_metrics import GpuMemoryCollector
 
 log = logging.getLogger("whisperq.worker")
 METRICS = worker_metrics()
 _server: ThreadingHTTPServer | None = None
 _installed = False
-
-
-class GpuMemoryCollector(Collector):
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        import torch
-
-        if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-            return
-        fam = GaugeMetricFamily(
-            "whisperq_gpu_memory_bytes", "CUDA memory of this worker", labels=["device", "kind"]
-        )
-        for i in range(torch.cuda.device_count()):
-            fam.add_metric([str(i), "allocated"], float(torch.cuda.memory_allocated(i)))
-            fam.add_metric([str(i), "reserved"], float(torch.cuda.memory_reserved(i)))
-        yield fam
 
 
 METRICS.registry.register(GpuMemoryCollector())

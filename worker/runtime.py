@@ -17,7 +17,7 @@ from typing import Any
 from app.settings import Settings, get_settings
 from worker import jobs
 from worker.engine import Engine
-from worker.model_loading import load_model, pick_device
+from worker.model_loading import load_model_or_fallback, pick_device
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -40,8 +40,7 @@ def get_engine() -> Engine:
         if _engine is None:
             settings = get_settings()
             device = pick_device(settings.device)
-            log.info("loading Whisper model %r on %s", settings.model, device)
-            model = load_model(
+            model, _served = load_model_or_fallback(
                 settings.model, device=device, download_root=settings.model_download_root
             )
             _engine = Engine(

@@ -17,8 +17,10 @@ from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
 from app.db import utcnow
 from app.errors import ApiError, ErrorCode
 from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
+from app.notify import publish_done
 from app.queue import send_delivery
 from app.serialize import delivery_event, iso, job_status, job_summary, transcript_document
+from app.settings import Settings
 from app.transcripts import DEFAULT_LINE_WIDTH, to_srt, to_txt, to_vtt
 
 # Path and query parameters fail validation with our 422 shape, not FastAPI's default.
@@ -43,15 +45,23 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         created = datetime.fromisoformat(stamp)
         if created.tzinfo is None or not job_id.isalnum():
             raise ValueError(raw)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        created = created.astimezone(UTC)
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise ApiError.of(
             ErrorCode.invalid_cursor, "cursor is not one this API handed out", field="cursor"
         ) from None
     return created, job_id
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+def _utc(value: datetime | None, field: str) -> datetime | None:
+    """Aware UTC (naive means UTC); a time that has no UTC equivalent (year 1 at +01:00) is
+    the caller's 422, not an overflow deep in the driver."""
+    if value is None:
+        return None
+    try:
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+    except OverflowError:
+        raise ApiError.of(ErrorCode.invalid_request, "time out of range", field=field) from None
 
 
 @router.get(
@@ -80,9 +90,9 @@ def list_jobs(
     query = select(Job).where(Job.api_key_id == key.id)
     if status:
         query = query.where(Job.status.in_([str(s) for s in status]))
-    if (after := _aware(created_after)) is not None:
+    if (after := _utc(created_after, "created_after")) is not None:
         query = query.where(Job.created_at >= after)
-    if (before := _aware(created_before)) is not None:
+    if (before := _utc(created_before, "created_before")) is not None:
         query = query.where(Job.created_at < before)
     if cursor is not None:
         created, job_id = decode_cursor(cursor)
@@ -110,7 +120,7 @@ def get_job(job_id: str, key: CurrentKey, session: SessionDep) -> schemas.JobVie
 # --- cancel and delete ------------------------------------------------------------------
 
 
-def _cancel_queued(session: Session, job: Job) -> bool:
+def _cancel_queued(session: Session, job: Job, settings: Settings) -> bool:
     """Queued → canceled in one guarded UPDATE: if a worker claimed the row first, this
     matches nothing and the job is running, never both."""
     now = utcnow()
@@ -129,6 +139,7 @@ def _cancel_queued(session: Session, job: Job) -> bool:
         send_delivery(event.id)
     else:
         session.commit()
+    publish_done(job.id, redis_url=settings.redis_url)  # a sync caller waiting on it wakes
     return True
 
 
@@ -142,13 +153,13 @@ def _cancel_queued(session: Session, job: Job) -> bool:
     summary="Cancel a job",
 )
 def cancel_job(
-    job_id: str, key: CurrentKey, session: SessionDep, response: Response
+    job_id: str, key: CurrentKey, session: SessionDep, settings: SettingsDep, response: Response
 ) -> schemas.JobView:
     """A queued job is canceled at once and never runs. A running one is asked to stop: the
     worker drops it at its next 30-second window, charged for what ran, and it ends
     ``canceled`` (202 until then)."""
     job = owned_job(session, job_id=job_id, key=key)
-    if job.status == JobStatus.queued and not _cancel_queued(session, job):
+    if job.status == JobStatus.queued and not _cancel_queued(session, job, settings):
         session.refresh(job)  # a worker claimed it between our read and our UPDATE
     if job.status == JobStatus.running:
         session.execute(
@@ -172,13 +183,15 @@ def cancel_job(
     responses=schemas.error_responses(401, 404, 409),
     summary="Delete a job's audio, transcript and webhook bodies",
 )
-def delete_job(job_id: str, key: CurrentKey, session: SessionDep) -> schemas.JobView:
+def delete_job(
+    job_id: str, key: CurrentKey, session: SessionDep, settings: SettingsDep
+) -> schemas.JobView:
     """The audio blob, the transcript, the prompt and every webhook body are removed; the
     row stays with its status, times and metering, for billing. A queued job is canceled
     first; a running one must be canceled and ended first (409)."""
     job = owned_job(session, job_id=job_id, key=key)
     if job.status == JobStatus.queued:
-        _cancel_queued(session, job)
+        _cancel_queued(session, job, settings)
         session.refresh(job)
     if job.status in (JobStatus.queued, JobStatus.running):
         raise ApiError.of(

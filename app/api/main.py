@@ -15,8 +15,8 @@ from app.api.deps import completion_listener
 from app.api.ops import install_ops
 from app.api.outages import install_outage_handlers
 from app.errors import OPENAI_PATH_PREFIX, install_error_handlers
+from app.limits import install_limit_handler
 from app.logging import configure_logging
-from app.ratelimit import install_rate_limit_handler
 from app.settings import settings_or_exit
 
 
@@ -37,17 +37,56 @@ def get_openapi_doc(api: FastAPI) -> dict[str, Any]:
 
 
 def _drop_unsent_422(doc: dict[str, Any]) -> dict[str, Any]:
-    """FastAPI documents a 422 of its own validation shape on every route with parameters;
-    the OpenAI-compatible routes answer every invalid request with OpenAI's 400 instead."""
+    """FastAPI documents a 422 of its own validation shape on every route with parameters,
+    but app.errors answers validation errors in our error shape (OpenAI's 400 under
+    /v1/audio/); and every route behind an API key can answer 401. Document what is sent."""
+    ours = {"$ref": "#/components/schemas/ErrorResponse"}
+    openai = {"$ref": "#/components/schemas/OpenAIErrorResponse"}
     for path, ops in doc["paths"].items():
-        if path.startswith(OPENAI_PATH_PREFIX):
-            for op in ops.values():
-                op["responses"].pop("422", None)
+        is_openai = path.startswith(OPENAI_PATH_PREFIX)
+        for op in ops.values():
+            responses = op["responses"]
+            if is_openai:
+                responses.pop("422", None)
+            elif "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                responses["422"] = {
+                    "description": "Unprocessable Entity",
+                    "content": {"application/json": {"schema": ours}},
+                }
+            keyed = any(p.get("name") == "authorization" for p in op.get("parameters", []))
+            if keyed and "401" not in responses:
+                responses["401"] = {
+                    "description": "Unauthorized",
+                    "content": {"application/json": {"schema": openai if is_openai else ours}},
+                }
     text = json.dumps(doc["paths"])
     schemas_ = doc.get("components", {}).get("schemas", {})
     if "#/components/schemas/HTTPValidationError" not in text:
         schemas_.pop("HTTPValidationError", None)
         schemas_.pop("ValidationError", None)
+    return doc
+
+
+def _hoist_defs(doc: dict[str, Any]) -> dict[str, Any]:
+    """A schema embedded by hand (``model_json_schema()`` in ``responses=`` or
+    ``openapi_extra``) carries its own ``$defs`` with ``#/$defs/...`` refs, which resolve
+    against the document root and dangle there: move them into components."""
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for name, schema in node.pop("$defs", {}).items():
+                components.setdefault(name, schema)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc["paths"])
+    doc["paths"] = json.loads(
+        json.dumps(doc["paths"]).replace('"#/$defs/', '"#/components/schemas/')
+    )
     return doc
 
 
@@ -64,7 +103,7 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(api)
     install_outage_handlers(api)
-    install_rate_limit_handler(api)  # 429 with Retry-After (issue 14)
+    install_limit_handler(api)  # 413/429 with Connection: close / Retry-After (issue 14)
     install_ops(api)  # /healthz, /readyz, /metrics, /docs, access log (issue 16)
     api.include_router(inference.router)
     api.include_router(jobs.router)
@@ -75,7 +114,7 @@ def create_app() -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
-            api.openapi_schema = _drop_unsent_422(get_openapi_doc(api))
+            api.openapi_schema = _drop_unsent_422(_hoist_defs(get_openapi_doc(api)))
         return api.openapi_schema
 
     api.openapi = openapi  # type: ignore[method-assign]

@@ -8,6 +8,8 @@ interactive queue, metered and visible in ``GET /v1/jobs``; its id is in ``x-req
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -56,6 +58,16 @@ class CompatRequest:
             "response_format": self.response_format,
             "granularities": sorted(self.granularities),
         }
+
+
+@contextmanager
+def _openai_fields() -> Iterator[None]:
+    """Errors from the shared submission path name our fields; name the caller's."""
+    try:
+        yield
+    except ApiError as exc:
+        exc.field = OPENAI_FIELD.get(exc.field or "", exc.field)
+        raise
 
 
 def _invalid(field: str, message: str) -> ApiError:
@@ -115,18 +127,15 @@ async def _read(form: FormData, settings: Settings, *, task: str) -> CompatReque
         options = parse_options(fields)
     except OptionError as exc:
         raise _invalid(OPENAI_FIELD.get(exc.field, exc.field), exc.message) from None
-    try:
+    with _openai_fields():
         audio = await inference._read_audio(upload, settings)
-    except ApiError as exc:
-        exc.field = OPENAI_FIELD.get(exc.field or "", exc.field)
-        raise
     return CompatRequest(options, response_format, frozenset(granularities), audio)
 
 
 def _failure(job: Job) -> ApiError:
     headers = {"x-request-id": job.id}
     if job.status == JobStatus.canceled:
-        err = ApiError.of(ErrorCode.job_canceled, "the job was canceled")
+        err = ApiError.of(ErrorCode.canceled, "the job was canceled")
     elif job.status == JobStatus.failed:
         known = ErrorCode.lookup(job.error_code)
         status = known.status if known is not None and is_caller_fault(known) else 500
@@ -189,24 +198,25 @@ async def _serve(
         req = await _read(form, settings, task=task)
     finally:
         await form.close()
-    submitted = await run_in_threadpool(
-        lambda: idempotency.submit_once(
-            api_key_id=key.id,
-            key=idempotency.check_key(idempotency_key),
-            fingerprint=idempotency.fingerprint(
-                request.url.path, req.fingerprint_params(), req.audio
-            ),
-            submit=lambda: submit_job(
+    with _openai_fields():
+        submitted = await run_in_threadpool(
+            lambda: idempotency.submit_once(
                 api_key_id=key.id,
-                options=req.options,
-                audio=req.audio,
-                webhook_url=None,
-                queue=settings.queue_interactive,
-                settings=settings,
-            ),
-            ttl_s=settings.idempotency_ttl_s,
+                key=idempotency.check_key(idempotency_key),
+                fingerprint=idempotency.fingerprint(
+                    request.url.path, req.fingerprint_params(), req.audio
+                ),
+                submit=lambda: submit_job(
+                    api_key_id=key.id,
+                    options=req.options,
+                    audio=req.audio,
+                    webhook_url=None,
+                    queue=settings.queue_interactive,
+                    settings=settings,
+                ),
+                ttl_s=settings.idempotency_ttl_s,
+            )
         )
-    )
     if submitted.replayed and req.audio.blob is not None:
         blobs.delete_blob(req.audio.blob)  # this request's copy: the replayed job has its own
     done = await inference._wait_for(

@@ -123,9 +123,10 @@ def install_ops(app: FastAPI) -> None:
         return response
 
     try:
-        import swagger_ui_bundle
+        # fastapi-offline ships Swagger UI 5 (OpenAPI 3.1, which FastAPI emits) as files.
+        import fastapi_offline
 
-        assets: Path | None = Path(swagger_ui_bundle.swagger_ui_path)
+        assets: Path | None = Path(fastapi_offline.__file__).parent / "static"
     except ImportError:  # pragma: no cover (a dependency; CDN fallback keeps /docs alive)
         assets = None
     if assets is not None:
@@ -138,6 +139,6 @@ def install_ops(app: FastAPI) -> None:
             kwargs = {
                 "swagger_js_url": f"{SWAGGER_STATIC}/swagger-ui-bundle.js",
                 "swagger_css_url": f"{SWAGGER_STATIC}/swagger-ui.css",
-                "swagger_favicon_url": f"{SWAGGER_STATIC}/favicon-32x32.png",
+                "swagger_favicon_url": f"{SWAGGER_STATIC}/favicon.png",
             }
         return get_swagger_ui_html(openapi_url="/openapi.json", title="whisperq API", **kwargs)
