@@ -86,6 +86,16 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_api_key_id_created_at", "api_key_id", "created_at"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        # The claim: the oldest queued job of one key in one queue, and the keys with work.
+        Index(
+            "ix_jobs_status_queue_api_key_id_created_at",
+            "status",
+            "queue",
+            "api_key_id",
+            "created_at",
+        ),
+        # Fair share: when did each key last have a job started.
+        Index("ix_jobs_api_key_id_started_at", "api_key_id", "started_at"),
         Index("ix_jobs_batch_id_status", "batch_id", "status"),
         Index("ix_jobs_batch_id_created_at_id", "batch_id", "created_at", "id"),
         # One job per input of a batch, however often the client retries the upload.

@@ -31,7 +31,13 @@ def build_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # A worker's heartbeat keeps the messages it holds fresh; one that died has its
+        # messages put back after the visibility timeout, checked this often by every worker.
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": 1,
+        },
         worker_hijack_root_logger=False,
         worker_send_task_events=True,  # Flower
         task_send_sent_event=True,

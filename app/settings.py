@@ -114,13 +114,31 @@ class Settings(BaseSettings):
     queue_interactive: str = "interactive"
     queue_bulk: str = "bulk"
     queue_webhooks: str = "webhooks"
-    # Must exceed the longest job, or Redis hands a running job to a second worker.
-    visibility_timeout_s: int = 6 * 3600
-    job_lease_s: int = 3600
-    reaper_interval_s: float = 15.0
-    # A queued job not picked up for this long is sent to the broker again (Redis lost it).
-    requeue_after_s: float = 300.0
 
+    # Claims, leases and recovery (issues 11 and 13). Postgres is the truth, Redis only wakes
+    # workers up. A running job's lease is renewed by its worker's heartbeat every quarter
+    # lease, so a dead worker's job is taken up again about a lease after it died.
+    job_lease_s: int = Field(default=60, ge=4)
+    # A message held by a dead worker goes back to its queue after this long without the
+    # holder's heartbeat (the heartbeat refreshes it, so a long job is never redelivered).
+    visibility_timeout_s: int = Field(default=60, ge=4)
+    # How often each worker looks for such abandoned messages.
+    unacked_restore_interval_s: float = Field(default=10.0, gt=0)
+    reaper_interval_s: float = Field(default=10.0, gt=0)
+    # A queued job with no message left in Redis (a broker restart, flush or lost message) is
+    # re-sent once the shortfall has lasted this long. A job merely waiting is never re-sent.
+    requeue_after_s: float = Field(default=30.0, ge=0)
+    # A job whose worker died this many times (a poison job) is failed, not run again.
+    job_max_attempts: int = Field(default=3, ge=1)
+    # Jobs of one API key running at once across all workers; 0 means no cap.
+    key_max_in_flight: int = Field(default=0, ge=0)
+    # The wall-time limit of one run is job_time_limit_* (issue 14's block, app/limits.py).
+    # On SIGTERM a running job gets this long to finish before it is handed back (queued);
+    # compose's stop_grace_period must exceed it.
+    worker_stop_grace_s: float = Field(default=20.0, ge=0)
+    # Postgres unreachable: a worker waits this long before giving a message back to Redis,
+    # and retries a final save at this interval (doubling, at most 30 s).
+    db_retry_delay_s: float = Field(default=2.0, gt=0)
     # Webhooks
     webhook_timeout_s: float = 15.0
     webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(

@@ -369,11 +369,6 @@ def wait_status(api: TestClient, key: CreatedKey, job_id: str, status: str) -> N
     raise AssertionError(f"job {job_id} never became {status}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the queue engineer's worker change (jobs.cancel_requested_at honoured at "
-    "each window); the lead removes this marker at merge",
-)
 def test_a_running_long_job_ends_canceled_and_is_charged_for_what_ran(
     api: TestClient, worker: WorkerProcess, receiver: Receiver
 ) -> None:

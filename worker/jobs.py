@@ -1,24 +1,49 @@
-"""A job's life in the database, as the worker sees it: claim, then finish in one transaction.
+"""A job's life in the database, as the worker sees it: claim, heartbeat, then finish in one
+transaction.
 
-Jobs may run more than once (a redelivered message, a re-run after a lost lease). The claim
-and the guarded finish make that harmless: one stored result, one bill, one webhook event.
+A Redis message only says "there is work": the task claims the next job by policy
+(interactive before bulk, across API keys the one with the fewest jobs running, then the one
+served least recently), with ``FOR UPDATE SKIP LOCKED`` so concurrent claimers never wait on
+each other. Jobs may still run more than once (a worker that died, a lease lost to a stall):
+the lease, the attempt number and the guarded finish make that harmless, with one stored
+result, one bill and one webhook event.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy.orm import Session
 
 from app.db import session_scope, utcnow
 from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
 from app.options import TranscribeOptions
 from app.serialize import webhook_payload
 from app.settings import Settings
+
+WORKER_LOST = "worker_lost"
+HOST = socket.gethostname()
+
+# The keys with queued work in one queue, one index probe per key (a loose index scan) rather
+# than a scan of the whole backlog: a claim costs the same with 20 or 20,000 jobs waiting.
+_KEYS_WITH_WORK = text(
+    """
+    WITH RECURSIVE k(id) AS (
+        SELECT min(api_key_id) FROM jobs WHERE status = :status AND queue = :queue
+        UNION ALL
+        SELECT (SELECT min(api_key_id) FROM jobs
+                WHERE status = :status AND queue = :queue AND api_key_id > k.id)
+        FROM k WHERE k.id IS NOT NULL
+    )
+    SELECT id FROM k WHERE id IS NOT NULL
+    """
+)
 
 
 @dataclass(frozen=True)
@@ -28,29 +53,94 @@ class ClaimedJob:
     options: TranscribeOptions
     audio_blob: str | None
     audio_url: str | None
+    queue: str = ""
+    input_length_ms: int | None = None
 
 
-def claim(job_id: str, *, settings: Settings) -> ClaimedJob | None:
-    now = utcnow()
+@dataclass(frozen=True)
+class ClaimResult:
+    job: ClaimedJob | None
+    # Queued work exists but every key that has some is at its in-flight cap.
+    capped: bool = False
+
+
+def _fair_order(session: Session, keys: list[int], running: dict[int, int]) -> list[int]:
+    if len(keys) < 2:
+        return keys
+    last_started: dict[int, datetime | None] = {}
+    for key in keys:
+        last_started[key] = session.scalar(
+            select(func.max(Job.started_at)).where(Job.api_key_id == key)
+        )
+    floor = datetime.min
+    return sorted(
+        keys,
+        key=lambda k: (running.get(k, 0), (last_started[k] or floor).replace(tzinfo=None), k),
+    )
+
+
+def claim_next(*, queues: Sequence[str], settings: Settings, worker: str = HOST) -> ClaimResult:
+    """Start the next job by policy, or return none (nothing queued, or all keys capped)."""
+    capped = False
     with session_scope() as session:
-        row = session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .where(
-                or_(
-                    Job.status == JobStatus.queued,
-                    and_(Job.status == JobStatus.running, Job.lease_expires_at < now),
+        running: dict[int, int] = {
+            key: n
+            for key, n in session.execute(
+                select(Job.api_key_id, func.count())
+                .where(Job.status == JobStatus.running)
+                .group_by(Job.api_key_id)
+            ).all()
+        }
+        for queue in queues:
+            keys = [
+                k
+                for (k,) in session.execute(
+                    _KEYS_WITH_WORK, {"status": JobStatus.queued.value, "queue": queue}
+                ).all()
+            ]
+            cap = settings.key_max_in_flight
+            eligible = [k for k in keys if not cap or running.get(k, 0) < cap]
+            capped = capped or len(eligible) < len(keys)
+            for key in _fair_order(session, eligible, running):
+                job_id = session.scalar(
+                    select(Job.id)
+                    .where(Job.status == JobStatus.queued, Job.queue == queue)
+                    .where(Job.api_key_id == key)
+                    .order_by(Job.created_at)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
                 )
-            )
-            .values(
-                status=JobStatus.running,
-                started_at=now,
-                attempts=Job.attempts + 1,
-                lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
-                worker=socket.gethostname(),
-            )
-            .returning(Job.attempts, Job.options, Job.audio_blob, Job.audio_url)
-        ).one_or_none()
+                if job_id is None:
+                    continue  # all of this key's queued jobs are being claimed right now
+                claimed = _start(session, job_id, settings=settings, worker=worker)
+                if claimed is not None:
+                    return ClaimResult(claimed)
+    return ClaimResult(None, capped=capped)
+
+
+def _start(session: Session, job_id: str, *, settings: Settings, worker: str) -> ClaimedJob | None:
+    """queued → running with a fresh lease and the next attempt number. Guarded even after
+    ``FOR UPDATE``: SQLite has no row locks, and a cancel may have won the row."""
+    now = utcnow()
+    row = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued)
+        .values(
+            status=JobStatus.running,
+            started_at=now,
+            attempts=Job.attempts + 1,
+            lease_expires_at=now + timedelta(seconds=settings.job_lease_s),
+            worker=worker,
+        )
+        .returning(
+            Job.attempts,
+            Job.options,
+            Job.audio_blob,
+            Job.audio_url,
+            Job.queue,
+            Job.input_length_ms,
+        )
+    ).one_or_none()
     if row is None:
         return None
     return ClaimedJob(
@@ -59,19 +149,111 @@ def claim(job_id: str, *, settings: Settings) -> ClaimedJob | None:
         options=TranscribeOptions.from_json(row.options),
         audio_blob=row.audio_blob,
         audio_url=row.audio_url,
+        queue=row.queue,
+        input_length_ms=row.input_length_ms,
     )
 
 
-def renew_lease(claimed: ClaimedJob, *, settings: Settings) -> bool:
-    """Keep the job ours while it runs; False when another run has taken it over."""
+def claim(job_id: str, *, settings: Settings, worker: str = HOST) -> ClaimedJob | None:
+    """Start one given job if it is still queued (tools and tests; tasks use claim_next)."""
     with session_scope() as session:
-        renewed = session.execute(
+        return _start(session, job_id, settings=settings, worker=worker)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    renewed: frozenset[str]  # still ours
+    cancel_requested: frozenset[str]  # ours, and a cancel was asked for
+
+
+def renew_leases(claimed: Sequence[ClaimedJob], *, settings: Settings) -> Heartbeat:
+    """One statement for all of this worker's running jobs: extend the leases still ours."""
+    if not claimed:
+        return Heartbeat(frozenset(), frozenset())
+    ours = or_(*(and_(Job.id == c.id, Job.attempts == c.attempt) for c in claimed))
+    with session_scope() as session:
+        rows = session.execute(
+            update(Job)
+            # A lease that ran out during a stall (Postgres down) is taken back as long as
+            # nobody claimed the job since: the attempt number says so.
+            .where(ours, Job.status.in_([JobStatus.running, JobStatus.queued]))
+            .values(
+                status=JobStatus.running,
+                lease_expires_at=utcnow() + timedelta(seconds=settings.job_lease_s),
+            )
+            .returning(Job.id, Job.cancel_requested_at)
+        ).all()
+    return Heartbeat(
+        renewed=frozenset(r.id for r in rows),
+        cancel_requested=frozenset(r.id for r in rows if r.cancel_requested_at is not None),
+    )
+
+
+def hand_back(claimed: ClaimedJob) -> bool:
+    """Give a job this worker will not finish back to the queue at once (shutdown). The
+    attempt is not counted: the job did not kill anyone."""
+    with session_scope() as session:
+        done = session.execute(
             update(Job)
             .where(Job.id == claimed.id, Job.status == JobStatus.running)
             .where(Job.attempts == claimed.attempt)
-            .values(lease_expires_at=utcnow() + timedelta(seconds=settings.job_lease_s))
+            .values(
+                status=JobStatus.queued,
+                attempts=Job.attempts - 1,
+                lease_expires_at=None,
+                worker=None,
+                enqueued_at=utcnow(),
+            )
         )
-        return bool(renewed.rowcount)  # type: ignore[attr-defined]
+        return bool(done.rowcount)  # type: ignore[attr-defined]
+
+
+def _finish_row(
+    session: Session,
+    job: Job,
+    *,
+    status: JobStatus,
+    settings: Settings,
+    result: dict[str, Any] | None = None,
+    input_length_ms: int | None = None,
+    runtime_ms: int = 0,
+    tokens_generated: int = 0,
+    tokens_input: int = 0,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> str | None:
+    job.status = status
+    job.finished_at = utcnow()
+    job.lease_expires_at = None
+    job.result = result
+    if input_length_ms is not None:
+        job.input_length_ms = input_length_ms
+    job.runtime_ms = runtime_ms
+    job.cost = round(runtime_ms / 1000 * settings.price_per_second, 10)
+    job.tokens_generated = tokens_generated
+    job.tokens_input = tokens_input
+    job.error_code = error_code
+    job.error_message = error_message
+    if job.webhook_url is None:
+        return None
+    # The event is written with the result, so it cannot be lost between the two.
+    delivery = WebhookDelivery(
+        job_id=job.id,
+        url=job.webhook_url,
+        body=json.dumps(webhook_payload(job)),
+        status=DeliveryStatus.pending,
+        next_attempt_at=job.finished_at,
+        dispatched_at=job.finished_at,
+    )
+    session.add(delivery)
+    session.flush()
+    return delivery.id
+
+
+@dataclass(frozen=True)
+class Finished:
+    stored: bool
+    delivery_id: str | None = None
 
 
 def finish(
@@ -86,35 +268,121 @@ def finish(
     tokens_input: int = 0,
     error_code: str | None = None,
     error_message: str | None = None,
-) -> str | None:
-    """Store the outcome unless another run took the job over; returns a delivery id to send."""
+) -> Finished:
+    """Store the outcome unless another run took the job over.
+
+    The guard is the attempt number: a run may finish its job while it is ``running`` or,
+    after its lease ran out, ``queued`` again but not yet claimed by anyone else (a stall
+    or a Postgres outage longer than the lease), never once a newer run claimed it."""
     with session_scope() as session:
         job = session.get(Job, claimed.id, with_for_update=True)
-        if job is None or job.status != JobStatus.running or job.attempts != claimed.attempt:
-            return None  # canceled, or a newer run owns it now
-        job.status = status
-        job.finished_at = utcnow()
-        job.lease_expires_at = None
-        job.result = result
-        if input_length_ms is not None:
-            job.input_length_ms = input_length_ms
-        job.runtime_ms = runtime_ms
-        job.cost = round(runtime_ms / 1000 * settings.price_per_second, 10)
-        job.tokens_generated = tokens_generated
-        job.tokens_input = tokens_input
-        job.error_code = error_code
-        job.error_message = error_message
-        if job.webhook_url is None:
-            return None
-        # The event is written with the result, so it cannot be lost between the two.
-        delivery = WebhookDelivery(
-            job_id=job.id,
-            url=job.webhook_url,
-            body=json.dumps(webhook_payload(job)),
-            status=DeliveryStatus.pending,
-            next_attempt_at=job.finished_at,
-            dispatched_at=job.finished_at,
+        if (
+            job is None
+            or job.status not in (JobStatus.running, JobStatus.queued)
+            or job.attempts != claimed.attempt
+        ):
+            return Finished(stored=False)  # canceled, or a newer run owns it now
+        delivery_id = _finish_row(
+            session,
+            job,
+            status=status,
+            settings=settings,
+            result=result,
+            input_length_ms=input_length_ms,
+            runtime_ms=runtime_ms,
+            tokens_generated=tokens_generated,
+            tokens_input=tokens_input,
+            error_code=error_code,
+            error_message=error_message,
         )
-        session.add(delivery)
-        session.flush()
-        return delivery.id
+        return Finished(stored=True, delivery_id=delivery_id)
+
+
+@dataclass(frozen=True)
+class Expired:
+    requeued: list[tuple[str, str]]  # (job id, queue): back to queued, to be run again
+    # (job id, delivery id): ended here, out of attempts (or canceled meanwhile)
+    failed: list[tuple[str, str | None]]
+
+
+def expire_leases(settings: Settings, *, limit: int = 500) -> Expired:
+    """Jobs whose worker stopped renewing: queued again, or failed once out of attempts."""
+    now = utcnow()
+    requeued: list[tuple[str, str]] = []
+    failed: list[tuple[str, str | None]] = []
+    with session_scope() as session:
+        rows = session.scalars(
+            select(Job)
+            .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job in rows:
+            if job.cancel_requested_at is not None:
+                # Canceled while its worker died: it ends here, never runs again.
+                delivery_id = _finish_row(
+                    session,
+                    job,
+                    status=JobStatus.canceled,
+                    settings=settings,
+                    error_code="canceled",
+                    error_message="canceled on request while running",
+                )
+                failed.append((job.id, delivery_id))
+            elif job.attempts >= settings.job_max_attempts:
+                delivery_id = _finish_row(
+                    session,
+                    job,
+                    status=JobStatus.failed,
+                    settings=settings,
+                    error_code=WORKER_LOST,
+                    error_message=(
+                        f"the worker running this job stopped {job.attempts} times; it was "
+                        "not run again (a job that crashes its worker every time)"
+                    ),
+                )
+                failed.append((job.id, delivery_id))
+            else:
+                job.status = JobStatus.queued
+                job.lease_expires_at = None
+                job.worker = None
+                job.enqueued_at = now
+                requeued.append((job.id, job.queue))
+    return Expired(requeued=requeued, failed=failed)
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    queued: dict[str, int]
+    running: int
+
+
+def queue_counts(queues: Sequence[str]) -> QueueCounts:
+    """Queued jobs per queue and running jobs in all, read in one snapshot."""
+    with session_scope() as session:
+        rows = session.execute(
+            select(Job.status, Job.queue, func.count())
+            .where(Job.status.in_([JobStatus.queued, JobStatus.running]))
+            .where(Job.queue.in_(list(queues)))
+            .group_by(Job.status, Job.queue)
+        ).all()
+    queued = dict.fromkeys(queues, 0)
+    running = 0
+    for status, queue, n in rows:
+        if status == JobStatus.queued:
+            queued[queue] = n
+        else:
+            running += n
+    return QueueCounts(queued=queued, running=running)
+
+
+def oldest_queued(queue: str, n: int) -> list[str]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(Job.id)
+                .where(Job.status == JobStatus.queued, Job.queue == queue)
+                .order_by(Job.created_at)
+                .limit(n)
+            ).all()
+        )

@@ -1,95 +1,233 @@
-"""Postgres is the truth, Redis only a wake-up signal: find work the broker lost and send it
-again. Duplicate sends are harmless because every task claims its row first."""
+"""Postgres is the truth, Redis only a wake-up signal. Every worker runs this loop:
+
+- jobs whose lease ran out (their worker died) go back to ``queued``, or to ``failed`` once
+  they have used up their attempts (a poison job);
+- one worker (the leader, a Redis key with a TTL) compares the jobs waiting in Postgres with
+  the wake-ups that exist in Redis, and sends only the difference, once it has lasted
+  ``requeue_after_s``. A job merely waiting in a long queue is never sent twice;
+- due webhook deliveries nobody took are sent again.
+
+The count of wake-ups: messages waiting in the job queues, plus messages workers hold
+(kombu's ``unacked`` hash), minus the held ones already spent on a running job. Workers
+refresh what they hold on every heartbeat, so a dead worker's messages go back to their queue
+after ``visibility_timeout_s`` and count as waiting again.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
 from app.db import session_scope, utcnow
-from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
+from app.models import DeliveryStatus, WebhookDelivery
 from app.queue import send_delivery, send_job
 from app.settings import Settings
+from worker import jobs
 
 log = logging.getLogger(__name__)
 
+# kombu's Redis transport: a queue is a list, with one more list per priority step.
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+UNACKED = "unacked"
 
-def sweep(settings: Settings) -> tuple[int, int]:
-    """Re-send lost jobs and deliveries; returns how many of each."""
+
+def expire_and_dispatch(settings: Settings) -> int:
+    """Expire dead workers' leases; returns how many jobs went back to the queue."""
+    from worker.tasks import notify_done
+
+    expired = jobs.expire_leases(settings)
+    for job_id, delivery_id in expired.failed:
+        log.warning("job %s failed: its worker died %d times", job_id, settings.job_max_attempts)
+        notify_done(job_id, settings)
+        if delivery_id is not None:
+            send_delivery(delivery_id)
+    if expired.requeued:
+        log.info("reaper: %d jobs whose worker stopped are queued again", len(expired.requeued))
+    return len(expired.requeued)
+
+
+@dataclass(frozen=True)
+class BrokerCounts:
+    waiting: dict[str, int]  # messages in each job queue
+    held: int  # job messages taken by workers and not yet acked
+
+
+def broker_counts(client: Any, queues: Sequence[str]) -> BrokerCounts:
+    """One atomic read (MULTI) of the job queues' lengths and the held messages."""
+    pipe = client.pipeline(transaction=True)
+    for queue in queues:
+        pipe.llen(queue)
+        for step in PRIORITY_STEPS:
+            pipe.llen(f"{queue}{PRIORITY_SEP}{step}")
+    pipe.hvals(UNACKED)
+    replies = pipe.execute()
+    per_queue = 1 + len(PRIORITY_STEPS)
+    waiting = {
+        queue: sum(replies[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(queues)
+    }
+    held = 0
+    for raw in replies[-1]:
+        try:
+            _payload, _exchange, routing_key = json.loads(raw)
+        except (ValueError, TypeError):
+            continue
+        held += routing_key in queues
+    return BrokerCounts(waiting=waiting, held=held)
+
+
+@dataclass
+class Shortfall:
+    """A shortfall must last ``requeue_after_s`` (and two looks) before it is acted on: a
+    message between BRPOP and the unacked hash, or a job committed but not yet sent, is
+    missing for a moment without being lost."""
+
+    since: float | None = None
+    floor: int = 0
+
+    def observe(self, missing: int, now: float, window_s: float) -> int:
+        if missing <= 0:
+            self.since = None
+            return 0
+        if self.since is None:
+            self.since, self.floor = now, missing
+            return 0
+        self.floor = min(self.floor, missing)
+        if now - self.since < window_s:
+            return 0
+        self.since = None
+        return self.floor
+
+
+def missing_messages(settings: Settings, client: Any) -> tuple[int, dict[str, int], BrokerCounts]:
+    queues = [settings.queue_interactive, settings.queue_bulk]
+    # Redis first, then Postgres: a claim or finish between the two reads can only make the
+    # count look higher than it is (never invent a shortfall).
+    broker = broker_counts(client, queues)
+    counts = jobs.queue_counts(queues)
+    wakeups = sum(broker.waiting.values()) + broker.held - counts.running
+    return sum(counts.queued.values()) - wakeups, counts.queued, broker
+
+
+def top_up(settings: Settings, client: Any, shortfall: Shortfall) -> int:
+    """Send as many wake-ups as Redis lost, interactive first; returns how many."""
+    missing, queued, broker = missing_messages(settings, client)
+    n = shortfall.observe(missing, time.monotonic(), settings.requeue_after_s)
+    if n <= 0:
+        return 0
+    interactive, bulk = settings.queue_interactive, settings.queue_bulk
+    to_interactive = min(n, max(0, queued[interactive] - broker.waiting[interactive]))
+    for queue, count in ((interactive, to_interactive), (bulk, n - to_interactive)):
+        if count <= 0:
+            continue
+        hints = jobs.oldest_queued(queue, count)
+        for i in range(count):
+            send_job(hints[i] if i < len(hints) else "", queue=queue)
+    log.info("reaper re-sent %d jobs (their messages were missing from Redis)", n)
+    return n
+
+
+def is_leader(client: Any, key: str, me: str, ttl_s: int) -> bool:
+    if client.set(key, me, nx=True, ex=ttl_s):
+        return True
+    if client.get(key) == me.encode():
+        client.expire(key, ttl_s)
+        return True
+    return False
+
+
+def resend_deliveries(settings: Settings) -> int:
+    """Due webhook deliveries that no worker took (their message was lost) go out again."""
     now = utcnow()
-    stale = now - timedelta(seconds=settings.requeue_after_s)
+    grace = timedelta(seconds=max(settings.reaper_interval_s, 1.0) * 2)
+    not_recently_sent = or_(
+        WebhookDelivery.dispatched_at.is_(None), WebhookDelivery.dispatched_at < now - grace
+    )
     with session_scope() as session:
-        jobs = session.execute(
-            select(Job.id, Job.queue)
-            .where(
-                or_(
-                    and_(Job.status == JobStatus.queued, Job.enqueued_at < stale),
-                    and_(
-                        Job.status == JobStatus.running,
-                        Job.lease_expires_at < now,
-                        Job.enqueued_at < stale,
-                    ),
-                )
-            )
-            .limit(500)
-            .with_for_update(skip_locked=True)
-        ).all()
-        if jobs:
-            session.execute(
-                update(Job).where(Job.id.in_([j.id for j in jobs])).values(enqueued_at=now)
-            )
-        grace = timedelta(seconds=max(settings.reaper_interval_s, 1.0) * 2)
-        deliveries = session.scalars(
+        due = session.scalars(
             select(WebhookDelivery.id)
             .where(
                 or_(
                     and_(
                         WebhookDelivery.status == DeliveryStatus.pending,
                         WebhookDelivery.next_attempt_at <= now,
-                        or_(
-                            WebhookDelivery.dispatched_at.is_(None),
-                            WebhookDelivery.dispatched_at < now - grace,
-                        ),
+                        not_recently_sent,
                     ),
                     and_(
                         WebhookDelivery.status == DeliveryStatus.sending,
                         WebhookDelivery.lease_expires_at < now,
-                        or_(
-                            WebhookDelivery.dispatched_at.is_(None),
-                            WebhookDelivery.dispatched_at < now - grace,
-                        ),
+                        not_recently_sent,
                     ),
                 )
             )
             .limit(500)
             .with_for_update(skip_locked=True)
         ).all()
-        if deliveries:
+        if due:
             session.execute(
-                update(WebhookDelivery)
-                .where(WebhookDelivery.id.in_(deliveries))
-                .values(dispatched_at=now)
+                update(WebhookDelivery).where(WebhookDelivery.id.in_(due)).values(dispatched_at=now)
             )
-    for job in jobs:
-        send_job(job.id, queue=job.queue)
-    for delivery_id in deliveries:
+    for delivery_id in due:
         send_delivery(delivery_id)
-    if jobs or deliveries:
-        log.info("reaper re-sent %d jobs and %d webhook deliveries", len(jobs), len(deliveries))
-    return len(jobs), len(deliveries)
+    if due:
+        log.info("reaper re-sent %d webhook deliveries", len(due))
+    return len(due)
+
+
+class Reaper:
+    def __init__(self, settings: Settings, client: Any) -> None:
+        self.settings = settings
+        self.client = client
+        self.me = uuid.uuid4().hex
+        self.leader_key = f"whisperq:reaper:leader:{settings.queue_interactive}"
+        self.shortfall = Shortfall()
+
+    def sweep(self) -> int:
+        """One pass; returns how many job messages were re-sent."""
+        expire_and_dispatch(self.settings)
+        resent = 0
+        ttl = max(3, round(self.settings.reaper_interval_s * 3))
+        if is_leader(self.client, self.leader_key, self.me, ttl):
+            resent = top_up(self.settings, self.client, self.shortfall)
+        else:
+            self.shortfall = Shortfall()
+        resend_deliveries(self.settings)
+        return resent
 
 
 def start_reaper(settings: Settings, stop: threading.Event) -> threading.Thread:
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    reaper = Reaper(settings, client)
+
     def loop() -> None:
         while not stop.wait(settings.reaper_interval_s):
             try:
-                sweep(settings)
+                reaper.sweep()
             except Exception:  # a DB or broker hiccup must not kill the loop
                 log.exception("reaper sweep failed")
 
     thread = threading.Thread(target=loop, name="whisperq-reaper", daemon=True)
     thread.start()
     return thread
+
+
+def recovery_bound_s(settings: Settings) -> float:
+    """Worst case from a worker's death to the next claim of the job it was running."""
+    if settings.job_lease_s <= settings.visibility_timeout_s:
+        # The dead worker's message comes back once its lease has run out too (the heartbeat
+        # renews the lease just before refreshing the message): that message's claim
+        # expires the lease and takes the job.
+        return settings.visibility_timeout_s + settings.unacked_restore_interval_s
+    # The message may come back too early to help: the reaper expires the lease and tops up.
+    return settings.job_lease_s + 2 * settings.reaper_interval_s + settings.requeue_after_s

@@ -1,17 +1,37 @@
-"""The one engine of this worker process, created on first use (after any fork)."""
+"""Per worker process: the one engine, the claim slots, the jobs in flight and their
+heartbeat, and the shutdown flag.
+
+A task claims a job only once it holds a slot, and there are as many slots as the engine runs
+jobs at once: a job is never claimed to wait behind others, so a worker that dies strands
+nothing it had not started (the messages it merely held go back to Redis, see below).
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
-from app.settings import get_settings
+from app.settings import Settings, get_settings
+from worker import jobs
 from worker.engine import Engine
 from worker.model_loading import load_model_or_fallback, pick_device
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _engine: Engine | None = None
+_slots: threading.BoundedSemaphore | None = None
+
+# Set by SIGTERM (Celery's warm shutdown): tasks waiting for a slot give their message back,
+# running ones finish within the grace period or hand their job back.
+stopping = threading.Event()
+
+STOP_CANCELED = "canceled"
+STOP_TIME_LIMIT = "time_limit_exceeded"
+STOP_SHUTDOWN = "shutdown"
+STOP_LEASE_LOST = "lease_lost"
 
 
 def get_engine() -> Engine:
@@ -29,3 +49,149 @@ def get_engine() -> Engine:
                 max_wait_ms=settings.engine_max_wait_ms,
             )
         return _engine
+
+
+def engine_slots(engine: object) -> int:
+    return max(1, int(getattr(engine, "max_in_flight", 1)))
+
+
+def claim_slots() -> threading.BoundedSemaphore:
+    global _slots
+    engine = get_engine()
+    with _lock:
+        if _slots is None:
+            _slots = threading.BoundedSemaphore(engine_slots(engine))
+        return _slots
+
+
+@dataclass
+class InFlight:
+    """A claimed job as its task and the heartbeat share it."""
+
+    claimed: jobs.ClaimedJob
+    # Why the run must stop (first reason wins); the engine polls it between windows.
+    reason: str | None = None
+    changed: threading.Event = field(default_factory=threading.Event)
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.changed.set()
+
+    def stop_check(self) -> str | None:
+        return self.reason
+
+
+_in_flight: dict[str, InFlight] = {}
+_in_flight_lock = threading.Lock()
+
+
+def track(claimed: jobs.ClaimedJob) -> InFlight:
+    entry = InFlight(claimed)
+    with _in_flight_lock:
+        _in_flight[claimed.id] = entry
+    if stopping.is_set():
+        entry.stop(STOP_SHUTDOWN)
+    return entry
+
+
+def untrack(entry: InFlight) -> None:
+    with _in_flight_lock:
+        if _in_flight.get(entry.claimed.id) is entry:
+            del _in_flight[entry.claimed.id]
+
+
+def in_flight() -> list[InFlight]:
+    with _in_flight_lock:
+        return list(_in_flight.values())
+
+
+def begin_shutdown() -> None:
+    stopping.set()
+    for entry in in_flight():
+        entry.changed.set()  # wake the waiting tasks: they start their grace period now
+
+
+def heartbeat_once(settings: Settings, held_tags: list[str], redis_client: Any) -> None:
+    """Renew our leases (one statement) and mark the Redis messages we hold as alive."""
+    entries = in_flight()
+    if entries:
+        try:
+            beat = jobs.renew_leases([e.claimed for e in entries], settings=settings)
+        except Exception as exc:  # Postgres away: the lease outlives several missed beats
+            log.warning("lease renewal failed (%s); retrying next beat", exc)
+        else:
+            for entry in entries:
+                if entry.claimed.id in beat.cancel_requested:
+                    entry.stop(STOP_CANCELED)
+                elif entry.claimed.id not in beat.renewed:
+                    entry.stop(STOP_LEASE_LOST)
+    if held_tags:
+        try:
+            now = time.time()
+            # XX: only refresh; a message already acked or restored must not come back.
+            redis_client.zadd(UNACKED_INDEX, dict.fromkeys(held_tags, now), xx=True)
+        except Exception as exc:
+            log.warning("could not refresh held messages in Redis (%s)", exc)
+
+
+UNACKED_INDEX = "unacked_index"  # kombu's Redis transport: delivery time of held messages
+
+
+def held_delivery_tags() -> list[str]:
+    """Delivery tags of the messages this worker holds: reserved, running, or waiting for
+    their countdown (webhook retries)."""
+    from celery.worker import state
+
+    for _ in range(5):
+        try:  # the worker's sets change under us; a retry is cheaper than a lock
+            requests = [
+                *state.reserved_requests,
+                *state.active_requests,
+                *state.scheduled_requests,
+            ]
+            break
+        except RuntimeError:
+            continue
+    else:
+        return []
+    tags = (getattr(getattr(r, "message", None), "delivery_tag", None) for r in requests)
+    return [str(t) for t in tags if t]
+
+
+def heartbeat_interval(settings: Settings) -> float:
+    return min(settings.job_lease_s, settings.visibility_timeout_s) / 4
+
+
+def start_heartbeat(settings: Settings, stop: threading.Event) -> threading.Thread:
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+
+    def loop() -> None:
+        while not stop.wait(heartbeat_interval(settings)):
+            try:
+                heartbeat_once(settings, held_delivery_tags(), client)
+            except Exception:  # never let the heartbeat die
+                log.exception("heartbeat failed")
+
+    thread = threading.Thread(target=loop, name="whisperq-heartbeat", daemon=True)
+    thread.start()
+    return thread
+
+
+_consumed: list[str] | None = None
+
+
+def set_consumed_queues(names: list[str]) -> None:
+    global _consumed
+    _consumed = list(names)
+
+
+def job_queues(settings: Settings) -> list[str]:
+    """The job queues this worker serves, interactive first: a claim takes interactive work
+    before bulk work whichever queue its message came from."""
+    order = [settings.queue_interactive, settings.queue_bulk]
+    if _consumed is None:
+        return order
+    return [q for q in order if q in _consumed]

@@ -1,94 +1,259 @@
-"""Celery tasks: they take ids, claim rows, and hand numerics to the engine."""
+"""Celery tasks: a message is a wake-up; the task claims the next job by policy from Postgres,
+hands numerics to the engine, and stores the outcome in one guarded transaction.
+
+What happens to the message: it is acked once the job it led to has ended (or nothing was
+there to claim); it goes back to Redis (``Reject(requeue=True)``) when the job could not be
+claimed because Postgres was unreachable, when the worker shuts down before or during the
+run, or when every key with work is at its in-flight cap. It is never acked and dropped.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import numpy as np
+from celery.exceptions import Reject
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.audio_probe import AudioError
+from app.limits import job_time_limit_s
 from app.models import JobStatus
 from app.notify import publish_done
 from app.queue import DELIVER_WEBHOOK, RUN_JOB, send_delivery
 from app.settings import Settings, get_settings
-from worker import deliveries, jobs
+from worker import deliveries, jobs, runtime
 from worker.audio import load_job_audio
 from worker.celery_app import celery
-from worker.engine import EngineInputError, EngineJob, EngineResult
-from worker.runtime import get_engine
+from worker.engine import EngineInputError, EngineJob, EngineResult, EngineStopped
 
 log = logging.getLogger(__name__)
 
+SAMPLE_RATE = 16_000
+# How often a waiting task looks at its stop reasons (cancel, limit, shutdown, lease).
+POLL_S = 0.25
+# With an engine that stops between windows, how long to let it reach the next one.
+ENGINE_STOP_WAIT_S = 60.0
 
-def _wait_renewing_lease(
-    future: Future[EngineResult], claimed: jobs.ClaimedJob, settings: Settings
-) -> EngineResult:
-    """A live worker renews its lease, so only a dead one's job is ever run again."""
+
+class JobFailed(Exception):  # noqa: N818 (it names the outcome Flower shows)
+    """Raised after a failure is stored, so Flower counts the task as failed. The message is
+    acked all the same (acks_late acks failures): no retry, no redelivery. One string
+    argument, so Celery can pickle it into the task-failed event."""
+
+
+def notify_done(job_id: str, settings: Settings) -> None:
+    """Wake the API's sync waiters; a spurious wake-up (a finish that lost a race) only makes
+    them re-read the row."""
+    publish_done(job_id, redis_url=settings.redis_url)
+
+
+def _store(claimed: jobs.ClaimedJob, settings: Settings, **outcome: Any) -> bool:
+    """Save the outcome, retrying while Postgres is away: a finished transcript is never
+    thrown away because the database blinked. The heartbeat keeps the lease meanwhile."""
+    delay = settings.db_retry_delay_s
+    give_up = time.monotonic() + max(600.0, settings.job_lease_s * 10.0)
     while True:
         try:
-            return future.result(timeout=max(settings.job_lease_s / 3, 0.5))
-        except TimeoutError:
-            if not jobs.renew_lease(claimed, settings=settings):
-                future.cancel()
-                raise LeaseLostError(claimed.id) from None
+            done = jobs.finish(claimed, settings=settings, **outcome)
+            break
+        except SQLAlchemyError as exc:
+            if time.monotonic() > give_up:
+                raise
+            log.warning("job %s: saving its outcome failed (%s); retrying", claimed.id, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    if not done.stored:
+        log.info("job %s: another run owns it now; this run's outcome is dropped", claimed.id)
+        return False
+    notify_done(claimed.id, settings)
+    if done.delivery_id is not None:
+        try:
+            send_delivery(done.delivery_id)
+        except Exception:  # the reaper re-sends a due delivery nobody took
+            log.exception("job %s: could not queue its webhook delivery", claimed.id)
+    return True
 
 
-class LeaseLostError(Exception):
-    pass
+def _fail(claimed: jobs.ClaimedJob, settings: Settings, code: str, message: str) -> str:
+    if _store(claimed, settings, status=JobStatus.failed, error_code=code, error_message=message):
+        raise JobFailed(f"job {claimed.id} failed: {code}: {message}")
+    return "dropped"
 
 
-@celery.task(name=RUN_JOB)  # type: ignore[untyped-decorator]
-def run_job(job_id: str) -> None:
-    settings = get_settings()
-    claimed = jobs.claim(job_id, settings=settings)
-    if claimed is None:
-        log.info("job %s is not claimable (done, canceled or running elsewhere)", job_id)
-        return
-    delivery_id: str | None
+def _time_limit_s(audio: np.ndarray, settings: Settings) -> float:
+    return job_time_limit_s(round(len(audio) * 1000 / SAMPLE_RATE), settings)
+
+
+def _engine_job(
+    audio: np.ndarray, claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings
+) -> EngineJob:
+    return EngineJob(
+        audio=audio,
+        options=claimed.options,
+        # Interactive rows go first into the engine's batch too.
+        priority=1 if claimed.queue == settings.queue_interactive else 0,
+        stop_check=entry.stop_check,
+    )
+
+
+def _wait(
+    future: Future[EngineResult], entry: runtime.InFlight, limit_s: float, settings: Settings
+) -> EngineResult | None:
+    """The engine's result, or None once the run must stop (``entry.reason`` says why)."""
+    deadline = time.monotonic() + limit_s
+    stop_noticed: float | None = None
+    grace_end: float | None = None
+    while True:
+        try:
+            return future.result(timeout=POLL_S)
+        except FutureTimeout:
+            pass
+        now = time.monotonic()
+        if now > deadline:
+            entry.stop(runtime.STOP_TIME_LIMIT)
+        if runtime.stopping.is_set():
+            grace_end = grace_end or now + settings.worker_stop_grace_s
+            if now >= grace_end:
+                entry.stop(runtime.STOP_SHUTDOWN)
+        if entry.reason is None:
+            continue
+        stop_noticed = stop_noticed or now
+        # The engine polls stop_check and ends the run at its next window, saying what it
+        # used; one that does not within the wait is let go of.
+        if now - stop_noticed > ENGINE_STOP_WAIT_S:
+            future.cancel()
+            return None
+
+
+def _result_of(out: EngineResult) -> dict[str, Any]:
+    return {
+        "text": out.text,
+        "segments": [s.to_json() for s in out.segments],
+        "language": out.language,
+    }
+
+
+def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) -> str:
     try:
         audio, input_length_ms = load_job_audio(
             blob=claimed.audio_blob, url=claimed.audio_url, settings=settings
         )
-        future = get_engine().submit(EngineJob(audio=audio, options=claimed.options))
-        out = _wait_renewing_lease(future, claimed, settings)
-    except (AudioError, EngineInputError) as exc:
-        delivery_id = jobs.finish(
-            claimed,
-            status=JobStatus.failed,
-            settings=settings,
-            error_code=exc.code,
-            error_message=exc.message,
-        )
-    except LeaseLostError:
-        log.warning("job %s: lease lost to another run; dropping this one", job_id)
-        return
+    except AudioError as exc:
+        return _fail(claimed, settings, exc.code, exc.message)
+    limit_s = _time_limit_s(audio, settings)
+    started = time.monotonic()
+    ran_ms: int | None = None
+    try:
+        future = runtime.get_engine().submit(_engine_job(audio, claimed, entry, settings))
+        out = _wait(future, entry, limit_s, settings)
+    except EngineInputError as exc:
+        return _fail(claimed, settings, exc.code, exc.message)
+    except EngineStopped as exc:
+        entry.stop(exc.reason or runtime.STOP_SHUTDOWN)
+        # The engine's share of model time; a stop before it attributed any falls back to
+        # the wall time below.
+        ran_ms = exc.runtime_ms or None
+        out = None
     except Exception as exc:
-        log.exception("job %s failed", job_id)
-        delivery_id = jobs.finish(
+        log.exception("job %s failed", claimed.id)
+        return _fail(claimed, settings, "internal_error", f"{type(exc).__name__}: {exc}")
+    if out is not None:
+        _store(
             claimed,
-            status=JobStatus.failed,
-            settings=settings,
-            error_code="internal_error",
-            error_message=f"{type(exc).__name__}: {exc}",
-        )
-    else:
-        delivery_id = jobs.finish(
-            claimed,
+            settings,
             status=JobStatus.succeeded,
-            settings=settings,
-            result={
-                "text": out.text,
-                "segments": [s.to_json() for s in out.segments],
-                "language": out.language,
-            },
+            result=_result_of(out),
             input_length_ms=input_length_ms,
             runtime_ms=out.runtime_ms,
             tokens_generated=out.tokens_generated,
             tokens_input=out.tokens_input,
         )
-    # Wake the API's sync waiters; a spurious wake-up (the finish lost a race) only re-reads.
-    publish_done(job_id, redis_url=settings.redis_url)
-    if delivery_id is not None:
-        send_delivery(delivery_id)
+        return "succeeded"
+    if ran_ms is None:
+        ran_ms = max(1, round((time.monotonic() - started) * 1000))
+    reason = entry.reason
+    if reason == runtime.STOP_CANCELED:
+        # Charged for what ran, like any model time.
+        _store(
+            claimed,
+            settings,
+            status=JobStatus.canceled,
+            input_length_ms=input_length_ms,
+            runtime_ms=ran_ms,
+            error_code="canceled",
+            error_message="canceled on request while running",
+        )
+        return "canceled"
+    if reason == runtime.STOP_TIME_LIMIT:
+        return _fail(
+            claimed,
+            settings,
+            "time_limit_exceeded",
+            f"the job ran over its time limit of {limit_s:.0f} s "
+            f"({settings.job_time_limit_min_s:.0f} s + {settings.job_time_limit_factor:g} x "
+            "the audio length)",
+        )
+    if reason == runtime.STOP_LEASE_LOST:
+        log.warning("job %s: lease lost to another run; dropping this one", claimed.id)
+        return "lease_lost"
+    # Shutdown: the job goes back to the queue at once, its message with it.
+    handed = jobs.hand_back(claimed)
+    log.warning("job %s: worker stopping, job handed back (%s)", claimed.id, handed)
+    raise Reject("worker shutting down", requeue=True)
+
+
+def _claim(settings: Settings) -> jobs.ClaimResult:
+    result = jobs.claim_next(queues=runtime.job_queues(settings), settings=settings)
+    if result.job is None and not result.capped:
+        # Perhaps a dead worker's job whose lease ran out before the reaper saw it: this very
+        # message may be the one that worker held, restored by Redis.
+        from worker.reaper import expire_and_dispatch
+
+        if expire_and_dispatch(settings):
+            result = jobs.claim_next(queues=runtime.job_queues(settings), settings=settings)
+    return result
+
+
+@celery.task(name=RUN_JOB)  # type: ignore[untyped-decorator]
+def run_job(job_id: str | None = None) -> str:
+    """``job_id`` is the job whose submission sent this message; the task may run another."""
+    settings = get_settings()
+    slots = runtime.claim_slots()
+    while not slots.acquire(timeout=POLL_S):
+        if runtime.stopping.is_set():
+            raise Reject("worker shutting down", requeue=True)
+    back_off = False
+    try:
+        if runtime.stopping.is_set():
+            raise Reject("worker shutting down", requeue=True)
+        try:
+            result = _claim(settings)
+        except SQLAlchemyError as exc:
+            log.warning("claim failed (%s); the message goes back to the queue", exc)
+            back_off = True
+            result = jobs.ClaimResult(None)
+        if result.job is not None:
+            entry = runtime.track(result.job)
+            try:
+                return _run(result.job, entry, settings)
+            finally:
+                runtime.untrack(entry)
+        back_off = back_off or result.capped
+    finally:
+        slots.release()
+    if back_off:
+        # Outside the slot: a capped key or a database outage must not hold up other work.
+        time.sleep(settings.db_retry_delay_s)
+        raise Reject("cannot claim now", requeue=True)
+    log.info(
+        "job %s is not claimable (done, canceled or running elsewhere) and nothing else waits",
+        job_id,
+    )
+    return "idle"
 
 
 @celery.task(name=DELIVER_WEBHOOK)  # type: ignore[untyped-decorator]

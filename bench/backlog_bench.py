@@ -1,0 +1,379 @@
+"""Backlog bench (issue 13): N queued jobs drained through the real queue path, claim → finish.
+
+Real Postgres, a throwaway redis-server, real Celery workers (threads pool) running
+``worker.tasks.run_job`` with its claim policy, slots, heartbeat, reaper and guarded finish.
+Only the numerics are taken out: the engine returns an empty transcript at once and audio
+loading returns silence, so what is measured is the queue, not ffmpeg or the model.
+
+Per backlog size it prints: drain rate (jobs/s), Postgres transactions and row operations
+per job, Redis commands per job (enqueue and drain), Redis memory per waiting job and at peak,
+and how many jobs were claimed more than once or re-sent (must be 0).
+
+    .venv/bin/python -m bench.backlog_bench                # 1k, 5k, 20k
+    .venv/bin/python -m bench.backlog_bench --sizes 1000 --workers 2 --slots 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+PG_ADMIN = os.environ.get(
+    "WHISPERQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+KEYS = 10  # tenants sharing the backlog
+
+
+class NoopEngine:
+    """The engine seam with nothing behind it: every job is done at once."""
+
+    def __init__(self, slots: int) -> None:
+        self.max_in_flight = slots
+
+    def submit(self, job: Any) -> Future[Any]:
+        from worker.engine import EngineResult
+
+        fut: Future[Any] = Future()
+        fut.set_result(
+            EngineResult(
+                text="",
+                segments=(),
+                language="en",
+                runtime_ms=1,
+                tokens_generated=0,
+                tokens_input=50,
+            )
+        )
+        return fut
+
+
+def run_worker(slots: int) -> None:
+    """A bench worker: the real Celery worker and tasks, with the no-op engine."""
+    import numpy as np
+
+    from app.settings import get_settings
+    from worker import runtime, tasks
+
+    runtime._engine = NoopEngine(slots)  # type: ignore[assignment]
+
+    def silence(**_: Any) -> tuple[Any, int]:
+        return np.zeros(16_000, dtype=np.float32), 1000
+
+    setattr(tasks, "load_job_audio", silence)  # noqa: B010 (the bench takes ffmpeg out)
+    from worker.celery_app import celery
+
+    s = get_settings()
+    celery.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={slots}",
+            "-Q",
+            f"{s.queue_interactive},{s.queue_bulk},{s.queue_webhooks}",
+            "--loglevel=WARNING",
+            "-n",
+            f"bench-{os.getpid()}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Row:
+    size: int
+    drained: int
+    drain_s: float
+    pg_xact_per_job: float
+    pg_rows_per_job: float
+    redis_enqueue_cmds_per_job: float
+    redis_drain_cmds_per_job: float
+    redis_bytes_per_waiting_job: float
+    redis_peak_mib: float
+    claimed_twice: int
+    resent: int
+    not_ended: int
+
+    @property
+    def jobs_per_s(self) -> float:
+        return self.drained / self.drain_s
+
+
+def _redis_cmds(client: Any) -> int:
+    return sum(int(v["calls"]) for v in client.info("commandstats").values())
+
+
+def _pg_stats(engine: Any, db: str) -> tuple[int, int]:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_stat_force_next_flush()"))
+        row = conn.execute(
+            text(
+                "SELECT xact_commit + xact_rollback, tup_returned + tup_fetched + tup_inserted"
+                " + tup_updated + tup_deleted FROM pg_stat_database WHERE datname = :d"
+            ),
+            {"d": db},
+        ).one()
+    return int(row[0]), int(row[1])
+
+
+def run_size(size: int, *, workers: int, slots: int, workdir: Path, drain: int = 0) -> Row:
+    """Queue ``size`` jobs, then drain them all (or the first ``drain``, when set: rates and
+    per-job counts are then taken over those, with the rest of the backlog still waiting)."""
+    import redis
+    from sqlalchemy import create_engine, func, insert, select, text
+
+    port = free_port()
+    rserver = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "noeviction",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    db = f"whisperq_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{db}"'))
+    db_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + db
+    tag = uuid.uuid4().hex[:6]
+    env = {
+        **os.environ,
+        "WHISPERQ_DATABASE_URL": db_url,
+        "WHISPERQ_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "WHISPERQ_QUEUE_INTERACTIVE": f"interactive-{tag}",
+        "WHISPERQ_QUEUE_BULK": f"bulk-{tag}",
+        "WHISPERQ_QUEUE_WEBHOOKS": f"webhooks-{tag}",
+        "WHISPERQ_KEY_PEPPER": os.environ.get("WHISPERQ_KEY_PEPPER", "bench-pepper-" + tag),
+        "WHISPERQ_BLOB_DIR": str(workdir / "blobs"),
+        "WHISPERQ_KEEP_AUDIO_DAYS": "1",
+        "WHISPERQ_ENVIRONMENT": "test",
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    engine = create_engine(db_url)
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "app.cli", "migrate"],
+            cwd=REPO,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        os.environ.update({k: v for k, v in env.items() if k.startswith("WHISPERQ_")})
+        from sqlalchemy.orm import Session
+
+        from app.keys import create_key
+        from app.models import Job
+        from app.options import TranscribeOptions
+        from app.queue import RUN_JOB, build_celery
+        from app.settings import Settings
+
+        settings = Settings()
+        client = redis.Redis(port=port)
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            keys = [
+                create_key(session, name=f"k{i}", pepper=settings.key_pepper) for i in range(KEYS)
+            ]
+        opts = TranscribeOptions().to_json()
+        ids = [uuid.uuid4().hex for _ in range(size)]
+        now = datetime.now(UTC)
+        with engine.begin() as conn:
+            conn.execute(
+                insert(Job),
+                [
+                    {
+                        "id": job_id,
+                        "api_key_id": keys[i % KEYS].row.id,
+                        "status": "queued",
+                        "queue": settings.queue_bulk,
+                        "options": opts,
+                        "audio_blob": "bench",
+                        "created_at": now,
+                        "enqueued_at": now,
+                        "attempts": 0,
+                        "runtime_ms": 0,
+                        "cost": 0.0,
+                        "tokens_generated": 0,
+                        "tokens_input": 0,
+                    }
+                    for i, job_id in enumerate(ids)
+                ],
+            )
+        producer = build_celery(settings)
+        client.config_resetstat()
+        mem0 = int(client.info("memory")["used_memory"])
+        for job_id in ids:
+            producer.send_task(RUN_JOB, args=[job_id], queue=settings.queue_bulk)
+        enqueue_cmds = _redis_cmds(client)
+        per_waiting = (int(client.info("memory")["used_memory"]) - mem0) / size
+
+        client.config_resetstat()
+        x0, r0 = _pg_stats(admin, db)
+        t0 = time.monotonic()
+        for _ in range(workers):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bench.backlog_bench",
+                        "--worker",
+                        "--slots",
+                        str(slots),
+                    ],
+                    cwd=REPO,
+                    env=env,
+                    stdout=(workdir / "worker.log").open("ab"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        target = min(drain, size) if drain else size
+        done = 0
+        deadline = t0 + max(600.0, size / 5)
+        while done < target and time.monotonic() < deadline:
+            time.sleep(0.5)
+            with engine.connect() as conn:
+                if target == size:
+                    # An index probe, not a count: the bench must not load what it measures.
+                    busy = conn.execute(
+                        select(Job.id).where(Job.status.in_(["queued", "running"])).limit(1)
+                    ).first()
+                    done = size if busy is None else 0
+                else:
+                    done = int(
+                        conn.execute(
+                            select(func.count()).select_from(Job).where(Job.status == "succeeded")
+                        ).scalar_one()
+                    )
+        with engine.connect() as conn:
+            done = int(
+                conn.execute(
+                    select(func.count()).select_from(Job).where(Job.status == "succeeded")
+                ).scalar_one()
+            )
+        left = target - min(done, target)
+        drain_s = time.monotonic() - t0
+        drain_cmds = _redis_cmds(client)
+        x1, r1 = _pg_stats(admin, db)
+        peak = int(client.info("memory")["used_memory_peak"]) / 2**20
+        with engine.connect() as conn:
+            twice = int(
+                conn.execute(
+                    select(func.count()).select_from(Job).where(Job.attempts > 1)
+                ).scalar_one()
+            )
+        log = (workdir / "worker.log").read_text(errors="replace")
+        resent = sum(
+            int(line.split("re-sent ")[1].split()[0])
+            for line in log.splitlines()
+            if "reaper re-sent" in line and " jobs " in line
+        )
+        return Row(
+            size=size,
+            drained=done,
+            drain_s=drain_s,
+            pg_xact_per_job=(x1 - x0) / done,
+            pg_rows_per_job=(r1 - r0) / done,
+            redis_enqueue_cmds_per_job=enqueue_cmds / size,
+            redis_drain_cmds_per_job=drain_cmds / done,
+            redis_bytes_per_waiting_job=per_waiting,
+            redis_peak_mib=peak,
+            claimed_twice=twice,
+            resent=resent,
+            not_ended=left,
+        )
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        rserver.kill()
+        rserver.wait()
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+    ap.add_argument("--workers", type=int, default=2, help="worker processes")
+    ap.add_argument("--slots", type=int, default=8, help="jobs in flight per worker")
+    ap.add_argument(
+        "--drain", type=int, default=0, help="measure over the first N jobs only (0: all)"
+    )
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        run_worker(args.slots)
+        return 0
+    print(
+        f"# backlog bench, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {args.workers} workers x "
+        f"{args.slots} slots, {KEYS} keys"
+    )
+    print(
+        "| backlog | drained | drain jobs/s | PG xacts/job | PG rows/job | Redis cmds/job enqueue |"
+        " Redis cmds/job drain | Redis B/waiting job | Redis peak MiB | claimed twice |"
+        " re-sent | not ended |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for size in args.sizes:  # each row as soon as it is measured
+        workdir = Path(tempfile.mkdtemp(prefix="whisperq-backlog-"))
+        try:
+            r = run_size(
+                size, workers=args.workers, slots=args.slots, workdir=workdir, drain=args.drain
+            )
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        print(
+            f"| {r.size:,} | {r.drained:,} | {r.jobs_per_s:.0f} | {r.pg_xact_per_job:.1f}"
+            f" | {r.pg_rows_per_job:.0f}"
+            f" | {r.redis_enqueue_cmds_per_job:.1f} | {r.redis_drain_cmds_per_job:.1f}"
+            f" | {r.redis_bytes_per_waiting_job:.0f} | {r.redis_peak_mib:.1f}"
+            f" | {r.claimed_twice} | {r.resent} | {r.not_ended} |"
+            f"  (load {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The queue at backlog scale: interactive work overtakes a bulk backlog, keys share the
+workers fairly, a long but healthy queue is never re-sent, and a broker that loses its
+messages mid-backlog still ends every job, each claimed once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from app.keys import CreatedKey
+from app.models import Job
+from tests.conftest import RUN_ID
+from tests.support.api import INFER, auth, new_key, noise_wav
+from tests.support.services import RedisServer, Stack, WorkerProcess, quick_checkpoint
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return quick_checkpoint(tmp_path_factory.mktemp("queue") / "quick.pt")
+
+
+@pytest.fixture
+def own_stack(database: str, tmp_path: Path) -> Iterator[Stack]:
+    redis = RedisServer(tmp_path / "redis").start()
+    s = Stack(
+        redis_url=redis.url,
+        redis=redis,
+        database_url=database,
+        tag=uuid.uuid4().hex[:8],
+        overrides={"WHISPERQ_REAPER_INTERVAL_S": "0.3"},
+    )
+    yield s
+    s.close()
+    redis.stop()
+
+
+def keys(n: int) -> list[CreatedKey]:
+    return [new_key(f"tenant-{i}") for i in range(n)]
+
+
+def test_claim_policy_interactive_first_then_round_robin_across_keys(
+    database: str, own_stack: Stack
+) -> None:
+    """The claim itself on real Postgres: whatever the order of submission."""
+    from worker import jobs
+
+    a, b = keys(2)
+    settings = own_stack.settings()
+    audio = noise_wav(0.2)
+    bulk_a = own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=4, bulk=True, send=False)
+    bulk_b = own_stack.enqueue(api_key_id=b.row.id, audio=audio, n=4, bulk=True, send=False)
+    sync = own_stack.enqueue(api_key_id=b.row.id, audio=audio, send=False)[0]
+    queues = [settings.queue_interactive, settings.queue_bulk]
+
+    def claim_and_finish(**changes: object) -> str | None:
+        got = jobs.claim_next(queues=queues, settings=settings.model_copy(update=changes)).job
+        if got is not None:
+            jobs.finish(got, status="succeeded", settings=settings)  # type: ignore[arg-type]
+        return None if got is None else got.id
+
+    order = [claim_and_finish() for _ in range(9)]
+    # The interactive job first although submitted last; then the keys take turns (b was
+    # served last, by its interactive job, so a goes next), each in its own order.
+    assert order == [sync, *[j for pair in zip(bulk_a, bulk_b, strict=True) for j in pair]]
+    assert claim_and_finish() is None
+
+
+def test_per_key_in_flight_cap(database: str, own_stack: Stack) -> None:
+    from worker import jobs
+
+    a, b = keys(2)
+    settings = own_stack.settings().model_copy(update={"key_max_in_flight": 1})
+    audio = noise_wav(0.2)
+    own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=3, bulk=True, send=False)
+    own_stack.enqueue(api_key_id=b.row.id, audio=audio, n=3, bulk=True, send=False)
+    queues = [settings.queue_bulk]
+    first = jobs.claim_next(queues=queues, settings=settings)
+    second = jobs.claim_next(queues=queues, settings=settings)
+    assert first.job is not None and second.job is not None
+    rows = own_stack.jobs([first.job.id, second.job.id])
+    assert {r.api_key_id for r in rows.values()} == {a.row.id, b.row.id}
+    third = jobs.claim_next(queues=queues, settings=settings)
+    # Work is waiting, but each key has its one job running: the message must wait too.
+    assert third.job is None and third.capped
+
+
+def test_backlog_is_claimed_once_per_job_fairly_and_survives_a_flush(
+    own_stack: Stack, quick: Path, tmp_path: Path
+) -> None:
+    """A requeue window far shorter than the wait: still one message and one claim per job.
+    Two keys' backlogs, submitted one after the other, interleave. Then FLUSHALL mid-backlog:
+    every job still ends, each claimed once."""
+    own_stack.overrides["WHISPERQ_REQUEUE_AFTER_S"] = "0.5"
+    a, b = keys(2)
+    audio = noise_wav(0.5)
+    first = own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=10, bulk=True)
+    second = own_stack.enqueue(api_key_id=b.row.id, audio=audio, n=10, bulk=True)
+    w = WorkerProcess(model=quick, log_path=tmp_path / "w.log", env=own_stack.env, concurrency=1)
+    try:
+        rows = own_stack.wait_ended(first + second, timeout=240)
+        assert {(r.status, r.attempts) for r in rows.values()} == {("succeeded", 1)}
+        log = w.log()
+        # One message per job, each consumed once: no re-send, no message that found nothing.
+        assert "jobs (their messages were missing" not in log
+        assert "is not claimable" not in log
+        runs = [line for line in log.splitlines() if "run_job[" in line and "succeeded in" in line]
+        assert len(runs) == 20
+        # Key b's backlog was submitted after a's whole backlog, yet its first job ended
+        # before a's last.
+        finished = sorted(rows.values(), key=lambda r: r.finished_at)
+        owners = ["a" if r.api_key_id == a.row.id else "b" for r in finished]
+        assert owners.index("b") < 3 and owners[-1] == "b", owners
+
+        more = own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=12, bulk=True)
+        own_stack.wait(more, until=lambda r: True)
+        deadline = time.monotonic() + 60
+        while sum(r.status == "succeeded" for r in own_stack.jobs(more).values()) < 2:
+            assert time.monotonic() < deadline, w.log()
+            time.sleep(0.1)
+        assert own_stack.redis is not None
+        own_stack.redis.client().flushall()
+        rows = own_stack.wait_ended(more, timeout=240)
+        assert {(r.status, r.attempts) for r in rows.values()} == {("succeeded", 1)}, w.log()
+        assert "jobs (their messages were missing" in w.log()
+    finally:
+        w.stop()
+
+
+def test_sync_call_overtakes_a_500_job_bulk_backlog(
+    api: TestClient, database: str, quick: Path, tmp_path: Path
+) -> None:
+    from app.settings import get_settings
+
+    stack = Stack(redis_url=get_settings().redis_url, database_url=database, tag=RUN_ID)
+    key = new_key("backlog")
+    backlog = stack.enqueue(api_key_id=key.row.id, audio=noise_wav(0.5), n=500, bulk=True)
+    w = WorkerProcess(model=quick, log_path=tmp_path / "w.log", env=stack.env, concurrency=1)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(r.status == "succeeded" for r in stack.jobs(backlog).values()):
+            assert time.monotonic() < deadline, w.log()
+            time.sleep(0.2)
+        r = api.post(
+            INFER,
+            headers=auth(key),
+            files={"audio": ("s.wav", noise_wav(0.5))},
+            data={"logprob_threshold": "none"},
+        )
+        assert r.status_code == 200, r.text
+        sync_done = stack.jobs([r.json()["request_id"]])[r.json()["request_id"]].finished_at
+        rows = stack.jobs(backlog).values()
+        before = sum(1 for j in rows if j.finished_at is not None and j.finished_at < sync_done)
+        # It waited for the job running when it arrived, at most one per worker thread.
+        assert before <= 5, before
+        assert sum(1 for j in rows if j.status == "queued") > 400
+    finally:
+        with Session(stack.db()) as session, session.begin():
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(backlog), Job.status == "queued")
+                .values(status="canceled")
+            )
+        w.stop()
+        stack.close()
