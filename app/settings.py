@@ -110,7 +110,9 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=5, ge=1)
 
     # Worker / queue
-    worker_concurrency: int = 4  # jobs in flight per worker process (threads pool)
+    # Jobs in flight per worker process (threads pool): the engine's batch rows, plus a few
+    # threads for webhook deliveries, so a batch can fill.
+    worker_concurrency: int = 20
     queue_interactive: str = "interactive"
     queue_bulk: str = "bulk"
     queue_webhooks: str = "webhooks"

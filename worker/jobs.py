@@ -12,6 +12,7 @@ result, one bill and one webhook event.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,11 +22,15 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from app.batches import on_job_finished
 from app.db import session_scope, utcnow
 from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
 from app.options import TranscribeOptions
+from app.queue import send_delivery
 from app.serialize import webhook_payload
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 WORKER_LOST = "worker_lost"
 HOST = socket.gethostname()
@@ -208,6 +213,19 @@ def hand_back(claimed: ClaimedJob) -> bool:
         return bool(done.rowcount)  # type: ignore[attr-defined]
 
 
+AFTER_COMMIT_DELIVERIES = "whisperq_after_commit_deliveries"
+
+
+def send_after_commit(delivery_ids: list[str]) -> None:
+    """Send committed batch events; a broker hiccup only delays them (the reaper re-sends
+    any due delivery nobody took)."""
+    for delivery_id in delivery_ids:
+        try:
+            send_delivery(delivery_id)
+        except Exception:
+            log.warning("batch event %s not sent now; the reaper will", delivery_id)
+
+
 def _finish_row(
     session: Session,
     job: Job,
@@ -234,6 +252,11 @@ def _finish_row(
     job.tokens_input = tokens_input
     job.error_code = error_code
     job.error_message = error_message
+    # The last job of a batch ends the batch in this same transaction (exactly once); its
+    # batch event is sent after the commit, by whoever opened the session.
+    batch_delivery = on_job_finished(session, job)
+    if batch_delivery is not None:
+        session.info.setdefault(AFTER_COMMIT_DELIVERIES, []).append(batch_delivery)
     if job.webhook_url is None:
         return None
     # The event is written with the result, so it cannot be lost between the two.
@@ -295,7 +318,9 @@ def finish(
             error_code=error_code,
             error_message=error_message,
         )
-        return Finished(stored=True, delivery_id=delivery_id)
+        batch_deliveries = session.info.get(AFTER_COMMIT_DELIVERIES, [])
+    send_after_commit(batch_deliveries)
+    return Finished(stored=True, delivery_id=delivery_id)
 
 
 @dataclass(frozen=True)
@@ -348,6 +373,8 @@ def expire_leases(settings: Settings, *, limit: int = 500) -> Expired:
                 job.worker = None
                 job.enqueued_at = now
                 requeued.append((job.id, job.queue))
+        batch_deliveries = session.info.get(AFTER_COMMIT_DELIVERIES, [])
+    send_after_commit(batch_deliveries)
     return Expired(requeued=requeued, failed=failed)
 
 

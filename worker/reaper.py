@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
+from app.batches import end_finished_batches
 from app.db import session_scope, utcnow
 from app.models import DeliveryStatus, WebhookDelivery
 from app.queue import send_delivery, send_job
@@ -198,6 +199,8 @@ class Reaper:
         ttl = max(3, round(self.settings.reaper_interval_s * 3))
         if is_leader(self.client, self.leader_key, self.me, ttl):
             resent = top_up(self.settings, self.client, self.shortfall)
+            # A safety net: a batch whose last job ended on a path without the batch hook.
+            end_finished_batches()
         else:
             self.shortfall = Shortfall()
         resend_deliveries(self.settings)

@@ -160,7 +160,10 @@ def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) 
         out = None
     except Exception as exc:
         log.exception("job %s failed", claimed.id)
-        return _fail(claimed, settings, "internal_error", f"{type(exc).__name__}: {exc}")
+        # The detail (paths, internals) goes to the log above; the caller gets the kind only.
+        return _fail(
+            claimed, settings, "internal_error", f"the server failed it ({type(exc).__name__})"
+        )
     if out is not None:
         _store(
             claimed,

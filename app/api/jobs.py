@@ -12,7 +12,7 @@ from fastapi.responses import PlainTextResponse, Response
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from app import blobs, schemas
+from app import batches, blobs, schemas
 from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
 from app.db import utcnow
 from app.errors import ApiError, ErrorCode
@@ -132,13 +132,17 @@ def _cancel_queued(session: Session, job: Job, settings: Settings) -> bool:
     if not done.rowcount:  # type: ignore[attr-defined]
         return False
     session.refresh(job)
+    to_send = []
     if (event := delivery_event(job)) is not None:
         session.add(event)
         session.flush()
-        session.commit()
-        send_delivery(event.id)
-    else:
-        session.commit()
+        to_send.append(event.id)
+    # A batch whose last open job this was ends now, in the same transaction.
+    if (batch_event := batches.on_job_finished(session, job)) is not None:
+        to_send.append(batch_event)
+    session.commit()
+    for delivery_id in to_send:
+        send_delivery(delivery_id)
     publish_done(job.id, redis_url=settings.redis_url)  # a sync caller waiting on it wakes
     return True
 
