@@ -30,11 +30,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import Message
 
-from app import blobs
-from app.audio_probe import AudioError, probe_duration_s
 from app.errors import ApiError
 from app.limits import LimitError
 from app.settings import Settings
+from app.submission import probe_and_store
 
 COPY_CHUNK = 1024 * 1024
 MAX_FORM_FILES = 2
@@ -133,19 +132,8 @@ def _store_and_probe(src: BinaryIO, settings: Settings) -> tuple[str, int, str]:
             raise too_large(settings) from None
         if size == 0:
             raise ApiError(400, "empty_audio", "the audio file is empty", field="audio")
-        try:
-            duration = probe_duration_s(path)
-        except AudioError as exc:
-            raise ApiError(400, exc.code, exc.message, field="audio") from None
-        if duration > settings.max_audio_seconds:
-            raise ApiError(
-                413,
-                "audio_too_long",
-                f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
-                field="audio",
-            )
-        blobs.get_store().put_file(name, path)
-    return name, round(duration * 1000), sha256
+        length_ms = probe_and_store(path, name, settings=settings)
+    return name, length_ms, sha256
 
 
 async def store_upload(upload: UploadFile, settings: Settings) -> tuple[str, int, str]:

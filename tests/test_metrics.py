@@ -120,6 +120,12 @@ def test_metrics_equal_the_database(
     for outcome, count in attempts.items():
         assert total(w, "whisperq_webhook_attempts_total", outcome=outcome) == count
     assert total(w, "whisperq_worker_model_loaded") == 1
+    # Every succeeded job's windows went through at least one batched decode pass.
+    succeeded = sum(row[2] for row in finished if row[0] == "succeeded")
+    assert total(w, "whisperq_engine_batch_size_count") >= succeeded
+    assert total(w, "whisperq_engine_batch_size_sum") >= total(
+        w, "whisperq_engine_batch_size_count"
+    )
 
     # JSON logs: the job's request_id on the worker's lines and on each webhook attempt;
     # never the key, the webhook secret or transcript text.

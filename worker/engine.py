@@ -429,6 +429,7 @@ class Engine:
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         sample_len: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         from whisper.tokenizer import get_tokenizer
 
@@ -439,6 +440,8 @@ class Engine:
         self.fp16 = self.device.type == "cuda"
         self.dtype = torch.float16 if self.fp16 else torch.float32
         self.max_in_flight = max_batch_rows
+        # Told the rows of every decode pass (the worker's batch-size metric); no metrics here.
+        self.on_batch = on_batch
         self.max_wait_s = max_wait_ms / 1000
         # tokens sampled per window at most: whisper's default, smaller only for benchmarks
         self.sample_len = sample_len or model.dims.n_text_ctx // 2
@@ -674,6 +677,8 @@ class Engine:
         feats = torch.stack([features[i] for i in idx])
         start = time.perf_counter()
         results = self.decoder.decode(feats, rows, self.sample_len)
+        if self.on_batch is not None:
+            self.on_batch(len(rows))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - start

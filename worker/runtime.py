@@ -18,6 +18,7 @@ from app.settings import Settings, get_settings
 from worker import jobs
 from worker.engine import Engine
 from worker.model_loading import load_model_or_fallback, pick_device
+from worker.observability import observe_batch
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -47,6 +48,7 @@ def get_engine() -> Engine:
                 model,
                 max_batch_rows=settings.engine_max_batch_rows,
                 max_wait_ms=settings.engine_max_wait_ms,
+                on_batch=observe_batch,
             )
         return _engine
 
