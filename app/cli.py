@@ -279,6 +279,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def redis_server_argv(port: int, folder: Path) -> list[str]:
+    """A throwaway redis-server on loopback: nothing saved, and a full memory refuses writes
+    instead of evicting queued messages."""
+    return [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--maxmemory-policy",
+        "noeviction",
+        "--dir",
+        str(folder),
+    ]
+
+
 def _own_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """A redis-server for this stack alone (its own port and folder), so two stacks on one
     machine never share a broker, workers or Flower."""
@@ -287,24 +307,7 @@ def _own_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     folder = data_dir / "redis"
     folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--maxmemory-policy",
-            "noeviction",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen(redis_server_argv(port, folder), stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     for _ in range(100):
         if _redis_up(url):
