@@ -1,15 +1,12 @@
 """A person with a browser, on a running stack (API, worker with real tiny.en weights,
 Flower with a login, each its own process): signs in with the key, finds the job in the
 list, reads the transcript on its page; sees a batch's progress on the list and opens the
-batch's jobs; opens Flower with its credentials and sees the
-worker. Debian's chromium, driven by Selenium; screenshots stay in the test's tmp dir."""
+batch's jobs; opens Flower with its credentials and sees the worker. Debian's chromium,
+driven by Selenium; screenshots stay in the test's tmp dir."""
 
 from __future__ import annotations
 
 import base64
-import os
-import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +15,7 @@ import httpx
 import pytest
 
 from tests.support.api import new_key
+from tests.support.browser import chromium, wait_for
 from tests.support.real_models import speak, tiny_en_checkpoint
 from tests.support.services import WorkerProcess
 from tests.support.stack import ServerProcess, api_process
@@ -25,15 +23,6 @@ from tests.support.stack import ServerProcess, api_process
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SPEECH = "The quarterly report is ready. Please review the budget before Friday."
 FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-test-password"
-CHROME_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-dev-shm-usage",
-    "--window-size=1200,1600",
-)
 
 
 @pytest.fixture(scope="module")
@@ -55,34 +44,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture
 def driver(tmp_path: Path) -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium = shutil.which("chromium")
-    chromedriver = shutil.which("chromedriver")
-    if chromium is None or chromedriver is None:
-        if os.environ.get("CI"):
-            raise RuntimeError("chromium / chromium-driver not installed (scripts/bootstrap.sh)")
-        pytest.skip("chromium and chromium-driver are not installed")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
-    d = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
-    d.set_page_load_timeout(60)
-    yield d
-    d.quit()
-
-
-def wait_for(predicate: Any, timeout: float = 60, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    with chromium(tmp_path / "profile") as d:
+        yield d
 
 
 def finished_batch(api: ServerProcess, key: Any, tmp_path: Path) -> tuple[str, list[str]]:
