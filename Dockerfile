@@ -36,7 +36,9 @@ COPY migrations ./migrations
 RUN pip install --no-cache-dir -c constraints.txt ".[worker]" \
  && rm -rf app worker migrations
 
-RUN useradd --system --uid 10001 whisperq && mkdir -p /data /models && chown whisperq /data /models
+# /cache/whisper: downloads and the tiny.en fallback (a named volume starts with this owner).
+RUN useradd --system --uid 10001 whisperq \
+ && mkdir -p /data /models /cache/whisper && chown whisperq /data /models /cache /cache/whisper
 USER whisperq
 WORKDIR /data
 ENV WHISPERQ_DATA_DIR=/data

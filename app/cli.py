@@ -208,7 +208,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     try:
         get_engine()
-    except ModelLoadError as exc:
+    except (ModelLoadError, OSError) as exc:  # OSError: e.g. a model folder it cannot write
         print(f"whisperq worker: cannot load the model: {exc}", file=sys.stderr)
         return 2
     from worker.celery_app import celery
