@@ -197,13 +197,18 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
+    from app.logging import configure_logging
+
+    # Before the model loads: its one line saying which model is served (and why) is INFO,
+    # which Python's last-resort handler would drop.
+    configure_logging(settings)
     # Load the model before consuming anything: a worker that cannot run jobs says so now.
     from worker.model_loading import ModelLoadError
     from worker.runtime import get_engine
 
     try:
         get_engine()
-    except ModelLoadError as exc:
+    except (ModelLoadError, OSError) as exc:  # OSError: e.g. a model folder it cannot write
         print(f"whisperq worker: cannot load the model: {exc}", file=sys.stderr)
         return 2
     from worker.celery_app import celery

@@ -1,14 +1,12 @@
 """A person with a browser, on a running stack (API, worker with real tiny.en weights,
 Flower with a login, each its own process): signs in with the key, finds the job in the
-list, reads the transcript on its page; opens Flower with its credentials and sees the
-worker. Debian's chromium, driven by Selenium; screenshots stay in the test's tmp dir."""
+list, reads the transcript on its page; sees a batch's progress on the list and opens the
+batch's jobs; opens Flower with its credentials and sees the worker. Debian's chromium,
+driven by Selenium; screenshots stay in the test's tmp dir."""
 
 from __future__ import annotations
 
 import base64
-import os
-import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import httpx
 import pytest
 
 from tests.support.api import new_key
+from tests.support.browser import chromium, wait_for
 from tests.support.real_models import speak, tiny_en_checkpoint
 from tests.support.services import WorkerProcess
 from tests.support.stack import ServerProcess, api_process
@@ -24,15 +23,6 @@ from tests.support.stack import ServerProcess, api_process
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SPEECH = "The quarterly report is ready. Please review the budget before Friday."
 FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-test-password"
-CHROME_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-dev-shm-usage",
-    "--window-size=1200,1600",
-)
 
 
 @pytest.fixture(scope="module")
@@ -54,34 +44,31 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture
 def driver(tmp_path: Path) -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium = shutil.which("chromium")
-    chromedriver = shutil.which("chromedriver")
-    if chromium is None or chromedriver is None:
-        if os.environ.get("CI"):
-            raise RuntimeError("chromium / chromium-driver not installed (scripts/bootstrap.sh)")
-        pytest.skip("chromium and chromium-driver are not installed")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
-    d = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
-    d.set_page_load_timeout(60)
-    yield d
-    d.quit()
+    with chromium(tmp_path / "profile") as d:
+        yield d
 
 
-def wait_for(predicate: Any, timeout: float = 60, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+def finished_batch(api: ServerProcess, key: Any, tmp_path: Path) -> tuple[str, list[str]]:
+    """Two spoken files as one batch, through the API, run by the worker to the end."""
+    files = [
+        ("file", (f"part-{i}.wav", speak(text, tmp_path / f"part-{i}.wav").read_bytes()))
+        for i, text in enumerate(SPEECH.split(". "))
+    ]
+    headers = {"Authorization": f"bearer {key.key}"}
+    r = httpx.post(api.url + "/v1/batches", headers=headers, files=files, timeout=60)
+    assert r.status_code == 201, r.text
+    batch_id = r.json()["batch"]["id"]
+    wait_for(
+        lambda: (
+            httpx.get(f"{api.url}/v1/batches/{batch_id}", headers=headers, timeout=10).json()[
+                "status"
+            ]
+            == "completed"
+        ),
+        timeout=300,
+        what="the batch to complete",
+    )
+    return batch_id, [i["job_id"] for i in r.json()["inputs"]]
 
 
 def test_a_person_reads_the_transcript_and_sees_the_worker_in_flower(
@@ -100,12 +87,26 @@ def test_a_person_reads_the_transcript_and_sees_the_worker_in_flower(
     )
     assert r.status_code == 200, r.text
     job_id = r.json()["request_id"]
+    batch_id, batch_jobs = finished_batch(api, key, tmp_path)
 
     driver.get(api.url + "/jobs")  # not signed in: the sign-in form
     driver.find_element(By.NAME, "api_key").send_keys(key.key)
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     wait_for(lambda: driver.current_url.endswith("/jobs"), what="the jobs list")
     driver.save_screenshot(str(tmp_path / "jobs.png"))
+    # The batch, with its progress as the API reports it.
+    row = driver.find_element(By.CSS_SELECTOR, f'tr[data-batch="{batch_id}"]')
+    assert "completed" in row.text and "100%" in row.text and "2 succeeded" in row.text
+    bar = row.find_element(By.TAG_NAME, "progress")
+    assert bar.get_attribute("value") == bar.get_attribute("max") == "2"
+    row.find_element(By.LINK_TEXT, batch_id).click()
+    wait_for(lambda: f"batch={batch_id}" in driver.current_url, what="the batch's page")
+    driver.save_screenshot(str(tmp_path / "batch.png"))
+    assert all(driver.find_elements(By.LINK_TEXT, j) for j in batch_jobs)
+    driver.find_element(By.LINK_TEXT, batch_jobs[1]).click()
+    wait_for(lambda: batch_jobs[1] in driver.current_url, what="a batch job's page")
+    assert "friday" in driver.find_element(By.ID, "transcript").text.lower()
+    driver.get(api.url + "/jobs")
     driver.find_element(By.LINK_TEXT, job_id).click()
     wait_for(lambda: job_id in driver.current_url, what="the job page")
     driver.save_screenshot(str(tmp_path / "job.png"))
@@ -154,5 +155,5 @@ def test_a_person_reads_the_transcript_and_sees_the_worker_in_flower(
     ours = [t for t in tasks.values() if job_id in str(t.get("args"))]
     assert ours and ours[0]["name"] == "whisperq.run_job"
     assert ours[0]["args"] == repr([job_id]) or job_id in ours[0]["args"]
-    for name in ("jobs.png", "job.png", "flower.png"):
+    for name in ("jobs.png", "batch.png", "job.png", "flower.png"):
         assert (tmp_path / name).stat().st_size > 5000

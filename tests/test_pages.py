@@ -155,3 +155,98 @@ def test_login_redirect_stays_on_this_site(browser: TestClient) -> None:
         "/login", data={"api_key": key.key, "next": "https://evil.example/"}, follow_redirects=False
     )
     assert r.status_code == 303 and r.headers["location"] == "/jobs"
+
+
+def make_batch(api: TestClient, key: CreatedKey, n: int) -> tuple[str, list[str]]:
+    """A real batch through the API (uploads probed, jobs queued on the bulk queue)."""
+    files = [("file", (f"call-{i}.wav", noise_wav(0.5, seed=i), "audio/wav")) for i in range(n)]
+    r = api.post("/v1/batches", headers=auth(key), files=files)
+    assert r.status_code == 201, r.text
+    return r.json()["batch"]["id"], [i["job_id"] for i in r.json()["inputs"]]
+
+
+def outcome(job_id: str, status: JobStatus, *, runtime_ms: int = 0) -> None:
+    """What a worker would have written (the page only reads the rows)."""
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.status = status
+        job.started_at = now
+        job.runtime_ms = runtime_ms
+        job.cost = runtime_ms / 1000 * 0.0005
+        if status != JobStatus.running:
+            job.finished_at = now
+        if status == JobStatus.succeeded:
+            job.result = {"text": "x", "segments": [], "language": "en"}
+        if status == JobStatus.failed:
+            job.error_code, job.error_message = "invalid_audio", "not audio"
+
+
+def test_batches_show_their_progress_and_lead_to_their_jobs(
+    api: TestClient, browser: TestClient
+) -> None:
+    key, other = new_key("batch-pages"), new_key("batch-pages-other")
+    single = done_job(key, with_audio=False)
+    batch_id, jobs = make_batch(api, key, 4)
+    outcome(jobs[0], JobStatus.succeeded, runtime_ms=3000)
+    outcome(jobs[1], JobStatus.failed, runtime_ms=1000)
+    outcome(jobs[2], JobStatus.running)
+    sign_in(browser, key)
+
+    listing = browser.get("/jobs").text
+    api_view = api.get(f"/v1/batches/{batch_id}", headers=auth(key)).json()
+    assert api_view["progress"] == 0.5 and api_view["audio_seconds_done"] == 1.0
+    row = listing.split(f'data-batch="{batch_id}"')[1].split("</tr>")[0]
+    assert "in_progress" in row and "50%" in row and "2/4 done" in row
+    for count in ("1 queued", "1 running", "1 succeeded", "1 failed"):
+        assert count in row
+    assert "1.0 of 2.0 s" in row and f"${api_view['cost']:.6f}" in row
+    assert f'href="/jobs?batch={batch_id}"' in row
+    # Batch jobs are reached through the batch; single jobs stay on the list.
+    assert single in listing and not any(j in listing for j in jobs)
+    assert 'http-equiv="refresh"' in listing  # something is still running
+
+    page = browser.get(f"/jobs?batch={batch_id}")
+    assert page.status_code == 200 and "50%" in page.text
+    assert all(f'href="/jobs/{j}"' in page.text for j in jobs) and "call-2.wav" in page.text
+    assert f'href="/jobs?batch={batch_id}&amp;status=failed"' in page.text
+    failed = browser.get(f"/jobs?batch={batch_id}&status=failed").text
+    assert jobs[1] in failed and "invalid_audio" in failed
+    assert not any(j in failed for j in (jobs[0], jobs[2], jobs[3]))
+    assert browser.get(f"/jobs/{jobs[0]}").status_code == 200  # the job's own page
+
+    outcome(jobs[2], JobStatus.succeeded, runtime_ms=2000)
+    outcome(jobs[3], JobStatus.succeeded, runtime_ms=2000)
+    assert api.get(f"/v1/batches/{batch_id}", headers=auth(key)).json()["status"] == "completed"
+    done = browser.get("/jobs").text
+    row = done.split(f'data-batch="{batch_id}"')[1].split("</tr>")[0]
+    assert "completed" in row and "100%" in row and "4/4 done" in row and "3 succeeded" in row
+    assert "2.0 of 2.0 s" in row and "$0.004000" in row
+    assert 'http-equiv="refresh"' not in done
+
+    # Another key sees neither the batch nor its jobs.
+    sign_in(browser, other)
+    assert batch_id not in browser.get("/jobs").text
+    assert browser.get(f"/jobs?batch={batch_id}").status_code == 404
+    browser.cookies.clear()
+    r = browser.get(f"/jobs?batch={batch_id}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/login?next=")
+
+
+def test_a_big_batch_shows_its_first_jobs_and_says_where_the_rest_are(
+    api: TestClient, browser: TestClient
+) -> None:
+    from app.api import pages
+
+    key = new_key("big-batch")
+    batch_id, jobs = make_batch(api, key, 3)
+    sign_in(browser, key)
+    shown = pages.BATCH_JOBS_SHOWN
+    pages.BATCH_JOBS_SHOWN = 2
+    try:
+        page = browser.get(f"/jobs?batch={batch_id}").text
+    finally:
+        pages.BATCH_JOBS_SHOWN = shown
+    assert jobs[0] in page and jobs[1] in page and jobs[2] not in page
+    assert "The first 2 of 3" in page and f"/v1/batches/{batch_id}/results" in page

@@ -1,5 +1,6 @@
-"""Pages for people: a job (status, transcript with timestamps, audio, cost, delivery log)
-and a key's recent jobs, rendered on the server (Jinja2, no build step, no script needed).
+"""Pages for people: a job (status, transcript with timestamps, audio, cost, delivery log),
+a key's recent batches with their progress and its recent jobs, and one batch's jobs,
+rendered on the server (Jinja2, no build step, no script needed).
 
 Two ways in, neither puts the API key in a URL:
 - a session cookie, set by POST /login with the key; it holds the key's prefix, an expiry
@@ -13,6 +14,7 @@ import hashlib
 import hmac
 import itertools
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,17 +27,20 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import blobs
+from app import batches, blobs
 from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
+from app.db import utcnow
 from app.errors import ApiError
 from app.keys import authenticate
-from app.models import ApiKey, Job, WebhookDelivery
+from app.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
 from app.settings import Settings
 
 router = APIRouter()
 COOKIE = "whisperq_session"
 SESSION_TTL_S = 12 * 3600
 RECENT_JOBS = 50
+RECENT_BATCHES = 20
+BATCH_JOBS_SHOWN = 200  # a batch may hold 20 000 jobs: the rest are in its JSONL results
 _env = Environment(
     loader=FileSystemLoader(Path(__file__).parent / "templates"),
     autoescape=select_autoescape(["html"]),
@@ -242,19 +247,98 @@ def job_audio(
     )
 
 
+@dataclass(frozen=True)
+class BatchRow:
+    """One batch as the list shows it: the API's own numbers (app.batches.stats)."""
+
+    batch: Batch
+    status: str
+    stats: batches.Stats
+    percent: float  # finished jobs / all jobs, as GET /v1/batches/{id} reports progress
+    eta_s: float | None
+
+    @property
+    def unfinished(self) -> bool:
+        return self.batch.finished_at is None
+
+
+def batch_row(session: Session, batch: Batch, *, now: datetime) -> BatchRow:
+    s = batches.stats(session, batch.id)
+    return BatchRow(
+        batch=batch,
+        status=batches.status_of(batch),
+        stats=s,
+        percent=100.0 * s.finished / s.total if s.total else 0.0,
+        eta_s=batches.eta(s, now=now).eta_s,
+    )
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}:{m:02d}:{s:02d}" if hours else f"{m}:{s:02d}"
+
+
+_env.filters["duration"] = _duration
+
+
 @router.get("/jobs", response_class=HTMLResponse, include_in_schema=False)
 def jobs_page(
     session: SessionDep,
     settings: SettingsDep,
     whisperq_session: Annotated[str | None, Cookie()] = None,
+    batch: Annotated[str | None, Query(max_length=64)] = None,
+    status: Annotated[str | None, Query(max_length=16)] = None,
 ) -> Response:
     key = key_from_cookie(session, settings, whisperq_session)
     if key is None:
-        return RedirectResponse("/login?next=/jobs", status_code=303)
+        where = "/jobs" + (f"?batch={quote(batch)}" if batch else "")
+        return RedirectResponse(f"/login?next={quote(where)}", status_code=303)
+    if status is not None and status not in {str(s) for s in JobStatus}:
+        status = None  # an unknown filter shows everything rather than nothing
+    now = utcnow()
+    if batch is not None:
+        return _batch_page(session, key, batch, status, now)
+    recent = session.scalars(
+        select(Batch)
+        .where(Batch.api_key_id == key.id)
+        .order_by(Batch.created_at.desc())
+        .limit(RECENT_BATCHES)
+    ).all()
+    rows = [batch_row(session, b, now=now) for b in recent]
+    # Batch jobs are reached through their batch: one large batch would otherwise push
+    # every single submission off this list.
     jobs = session.scalars(
         select(Job)
-        .where(Job.api_key_id == key.id)
+        .where(Job.api_key_id == key.id, Job.batch_id.is_(None))
         .order_by(Job.created_at.desc())
         .limit(RECENT_JOBS)
     ).all()
-    return _html("jobs.html", key=key, jobs=jobs)
+    busy = any(r.unfinished for r in rows) or any(j.status in batches.UNFINISHED for j in jobs)
+    return _html("jobs.html", key=key, batches=rows, jobs=jobs, refresh=busy)
+
+
+def _batch_page(
+    session: Session, key: ApiKey, batch_id: str, status: str | None, now: datetime
+) -> Response:
+    try:
+        batch = batches.owned_batch(session, batch_id=batch_id, api_key_id=key.id)
+    except ApiError:
+        return _html("missing.html", 404, job_id=batch_id, what="batch")
+    row = batch_row(session, batch, now=now)
+    query = select(Job).where(Job.batch_id == batch.id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    jobs = session.scalars(query.order_by(Job.created_at, Job.id).limit(BATCH_JOBS_SHOWN)).all()
+    shown_of = row.stats.counts[status] if status is not None else row.stats.total
+    return _html(
+        "batch.html",
+        key=key,
+        row=row,
+        jobs=jobs,
+        only=status,
+        shown_of=shown_of,
+        refresh=row.unfinished,
+    )
