@@ -27,7 +27,10 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.whisperq-installed
 want="$(sha256sum pyproject.toml | cut -c1-16)-${WHISPERQ_BOOTSTRAP_TEST:-0}"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+have="$(cat "$stamp" 2>/dev/null || true)"
+# An install with the test extras serves `make up` too: switching between the two commands
+# must not reinstall everything.
+if [ "$have" != "$want" ] && [ "$have" != "${want%-0}-1" ]; then
   .venv/bin/pip install -q --upgrade pip
   # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/pip install -q "torch==${WHISPERQ_TORCH_VERSION:-2.13.0}"
