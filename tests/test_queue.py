@@ -93,32 +93,64 @@ def test_per_key_in_flight_cap(database: str, own_stack: Stack) -> None:
     assert third.job is None and third.capped
 
 
+BACKLOG = 200  # jobs per key, the issue's two 200-job batches
+
+
+def _as_batch(stack: Stack, api_key_id: int, job_ids: list[str]) -> str:
+    """Make ``job_ids`` one sealed batch of their key, as ``POST /v1/batches`` leaves them."""
+    from app.db import utcnow
+    from app.models import Batch, new_job_id
+
+    batch_id = new_job_id()
+    with Session(stack.db()) as session, session.begin():
+        now = utcnow()
+        session.add(Batch(id=batch_id, api_key_id=api_key_id, created_at=now, sealed_at=now))
+        session.flush()
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(batch_id=batch_id))
+    return batch_id
+
+
 def test_backlog_is_claimed_once_per_job_fairly_and_survives_a_flush(
     own_stack: Stack, quick: Path, tmp_path: Path
 ) -> None:
     """A requeue window far shorter than the wait: still one message and one claim per job.
-    Two keys' backlogs, submitted one after the other, interleave. Then FLUSHALL mid-backlog:
-    every job still ends, each claimed once."""
+    Two keys each submit a 200-job batch, one after the other, before any worker runs: the
+    second key's first results arrive before the first key's batch has finished, and the
+    two interleave. Then FLUSHALL mid-backlog: every job still ends, each claimed once."""
+    from app.models import Batch
+
     own_stack.overrides["WHISPERQ_REQUEUE_AFTER_S"] = "0.5"
     a, b = keys(2)
     audio = noise_wav(0.5)
-    first = own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=10, bulk=True)
-    second = own_stack.enqueue(api_key_id=b.row.id, audio=audio, n=10, bulk=True)
-    w = WorkerProcess(model=quick, log_path=tmp_path / "w.log", env=own_stack.env, concurrency=1)
+    first = own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=BACKLOG, bulk=True)
+    batch_a = _as_batch(own_stack, a.row.id, first)
+    second = own_stack.enqueue(api_key_id=b.row.id, audio=audio, n=BACKLOG, bulk=True)
+    _as_batch(own_stack, b.row.id, second)
+    slots = 4
+    w = WorkerProcess(
+        model=quick, log_path=tmp_path / "w.log", env=own_stack.env, concurrency=slots
+    )
     try:
-        rows = own_stack.wait_ended(first + second, timeout=240)
+        rows = own_stack.wait_ended(first + second, timeout=900)
         assert {(r.status, r.attempts) for r in rows.values()} == {("succeeded", 1)}
         log = w.log()
         # One message per job, each consumed once: no re-send, no message that found nothing.
         assert "jobs (their messages were missing" not in log
         assert "is not claimable" not in log
         runs = [line for line in log.splitlines() if "run_job[" in line and "succeeded in" in line]
-        assert len(runs) == 20
-        # Key b's backlog was submitted after a's whole backlog, yet its first job ended
-        # before a's last.
+        assert len(runs) == 2 * BACKLOG
         finished = sorted(rows.values(), key=lambda r: r.finished_at)
         owners = ["a" if r.api_key_id == a.row.id else "b" for r in finished]
-        assert owners.index("b") < 3 and owners[-1] == "b", owners
+        with Session(own_stack.db()) as session:
+            a_ended = session.get(Batch, batch_a).finished_at  # type: ignore[union-attr]
+        b_first = next(r.finished_at for r in finished if r.api_key_id == b.row.id)
+        # Key b's batch was queued behind a's whole batch, yet b's first result came while
+        # a's batch was far from done: the keys took turns (at most the worker's slots of
+        # one key ahead of the other while both had work).
+        assert a_ended is not None and b_first < a_ended
+        assert owners.index("b") <= slots, owners[: 2 * slots]
+        lead = [owners[:n].count("a") - owners[:n].count("b") for n in range(1, len(owners))]
+        assert max(abs(d) for d in lead[:BACKLOG]) <= 2 * slots, owners
 
         more = own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=12, bulk=True)
         own_stack.wait(more, until=lambda r: True)
