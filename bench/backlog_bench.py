@@ -393,6 +393,18 @@ def run_size(
         left = target - min(done, target)
         drain_s = time.monotonic() - t0
         drain_cmds = _redis_cmds(client)
+        if explain:
+            per = {
+                name.removeprefix("cmdstat_"): int(v["calls"])
+                for name, v in client.info("commandstats").items()
+            }
+            n = max(done, 1)
+            print(
+                f"# size {size}: Redis commands per drained job: "
+                + ", ".join(
+                    f"{k} {v / n:.2f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])
+                )
+            )
         x1, r1 = _pg_stats(admin, db)
         if explain:
             stmts, idx1 = _pg_breakdown(engine)
