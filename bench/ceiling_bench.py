@@ -1,12 +1,13 @@
 """Ceilings (issue 13): how many jobs/s one Postgres and one Redis can carry, measured.
 
 Postgres: ``pgbench`` replays the statements a worker issues per job (pg_stat_statements on
-``bench/backlog_bench.py --explain``): the claim transaction (jobs running per key, the keys
-with work for both queues, the oldest queued job of a key ``FOR UPDATE SKIP LOCKED``, the
-queued → running update) and the finish transaction (the job ``FOR UPDATE``, the outcome,
-the batch row ``FOR UPDATE``, "is anything of this batch left?"), on a migrated database
-with a backlog in sealed batches. One pgbench transaction is one job claimed and finished.
-The key is drawn at random instead of by the fair order (which Python computes).
+``bench/backlog_bench.py --explain``). The claim transaction: the keys with work, each with
+its last start and its jobs running, for both queues; the oldest queued job of a key
+``FOR UPDATE SKIP LOCKED``; the queued → running update. The finish transaction: the job
+``FOR UPDATE``, the outcome, the batch row ``FOR UPDATE``, "is anything of this batch
+left?". On a migrated database with a backlog in sealed batches; one pgbench transaction is
+one job claimed and finished. The key is drawn at random instead of by the fair order
+(which Python computes).
 
 Redis: ``redis-benchmark`` on a throwaway redis-server, one run per command kind a job
 costs (counts per job from the backlog bench's commandstats, passed with ``--redis-mix``);
@@ -49,7 +50,6 @@ DEFAULT_REDIS_MIX = (
 CLAIM_AND_FINISH = f"""
 \\set k random(1, {KEYS})
 BEGIN;
-SELECT jobs.api_key_id, count(*) AS count_1 FROM jobs WHERE jobs.status = 'running' GROUP BY jobs.api_key_id;
 {{keys_with_work_interactive}};
 {{keys_with_work_bulk}};
 SELECT jobs.id AS jid FROM jobs WHERE jobs.status = 'queued' AND jobs.queue = '{QUEUE_BULK}' AND jobs.api_key_id = :k ORDER BY jobs.created_at, jobs.id LIMIT 1 FOR UPDATE SKIP LOCKED \\gset

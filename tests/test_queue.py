@@ -203,3 +203,70 @@ def test_sync_call_overtakes_a_500_job_bulk_backlog(
             )
         w.stop()
         stack.close()
+
+
+def test_a_claim_reads_a_few_pages_however_long_the_backlog(
+    database: str, own_stack: Stack
+) -> None:
+    """Rows visited per job must not grow with the backlog (bench/RESULTS.md, "Backlog").
+    A 3,000-job backlog lands in one go (planner statistics older than it), a tenth of it is
+    claimed and finished; then each statement of the next claim reads a bounded number of
+    buffers: an index probe per key, not a walk over the queued or the claimed jobs."""
+    import json
+    from datetime import timedelta
+
+    from sqlalchemy import insert, text
+
+    from app.db import utcnow
+    from app.options import TranscribeOptions
+    from worker import jobs
+
+    a, b = keys(2)
+    settings = own_stack.settings()
+    queue = settings.queue_bulk
+    now = utcnow()
+    with own_stack.db().begin() as conn:
+        conn.execute(
+            insert(Job),
+            [
+                {
+                    "id": uuid.uuid4().hex,
+                    "api_key_id": (a, b)[i % 2].row.id,
+                    "status": "queued",
+                    "queue": queue,
+                    "options": TranscribeOptions().to_json(),
+                    "audio_blob": "x",
+                    "created_at": now + timedelta(microseconds=i),
+                    "attempts": 0,
+                    "runtime_ms": 0,
+                    "cost": 0.0,
+                    "tokens_generated": 0,
+                    "tokens_input": 0,
+                }
+                for i in range(3000)
+            ],
+        )
+    for _ in range(300):
+        got = jobs.claim_next(queues=[queue], settings=settings).job
+        assert got is not None
+        jobs.finish(got, status="succeeded", settings=settings)  # type: ignore[arg-type]
+
+    def buffers(sql: str, **params: object) -> int:
+        with own_stack.db().connect() as conn:
+            raw = conn.execute(
+                text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"), params
+            ).scalar_one()
+            conn.rollback()
+        node = (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
+        return int(node["Shared Hit Blocks"]) + int(node["Shared Read Blocks"])
+
+    keys_with_work = buffers(str(jobs._KEYS_WITH_WORK), queue=queue)
+    oldest = buffers(
+        "SELECT id FROM jobs WHERE status = 'queued' AND queue = :queue AND api_key_id = :k"
+        " ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        queue=queue,
+        k=a.row.id,
+    )
+    # 2,700 jobs still queued and 300 claimed: a walk over either would read hundreds.
+    assert keys_with_work <= 60, keys_with_work
+    assert oldest <= 20, oldest

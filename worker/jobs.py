@@ -42,8 +42,11 @@ QUEUED = text("jobs.status = 'queued'")
 RUNNING = text("jobs.status = 'running'")
 
 # The keys with queued work in one queue, one index probe per key (a loose index scan) rather
-# than a scan of the whole backlog, with when each key last had a job started (the fair
-# order): a claim costs the same with 20 or 20,000 jobs waiting. ORDER BY ... LIMIT 1, not
+# than a scan of the whole backlog, with when each key last had a job started and how many
+# it has running in any queue (the fair order and the cap): a claim costs the same with 20
+# or 20,000 jobs waiting. The running count is one index range per key, not a GROUP BY over
+# all running jobs, which was planned as a bitmap scan over every dead 'running' entry
+# since the last vacuum. ORDER BY ... LIMIT 1, not
 # min(): with statistics taken before a batch landed, min() was planned as an aggregate over
 # every queued row (EXPLAIN in bench/RESULTS.md, "Backlog").
 _KEYS_WITH_WORK = text(
@@ -60,10 +63,12 @@ _KEYS_WITH_WORK = text(
     SELECT k.id AS id,
            (SELECT s.started_at FROM jobs s
             WHERE s.api_key_id = k.id AND s.started_at IS NOT NULL
-            ORDER BY s.started_at DESC LIMIT 1) AS last_started
+            ORDER BY s.started_at DESC LIMIT 1) AS last_started,
+           (SELECT count(*) FROM jobs r
+            WHERE r.status = 'running' AND r.api_key_id = k.id) AS running
     FROM k WHERE k.id IS NOT NULL
     """
-).columns(id=Integer, last_started=UTCDateTime)
+).columns(id=Integer, last_started=UTCDateTime, running=Integer)
 
 
 @dataclass(frozen=True)
@@ -97,17 +102,10 @@ def claim_next(*, queues: Sequence[str], settings: Settings, worker: str = HOST)
     """Start the next job by policy, or return none (nothing queued, or all keys capped)."""
     capped = False
     with session_scope() as session:
-        running: dict[int, int] = {
-            key: n
-            for key, n in session.execute(
-                select(Job.api_key_id, func.count()).where(RUNNING).group_by(Job.api_key_id)
-            ).all()
-        }
         for queue in queues:
-            keys = {
-                row.id: row.last_started
-                for row in session.execute(_KEYS_WITH_WORK, {"queue": queue}).all()
-            }
+            rows = session.execute(_KEYS_WITH_WORK, {"queue": queue}).all()
+            keys = {row.id: row.last_started for row in rows}
+            running = {row.id: int(row.running) for row in rows}
             cap = settings.key_max_in_flight
             eligible = {k: t for k, t in keys.items() if not cap or running.get(k, 0) < cap}
             capped = capped or len(eligible) < len(keys)
