@@ -7,7 +7,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base, UTCDateTime, utcnow
@@ -87,16 +97,46 @@ class Job(Base):
         Index("ix_jobs_api_key_id_created_at", "api_key_id", "created_at"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
         # The claim: the oldest queued job of one key in one queue, and the keys with work.
+        # Partial, so it holds the backlog only (finished jobs never enter it), and ends on
+        # ``id`` so no two entries are equal: Postgres then marks each claimed job's entry
+        # dead on its own (a deduplicated posting list stays until every job in it is gone,
+        # and every claim walked past the whole list: rows per job grew with the backlog).
         Index(
-            "ix_jobs_status_queue_api_key_id_created_at",
-            "status",
+            "ix_jobs_queued_claim",
             "queue",
             "api_key_id",
             "created_at",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
         ),
-        # Fair share: when did each key last have a job started.
-        Index("ix_jobs_api_key_id_started_at", "api_key_id", "started_at"),
+        # Jobs in flight per key (the cap and the fair order), without the backlog.
+        Index(
+            "ix_jobs_running_api_key_id",
+            "api_key_id",
+            "id",
+            postgresql_where=text("status = 'running'"),
+            sqlite_where=text("status = 'running'"),
+        ),
+        # Fair share: when did each key last have a job started. Partial: a backward scan of
+        # a key's range in a full index walked all its queued rows (null started_at) first.
+        Index(
+            "ix_jobs_api_key_id_started_at",
+            "api_key_id",
+            "started_at",
+            postgresql_where=text("started_at IS NOT NULL"),
+            sqlite_where=text("started_at IS NOT NULL"),
+        ),
         Index("ix_jobs_batch_id_status", "batch_id", "status"),
+        # "Is anything of this batch left?", asked at every finish of a batch job: the
+        # unfinished jobs only, each entry distinct (see ix_jobs_queued_claim).
+        Index(
+            "ix_jobs_batch_unfinished",
+            "batch_id",
+            "id",
+            postgresql_where=text("status IN ('queued', 'running')"),
+            sqlite_where=text("status IN ('queued', 'running')"),
+        ),
         Index("ix_jobs_batch_id_created_at_id", "batch_id", "created_at", "id"),
         # One job per input of a batch, however often the client retries the upload.
         Index("uq_jobs_batch_id_idempotency_key", "batch_id", "idempotency_key", unique=True),
@@ -166,10 +206,18 @@ class WebhookDelivery(Base):
     """One logical event for one job; retries are attempts of it, sharing its message id."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+        # A job's event or a batch's, never an orphan (its key signs it).
+        CheckConstraint("job_id IS NOT NULL OR batch_id IS NOT NULL", name="owner"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_message_id)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # Null for a batch's event (batch_id set): it belongs to no job, and a batch canceled
+    # before any input has none to hang it on.
+    job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True, default=None
+    )
     url: Mapped[str] = mapped_column(Text)
     body: Mapped[str] = mapped_column(Text)  # the exact bytes every attempt sends
     status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.pending)
@@ -182,8 +230,7 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
-    # A batch's "ended" event: job_id is then the job whose finish ended the batch (same key,
-    # so the signing secret is found as for job events).
+    # A batch's "ended" event (job_id null): signed with the batch's key.
     batch_id: Mapped[str | None] = mapped_column(
         ForeignKey("batches.id", ondelete="CASCADE"), default=None, index=True
     )

@@ -100,3 +100,9 @@ def check_submission_limits_sync(key_id: int, settings: Settings) -> None:
 async def check_submission_limits(key_id: int, settings: Settings) -> None:
     """Raise :class:`RateLimitedError` (429) when this key may not submit now."""
     await run_in_threadpool(check_submission_limits_sync, key_id, settings)
+
+
+async def check_request_rate(key_id: int, settings: Settings) -> None:
+    """The per-minute rate alone, for batch requests: each counts as one submission (its
+    jobs are bounded by the batch settings, and the active-jobs cap leaves batch jobs out)."""
+    await run_in_threadpool(_check_rate, key_id, settings, time.time())

@@ -28,7 +28,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,86 @@ def _pg_stats(engine: Any, db: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def run_size(size: int, *, workers: int, slots: int, workdir: Path, drain: int = 0) -> Row:
+STATEMENTS_SQL = """
+SELECT calls, shared_blks_hit + shared_blks_read AS blks, rows,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 150)
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY shared_blks_hit + shared_blks_read DESC LIMIT 12
+"""
+INDEX_SQL = """
+SELECT indexrelname, idx_scan, idx_tup_read FROM pg_stat_user_indexes WHERE idx_tup_read > 0
+UNION ALL SELECT relname || ' (seq)', seq_scan, seq_tup_read FROM pg_stat_user_tables
+WHERE seq_tup_read > 0
+"""
+
+
+def _pg_breakdown(engine: Any) -> tuple[list[Any], dict[str, tuple[int, int]]]:
+    """Per statement buffers (pg_stat_statements, where the server preloads it) and per
+    index entries read: where the rows per job go."""
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_stat_force_next_flush()"))
+        idx = {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(text(INDEX_SQL)).all()}
+        try:
+            stmts = list(conn.execute(text(STATEMENTS_SQL)).all())
+        except Exception:
+            stmts = []
+    return stmts, idx
+
+
+def _explain_claim(engine: Any, queue: str, key_id: int, batch_id: str) -> None:
+    """EXPLAIN (ANALYZE, BUFFERS) of what a claim, a finish and a sweep read: buffers and
+    heap fetches of each, on the backlog as the drain left it."""
+    from sqlalchemy import text
+
+    from worker.jobs import _KEYS_WITH_WORK
+
+    statements = {
+        "keys with work + last started": (str(_KEYS_WITH_WORK), {"queue": queue}),
+        "oldest queued of a key": (
+            "SELECT id FROM jobs WHERE status = 'queued' AND queue = :queue AND api_key_id = :k"
+            " ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+            {"queue": queue, "k": key_id},
+        ),
+        "running per key": (
+            "SELECT api_key_id, count(*) FROM jobs WHERE status = 'running' GROUP BY 1",
+            {},
+        ),
+        "batch left? (each finish)": (
+            "SELECT id FROM jobs WHERE batch_id = :b AND status IN ('queued', 'running') LIMIT 1",
+            {"b": batch_id},
+        ),
+        "queued per queue (each sweep)": (
+            "SELECT queue, count(*) FROM jobs WHERE status = 'queued' AND queue IN (:queue)"
+            " GROUP BY queue",
+            {"queue": queue},
+        ),
+    }
+    with engine.connect() as conn:
+        for name, (sql, params) in statements.items():
+            plan = [r[0] for r in conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS) {sql}"), params)]
+            top = next((line.strip() for line in plan if "Buffers:" in line), "")
+            if os.environ.get("BENCH_FULL_PLANS"):
+                print("\n".join("#     " + line for line in plan))
+            fetches = sum(
+                int(line.split("Heap Fetches:")[1]) for line in plan if "Heap Fetches:" in line
+            )
+            scans = sorted(
+                {
+                    line.split(" on ")[0].split("->")[-1].strip()
+                    for line in plan
+                    if " using " in line
+                }
+            )
+            print(f"#   EXPLAIN {name}: {top}, heap fetches {fetches}; {'; '.join(scans)}")
+        conn.rollback()
+
+
+def run_size(
+    size: int, *, workers: int, slots: int, workdir: Path, drain: int = 0, explain: bool = False
+) -> Row:
     """Queue ``size`` jobs, then drain them all (or the first ``drain``, when set: rates and
     per-job counts are then taken over those, with the rest of the backlog still waiting)."""
     import redis
@@ -196,7 +275,7 @@ def run_size(size: int, *, workers: int, slots: int, workdir: Path, drain: int =
         from sqlalchemy.orm import Session
 
         from app.keys import create_key
-        from app.models import Job
+        from app.models import Batch, Job
         from app.options import TranscribeOptions
         from app.queue import RUN_JOB, build_celery
         from app.settings import Settings
@@ -210,7 +289,23 @@ def run_size(size: int, *, workers: int, slots: int, workdir: Path, drain: int =
         opts = TranscribeOptions().to_json()
         ids = [uuid.uuid4().hex for _ in range(size)]
         now = datetime.now(UTC)
+        # As a backlog arrives: one sealed batch per key, each job a microsecond apart (what
+        # app/batches.py writes), so every finish also asks whether its batch has ended.
+        batch_ids = [uuid.uuid4().hex for _ in range(KEYS)]
         with engine.begin() as conn:
+            conn.execute(
+                insert(Batch),
+                [
+                    {
+                        "id": batch_ids[i],
+                        "api_key_id": keys[i].row.id,
+                        "default_options": {},
+                        "created_at": now,
+                        "sealed_at": now,
+                    }
+                    for i in range(KEYS)
+                ],
+            )
             conn.execute(
                 insert(Job),
                 [
@@ -221,7 +316,8 @@ def run_size(size: int, *, workers: int, slots: int, workdir: Path, drain: int =
                         "queue": settings.queue_bulk,
                         "options": opts,
                         "audio_blob": "bench",
-                        "created_at": now,
+                        "batch_id": batch_ids[i % KEYS],
+                        "created_at": now + timedelta(microseconds=i),
                         "enqueued_at": now,
                         "attempts": 0,
                         "runtime_ms": 0,
@@ -241,6 +337,14 @@ def run_size(size: int, *, workers: int, slots: int, workdir: Path, drain: int =
         per_waiting = (int(client.info("memory")["used_memory"]) - mem0) / size
 
         client.config_resetstat()
+        if explain:
+            with engine.begin() as conn:
+                try:
+                    conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+                    conn.execute(text("SELECT pg_stat_statements_reset()"))
+                except Exception as exc:
+                    print(f"# no pg_stat_statements: {exc}".splitlines()[0])
+            _s0, idx0 = _pg_breakdown(engine)
         x0, r0 = _pg_stats(admin, db)
         t0 = time.monotonic()
         for _ in range(workers):
@@ -265,7 +369,8 @@ def run_size(size: int, *, workers: int, slots: int, workdir: Path, drain: int =
         done = 0
         deadline = t0 + max(600.0, size / 5)
         while done < target and time.monotonic() < deadline:
-            time.sleep(0.5)
+            # A partial drain counts finished jobs (its cost grows with them): less often.
+            time.sleep(0.5 if target == size else 2.0)
             with engine.connect() as conn:
                 if target == size:
                     # An index probe, not a count: the bench must not load what it measures.
@@ -288,7 +393,29 @@ def run_size(size: int, *, workers: int, slots: int, workdir: Path, drain: int =
         left = target - min(done, target)
         drain_s = time.monotonic() - t0
         drain_cmds = _redis_cmds(client)
+        if explain:
+            per = {
+                name.removeprefix("cmdstat_"): int(v["calls"])
+                for name, v in client.info("commandstats").items()
+            }
+            n = max(done, 1)
+            print(
+                f"# size {size}: Redis commands per drained job: "
+                + ", ".join(
+                    f"{k} {v / n:.2f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])
+                )
+            )
         x1, r1 = _pg_stats(admin, db)
+        if explain:
+            stmts, idx1 = _pg_breakdown(engine)
+            n = max(done, 1)
+            print(f"# size {size}: per drained job, by index (scans, entries read)")
+            for name, (scans, read) in sorted(idx1.items(), key=lambda kv: -kv[1][1]):
+                s0, t0_ = idx0.get(name, (0, 0))
+                print(f"#   {name}: {(scans - s0) / n:.1f} scans, {(read - t0_) / n:.0f} read")
+            print(f"# size {size}: per drained job, by statement (calls, buffers, rows)")
+            for calls, blks, rows, query in stmts:
+                print(f"#   {calls / n:.2f} {blks / n:.0f} {rows / n:.1f}  {query}")
         peak = int(client.info("memory")["used_memory_peak"]) / 2**20
         with engine.connect() as conn:
             twice = int(
@@ -296,6 +423,11 @@ def run_size(size: int, *, workers: int, slots: int, workdir: Path, drain: int =
                     select(func.count()).select_from(Job).where(Job.attempts > 1)
                 ).scalar_one()
             )
+        if explain:
+            for p in procs:  # the plans of the state the drain left, without the workers
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            _explain_claim(engine, settings.queue_bulk, keys[1].row.id, batch_ids[1])
         log = (workdir / "worker.log").read_text(errors="replace")
         resent = sum(
             int(line.split("re-sent ")[1].split()[0])
@@ -339,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--drain", type=int, default=0, help="measure over the first N jobs only (0: all)"
     )
+    ap.add_argument(
+        "--explain",
+        action="store_true",
+        help="also print index entries and statement buffers per job (pg_stat_statements)",
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -359,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="whisperq-backlog-"))
         try:
             r = run_size(
-                size, workers=args.workers, slots=args.slots, workdir=workdir, drain=args.drain
+                size,
+                workers=args.workers,
+                slots=args.slots,
+                workdir=workdir,
+                drain=args.drain,
+                explain=args.explain,
             )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -3,9 +3,11 @@ stay queued, and a worker's finish is played by the same transaction a worker ru
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -14,12 +16,14 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from app import batches
+from app import batches, uploads
 from app.db import session_scope, utcnow
 from app.keys import CreatedKey
 from app.models import Batch, Job, JobStatus, WebhookDelivery
 from app.settings import get_settings
+from app.webhook_signing import sign
 from tests.support.api import auth, new_key, noise_wav, settings_override
+from worker import deliveries
 
 pytestmark = pytest.mark.integration
 
@@ -370,7 +374,7 @@ def test_batch_ends_exactly_once_when_its_last_jobs_finish_together(
             rows = session.scalars(
                 select(WebhookDelivery).where(WebhookDelivery.batch_id == batch_id)
             ).all()
-            assert len(rows) == 1
+            assert len(rows) == 1 and rows[0].job_id is None  # the batch's own event
             event = json.loads(rows[0].body)
             assert event["type"] == "batch.completed"
             assert event["counts"]["succeeded"] == 4 and event["cost"] == pytest.approx(0.004)
@@ -607,3 +611,142 @@ def test_broker_down_mid_batch_fails_the_unsent_jobs_with_a_503(
     assert retried.status_code == 200 and retried.json()["duplicates"] == 3
     assert {(j.status, j.error_code) for j in jobs_of(batch2)} == {(JobStatus.queued, None)}
     assert len(jobs_of(batch2)) == 3
+
+
+def _fresh_rate_window() -> None:
+    """Start a rate test early in a clock minute: the limit counts per minute, and a window
+    that rolled over mid-test would hand out a fresh budget."""
+    while time.time() % 60 > 45:
+        time.sleep(0.5)
+
+
+def test_batch_requests_count_against_the_submission_rate(
+    api: TestClient, key: CreatedKey, wav: bytes
+) -> None:
+    limited_key, other = new_key("batch-rate"), new_key("batch-rate-other")
+    _fresh_rate_window()
+    with settings_override(submit_rate_per_minute=2):
+        opened = api.post("/v1/batches", headers=auth(limited_key), json={"open": True})
+        added = post(
+            api,
+            limited_key,
+            f"/v1/batches/{opened.json()['batch']['id']}/files",
+            files=[("a.wav", wav)],
+        )
+        refused_create = api.post("/v1/batches", headers=auth(limited_key), json={"urls": [URL]})
+        refused_add = post(
+            api,
+            limited_key,
+            f"/v1/batches/{opened.json()['batch']['id']}/files",
+            files=[("b.wav", wav)],
+        )
+        fine = api.post("/v1/batches", headers=auth(other), json={"urls": [URL]})
+    assert opened.status_code == 201 and added.status_code == 200, (opened.text, added.text)
+    for refused in (refused_create, refused_add):
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert fine.status_code == 201  # another key has its own budget
+    # Refused before the body was read: no job, no blob for the refused inputs.
+    assert [j.source_name for j in jobs_of(opened.json()["batch"]["id"])] == ["a.wav"]
+
+
+def test_batch_uploads_wait_for_an_upload_slot(
+    api: TestClient, key: CreatedKey, wav: bytes
+) -> None:
+    """A batch body is read through the same ``upload_concurrency`` gate as a single
+    submission: with every slot taken, the upload waits, and goes through once one frees."""
+    portal = api.portal
+    assert portal is not None
+    settings = get_settings()
+
+    async def gate() -> asyncio.Semaphore:
+        async with uploads._upload_slot(settings):  # the loop's gate, made if need be
+            pass
+        return uploads._gates[asyncio.get_running_loop()]
+
+    slots = portal.call(gate)
+
+    async def take_all() -> int:
+        n = 0
+        while not slots.locked():
+            await slots.acquire()
+            n += 1
+        return n
+
+    def waiting() -> int:
+        return len(getattr(slots, "_waiters", None) or ())
+
+    taken = portal.call(take_all)
+    tenant = new_key("batch-upload-slot")
+    result: dict[str, Any] = {}
+    request = threading.Thread(
+        target=lambda: result.update(r=post(api, tenant, files=[("a.wav", wav)])), daemon=True
+    )
+    try:
+        request.start()
+        while not portal.call(waiting) and request.is_alive():
+            time.sleep(0.02)
+        assert request.is_alive(), "the batch upload did not wait for an upload slot"
+        with session_scope() as session:
+            assert not session.scalar(
+                select(func.count()).select_from(Batch).where(Batch.api_key_id == tenant.row.id)
+            )
+    finally:
+        for _ in range(taken):
+            portal.call(slots.release)
+    request.join(timeout=120)
+    assert result["r"].status_code == 201, result["r"].text
+    assert result["r"].json()["created"] == 1
+
+
+def _batch_events(batch_id: str) -> list[WebhookDelivery]:
+    with session_scope() as session:
+        return list(
+            session.scalars(select(WebhookDelivery).where(WebhookDelivery.batch_id == batch_id))
+        )
+
+
+@pytest.mark.parametrize("inputs", [0, 2])
+def test_a_canceled_batch_sends_its_own_event_once_inputs_or_not(
+    api: TestClient, wav: bytes, receiver: Any, inputs: int
+) -> None:
+    """Canceled before any input, or with queued inputs only: either way the batch ends at
+    the cancel and its event goes out once, as the batch's own delivery (no job's), signed
+    with the batch's key."""
+    tenant = new_key(f"batch-event-{inputs}")
+    opened = api.post(
+        "/v1/batches",
+        headers=auth(tenant),
+        json={"open": True, "webhook": receiver.url + "/batch"},
+    )
+    batch_id = opened.json()["batch"]["id"]
+    if inputs:
+        add = post(
+            api, tenant, f"/v1/batches/{batch_id}/files", files=[("a.wav", wav), ("b.wav", wav)]
+        )
+        assert add.json()["created"] == inputs
+    c = api.post(f"/v1/batches/{batch_id}/cancel", headers=auth(tenant))
+    assert c.status_code == 200 and c.json()["batch"]["status"] == "canceled", c.text
+    api.post(f"/v1/batches/{batch_id}/cancel", headers=auth(tenant))  # again: no second event
+    assert batches.end_finished_batches() == 0
+
+    events = _batch_events(batch_id)
+    assert len(events) == 1 and events[0].job_id is None
+    scheduled = deliveries.attempt(events[0].id, settings=get_settings())
+    assert scheduled.delay_s is None
+    got = receiver.wait_for(1)[0]
+    body = json.loads(got.body)
+    assert body["type"] == "batch.canceled" and body["batch_id"] == batch_id
+    assert body["counts"]["canceled"] == inputs and body["counts"]["total"] == inputs
+    timestamp = int(got.headers["webhook-timestamp"])
+    expected = sign(tenant.webhook_secret, msg_id=events[0].id, timestamp=timestamp, body=got.body)
+    assert got.headers["webhook-signature"] == expected
+
+    listed = api.get(f"/v1/batches/{batch_id}/deliveries", headers=auth(tenant)).json()
+    assert [(d["id"], d["status"]) for d in listed["deliveries"]] == [(events[0].id, "delivered")]
+    for job in jobs_of(batch_id):  # no job carries the batch's event
+        own = api.get(f"/v1/jobs/{job.id}/deliveries", headers=auth(tenant)).json()
+        assert own["deliveries"] == []
+    other = new_key("batch-event-stranger")
+    assert api.get(f"/v1/batches/{batch_id}/deliveries", headers=auth(other)).status_code == 404

@@ -93,32 +93,64 @@ def test_per_key_in_flight_cap(database: str, own_stack: Stack) -> None:
     assert third.job is None and third.capped
 
 
+BACKLOG = 200  # jobs per key, the issue's two 200-job batches
+
+
+def _as_batch(stack: Stack, api_key_id: int, job_ids: list[str]) -> str:
+    """Make ``job_ids`` one sealed batch of their key, as ``POST /v1/batches`` leaves them."""
+    from app.db import utcnow
+    from app.models import Batch, new_job_id
+
+    batch_id = new_job_id()
+    with Session(stack.db()) as session, session.begin():
+        now = utcnow()
+        session.add(Batch(id=batch_id, api_key_id=api_key_id, created_at=now, sealed_at=now))
+        session.flush()
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(batch_id=batch_id))
+    return batch_id
+
+
 def test_backlog_is_claimed_once_per_job_fairly_and_survives_a_flush(
     own_stack: Stack, quick: Path, tmp_path: Path
 ) -> None:
     """A requeue window far shorter than the wait: still one message and one claim per job.
-    Two keys' backlogs, submitted one after the other, interleave. Then FLUSHALL mid-backlog:
-    every job still ends, each claimed once."""
+    Two keys each submit a 200-job batch, one after the other, before any worker runs: the
+    second key's first results arrive before the first key's batch has finished, and the
+    two interleave. Then FLUSHALL mid-backlog: every job still ends, each claimed once."""
+    from app.models import Batch
+
     own_stack.overrides["WHISPERQ_REQUEUE_AFTER_S"] = "0.5"
     a, b = keys(2)
     audio = noise_wav(0.5)
-    first = own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=10, bulk=True)
-    second = own_stack.enqueue(api_key_id=b.row.id, audio=audio, n=10, bulk=True)
-    w = WorkerProcess(model=quick, log_path=tmp_path / "w.log", env=own_stack.env, concurrency=1)
+    first = own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=BACKLOG, bulk=True)
+    batch_a = _as_batch(own_stack, a.row.id, first)
+    second = own_stack.enqueue(api_key_id=b.row.id, audio=audio, n=BACKLOG, bulk=True)
+    _as_batch(own_stack, b.row.id, second)
+    slots = 4
+    w = WorkerProcess(
+        model=quick, log_path=tmp_path / "w.log", env=own_stack.env, concurrency=slots
+    )
     try:
-        rows = own_stack.wait_ended(first + second, timeout=240)
+        rows = own_stack.wait_ended(first + second, timeout=900)
         assert {(r.status, r.attempts) for r in rows.values()} == {("succeeded", 1)}
         log = w.log()
         # One message per job, each consumed once: no re-send, no message that found nothing.
         assert "jobs (their messages were missing" not in log
         assert "is not claimable" not in log
         runs = [line for line in log.splitlines() if "run_job[" in line and "succeeded in" in line]
-        assert len(runs) == 20
-        # Key b's backlog was submitted after a's whole backlog, yet its first job ended
-        # before a's last.
+        assert len(runs) == 2 * BACKLOG
         finished = sorted(rows.values(), key=lambda r: r.finished_at)
         owners = ["a" if r.api_key_id == a.row.id else "b" for r in finished]
-        assert owners.index("b") < 3 and owners[-1] == "b", owners
+        with Session(own_stack.db()) as session:
+            a_ended = session.get(Batch, batch_a).finished_at  # type: ignore[union-attr]
+        b_first = next(r.finished_at for r in finished if r.api_key_id == b.row.id)
+        # Key b's batch was queued behind a's whole batch, yet b's first result came while
+        # a's batch was far from done: the keys took turns (at most the worker's slots of
+        # one key ahead of the other while both had work).
+        assert a_ended is not None and b_first < a_ended
+        assert owners.index("b") <= slots, owners[: 2 * slots]
+        lead = [owners[:n].count("a") - owners[:n].count("b") for n in range(1, len(owners))]
+        assert max(abs(d) for d in lead[:BACKLOG]) <= 2 * slots, owners
 
         more = own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=12, bulk=True)
         own_stack.wait(more, until=lambda r: True)
@@ -171,3 +203,70 @@ def test_sync_call_overtakes_a_500_job_bulk_backlog(
             )
         w.stop()
         stack.close()
+
+
+def test_a_claim_reads_a_few_pages_however_long_the_backlog(
+    database: str, own_stack: Stack
+) -> None:
+    """Rows visited per job must not grow with the backlog (bench/RESULTS.md, "Backlog").
+    A 3,000-job backlog lands in one go (planner statistics older than it), a tenth of it is
+    claimed and finished; then each statement of the next claim reads a bounded number of
+    buffers: an index probe per key, not a walk over the queued or the claimed jobs."""
+    import json
+    from datetime import timedelta
+
+    from sqlalchemy import insert, text
+
+    from app.db import utcnow
+    from app.options import TranscribeOptions
+    from worker import jobs
+
+    a, b = keys(2)
+    settings = own_stack.settings()
+    queue = settings.queue_bulk
+    now = utcnow()
+    with own_stack.db().begin() as conn:
+        conn.execute(
+            insert(Job),
+            [
+                {
+                    "id": uuid.uuid4().hex,
+                    "api_key_id": (a, b)[i % 2].row.id,
+                    "status": "queued",
+                    "queue": queue,
+                    "options": TranscribeOptions().to_json(),
+                    "audio_blob": "x",
+                    "created_at": now + timedelta(microseconds=i),
+                    "attempts": 0,
+                    "runtime_ms": 0,
+                    "cost": 0.0,
+                    "tokens_generated": 0,
+                    "tokens_input": 0,
+                }
+                for i in range(3000)
+            ],
+        )
+    for _ in range(300):
+        got = jobs.claim_next(queues=[queue], settings=settings).job
+        assert got is not None
+        jobs.finish(got, status="succeeded", settings=settings)  # type: ignore[arg-type]
+
+    def buffers(sql: str, **params: object) -> int:
+        with own_stack.db().connect() as conn:
+            raw = conn.execute(
+                text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"), params
+            ).scalar_one()
+            conn.rollback()
+        node = (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
+        return int(node["Shared Hit Blocks"]) + int(node["Shared Read Blocks"])
+
+    keys_with_work = buffers(str(jobs._KEYS_WITH_WORK), queue=queue)
+    oldest = buffers(
+        "SELECT id FROM jobs WHERE status = 'queued' AND queue = :queue AND api_key_id = :k"
+        " ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        queue=queue,
+        k=a.row.id,
+    )
+    # 2,700 jobs still queued and 300 claimed: a walk over either would read hundreds.
+    assert keys_with_work <= 60, keys_with_work
+    assert oldest <= 20, oldest

@@ -10,7 +10,7 @@ from datetime import timedelta
 from sqlalchemy import and_, func, or_, select, update
 
 from app.db import session_scope, utcnow
-from app.models import ApiKey, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
+from app.models import ApiKey, Batch, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
 from app.settings import Settings
 from app.ssrf import AllowList
 from app.webhook_signing import signature_headers
@@ -56,14 +56,21 @@ def attempt(delivery_id: str, *, settings: Settings) -> Scheduled:
                 WebhookDelivery.body,
                 WebhookDelivery.attempts,
                 WebhookDelivery.job_id,
+                WebhookDelivery.batch_id,
             )
         ).one_or_none()
         if claimed is None:
             return Scheduled(delivery_id, None)
+        # A job's event is signed with its job's key, a batch's event (no job) with its batch's.
+        owner = (
+            select(Job.api_key_id).where(Job.id == claimed.job_id)
+            if claimed.job_id is not None
+            else select(Batch.api_key_id).where(Batch.id == claimed.batch_id)
+        )
         key = session.execute(
-            select(ApiKey.webhook_secret, ApiKey.webhook_secret_previous)
-            .join(Job, Job.api_key_id == ApiKey.id)
-            .where(Job.id == claimed.job_id)
+            select(ApiKey.webhook_secret, ApiKey.webhook_secret_previous).where(
+                ApiKey.id == owner.scalar_subquery()
+            )
         ).one()
         attempt_no = 1 + (
             session.scalar(

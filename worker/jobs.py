@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import Integer, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from app.batches import on_job_finished
-from app.db import session_scope, utcnow
+from app.db import UTCDateTime, session_scope, utcnow
 from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
 from app.options import TranscribeOptions
 from app.queue import send_delivery
@@ -35,20 +35,40 @@ log = logging.getLogger(__name__)
 WORKER_LOST = "worker_lost"
 HOST = socket.gethostname()
 
+# Spelled as literals, never bound: a prepared statement's generic plan cannot match
+# ``status = $1`` to the partial indexes' predicates (app/models.py), and would fall back
+# to scanning every job.
+QUEUED = text("jobs.status = 'queued'")
+RUNNING = text("jobs.status = 'running'")
+
 # The keys with queued work in one queue, one index probe per key (a loose index scan) rather
-# than a scan of the whole backlog: a claim costs the same with 20 or 20,000 jobs waiting.
+# than a scan of the whole backlog, with when each key last had a job started and how many
+# it has running in any queue (the fair order and the cap): a claim costs the same with 20
+# or 20,000 jobs waiting. The running count is one index range per key, not a GROUP BY over
+# all running jobs, which was planned as a bitmap scan over every dead 'running' entry
+# since the last vacuum. ORDER BY ... LIMIT 1, not
+# min(): with statistics taken before a batch landed, min() was planned as an aggregate over
+# every queued row (EXPLAIN in bench/RESULTS.md, "Backlog").
 _KEYS_WITH_WORK = text(
     """
     WITH RECURSIVE k(id) AS (
-        SELECT min(api_key_id) FROM jobs WHERE status = :status AND queue = :queue
+        SELECT (SELECT api_key_id FROM jobs WHERE status = 'queued' AND queue = :queue
+                ORDER BY api_key_id LIMIT 1)
         UNION ALL
-        SELECT (SELECT min(api_key_id) FROM jobs
-                WHERE status = :status AND queue = :queue AND api_key_id > k.id)
+        SELECT (SELECT api_key_id FROM jobs
+                WHERE status = 'queued' AND queue = :queue AND api_key_id > k.id
+                ORDER BY api_key_id LIMIT 1)
         FROM k WHERE k.id IS NOT NULL
     )
-    SELECT id FROM k WHERE id IS NOT NULL
+    SELECT k.id AS id,
+           (SELECT s.started_at FROM jobs s
+            WHERE s.api_key_id = k.id AND s.started_at IS NOT NULL
+            ORDER BY s.started_at DESC LIMIT 1) AS last_started,
+           (SELECT count(*) FROM jobs r
+            WHERE r.status = 'running' AND r.api_key_id = k.id) AS running
+    FROM k WHERE k.id IS NOT NULL
     """
-)
+).columns(id=Integer, last_started=UTCDateTime, running=Integer)
 
 
 @dataclass(frozen=True)
@@ -69,18 +89,12 @@ class ClaimResult:
     capped: bool = False
 
 
-def _fair_order(session: Session, keys: list[int], running: dict[int, int]) -> list[int]:
-    if len(keys) < 2:
-        return keys
-    last_started: dict[int, datetime | None] = {}
-    for key in keys:
-        last_started[key] = session.scalar(
-            select(func.max(Job.started_at)).where(Job.api_key_id == key)
-        )
+def _fair_order(keys: dict[int, datetime | None], running: dict[int, int]) -> list[int]:
+    """Fewest jobs in flight first, then the key served least recently."""
     floor = datetime.min
     return sorted(
         keys,
-        key=lambda k: (running.get(k, 0), (last_started[k] or floor).replace(tzinfo=None), k),
+        key=lambda k: (running.get(k, 0), (keys[k] or floor).replace(tzinfo=None), k),
     )
 
 
@@ -88,30 +102,18 @@ def claim_next(*, queues: Sequence[str], settings: Settings, worker: str = HOST)
     """Start the next job by policy, or return none (nothing queued, or all keys capped)."""
     capped = False
     with session_scope() as session:
-        running: dict[int, int] = {
-            key: n
-            for key, n in session.execute(
-                select(Job.api_key_id, func.count())
-                .where(Job.status == JobStatus.running)
-                .group_by(Job.api_key_id)
-            ).all()
-        }
         for queue in queues:
-            keys = [
-                k
-                for (k,) in session.execute(
-                    _KEYS_WITH_WORK, {"status": JobStatus.queued.value, "queue": queue}
-                ).all()
-            ]
+            rows = session.execute(_KEYS_WITH_WORK, {"queue": queue}).all()
+            keys = {row.id: row.last_started for row in rows}
+            running = {row.id: int(row.running) for row in rows}
             cap = settings.key_max_in_flight
-            eligible = [k for k in keys if not cap or running.get(k, 0) < cap]
+            eligible = {k: t for k, t in keys.items() if not cap or running.get(k, 0) < cap}
             capped = capped or len(eligible) < len(keys)
-            for key in _fair_order(session, eligible, running):
+            for key in _fair_order(eligible, running):
                 job_id = session.scalar(
                     select(Job.id)
-                    .where(Job.status == JobStatus.queued, Job.queue == queue)
-                    .where(Job.api_key_id == key)
-                    .order_by(Job.created_at)
+                    .where(QUEUED, Job.queue == queue, Job.api_key_id == key)
+                    .order_by(Job.created_at, Job.id)
                     .limit(1)
                     .with_for_update(skip_locked=True)
                 )
@@ -338,7 +340,7 @@ def expire_leases(settings: Settings, *, limit: int = 500) -> Expired:
     with session_scope() as session:
         rows = session.scalars(
             select(Job)
-            .where(Job.status == JobStatus.running, Job.lease_expires_at < now)
+            .where(RUNNING, Job.lease_expires_at < now)
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()
@@ -385,22 +387,21 @@ class QueueCounts:
 
 
 def queue_counts(queues: Sequence[str]) -> QueueCounts:
-    """Queued jobs per queue and running jobs in all, read in one snapshot."""
+    """Queued jobs per queue and running jobs in all, read in one snapshot. Each count reads
+    its own partial index only (index-only: the backlog's entries, no finished job)."""
     with session_scope() as session:
         rows = session.execute(
-            select(Job.status, Job.queue, func.count())
-            .where(Job.status.in_([JobStatus.queued, JobStatus.running]))
-            .where(Job.queue.in_(list(queues)))
-            .group_by(Job.status, Job.queue)
+            select(Job.queue, func.count())
+            .where(QUEUED, Job.queue.in_(list(queues)))
+            .group_by(Job.queue)
         ).all()
+        running = session.scalar(
+            select(func.count()).select_from(Job).where(RUNNING, Job.queue.in_(list(queues)))
+        )
     queued = dict.fromkeys(queues, 0)
-    running = 0
-    for status, queue, n in rows:
-        if status == JobStatus.queued:
-            queued[queue] = n
-        else:
-            running += n
-    return QueueCounts(queued=queued, running=running)
+    for queue, n in rows:
+        queued[queue] = n
+    return QueueCounts(queued=queued, running=int(running or 0))
 
 
 def oldest_queued(queue: str, n: int) -> list[str]:
@@ -408,8 +409,8 @@ def oldest_queued(queue: str, n: int) -> list[str]:
         return list(
             session.scalars(
                 select(Job.id)
-                .where(Job.status == JobStatus.queued, Job.queue == queue)
-                .order_by(Job.created_at)
+                .where(QUEUED, Job.queue == queue)
+                .order_by(Job.created_at, Job.id)
                 .limit(n)
             ).all()
         )

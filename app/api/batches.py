@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select, tuple_
 
-from app import batches, blobs
+from app import batches, blobs, schemas
 from app.api.batch_inputs import (
     ID_MAX,
     ManifestLine,
@@ -34,12 +34,15 @@ from app.api.batch_inputs import (
 from app.api.batch_upload import BatchForm, read_batch_form
 from app.api.deps import CurrentKey, SettingsDep
 from app.api.inference import OPTION_FIELDS
+from app.api.jobs import _delivery as delivery_out
 from app.db import get_sessionmaker, session_scope, utcnow
 from app.errors import ApiError
-from app.models import ApiKey, Batch, Job, JobStatus
+from app.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
+from app.ratelimit import check_request_rate
 from app.serialize import iso
 from app.settings import Settings
 from app.submission import check_url
+from app.uploads import _upload_slot as upload_slot
 
 router = APIRouter(tags=["batches"])
 
@@ -290,9 +293,12 @@ async def _read_inputs(
         raise ApiError(
             415, "unsupported_media_type", "send multipart/form-data or application/json"
         )
-    form = await read_batch_form(
-        request, settings=settings, max_files=settings.batch_max_inputs_per_request
-    )
+    # The same per-process gate single submissions read their bodies through: a batch of
+    # files must not get around ``upload_concurrency`` (disk, ffprobe and CPU per body).
+    async with upload_slot(settings):
+        form = await read_batch_form(
+            request, settings=settings, max_files=settings.batch_max_inputs_per_request
+        )
     try:
         allowed = {"url", "urls"}
         if create:
@@ -348,6 +354,7 @@ async def create_batch(
     ``open=true`` more inputs follow (``/files``) until ``/seal``; otherwise it is sealed now.
     The same ``Idempotency-Key`` returns the batch already made (200)."""
     batch_key = _idempotency_key(idempotency_key)
+    await check_request_rate(key.id, settings)  # before the body: a refusal costs no upload
     inputs, defaults, webhook, is_open = await _read_inputs(request, settings)
     try:
         if webhook is not None:
@@ -396,6 +403,7 @@ async def add_to_batch(
 ) -> BatchAccepted:
     """Add inputs to an open batch. Inputs whose ``idempotency_key`` the batch already has
     make no new job (``duplicate: true``): resending a chunk is always safe."""
+    await check_request_rate(key.id, settings)
     defaults = await run_in_threadpool(_check_owned, batch_id, key)
     inputs, _, _, _ = await _read_inputs(request, settings, batch_defaults=defaults)
     try:
@@ -429,6 +437,24 @@ def seal_batch(batch_id: str, key: CurrentKey) -> BatchOut:
 @router.get("/v1/batches/{batch_id}", response_model=BatchOut)
 def get_batch(batch_id: str, key: CurrentKey) -> BatchOut:
     return load_batch_out(batch_id, key)
+
+
+@router.get(
+    "/v1/batches/{batch_id}/deliveries",
+    response_model=schemas.DeliveryList,
+    summary="Webhook deliveries of a batch's own event, with every attempt",
+)
+def batch_deliveries(batch_id: str, key: CurrentKey) -> schemas.DeliveryList:
+    """The batch's ended event (sent once, when the batch ends, canceled ones included):
+    its own delivery, not one of its jobs' (those are under ``/v1/jobs/{id}/deliveries``)."""
+    with get_sessionmaker()() as session:
+        batch = batches.owned_batch(session, batch_id=batch_id, api_key_id=key.id)
+        rows = session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.batch_id == batch.id, WebhookDelivery.job_id.is_(None))
+            .order_by(WebhookDelivery.created_at)
+        ).all()
+        return schemas.DeliveryList(request_id=batch.id, deliveries=[delivery_out(d) for d in rows])
 
 
 @router.post("/v1/batches/{batch_id}/cancel", response_model=BatchCanceled)
