@@ -92,6 +92,28 @@ def clean_redis() -> Iterator[None]:
     client.close()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def module_isolation(database: str, clean_redis: None) -> Iterator[None]:
+    """Each module starts with no jobs, batches or deliveries left by another: with claim by
+    policy, a later module's worker would otherwise spend its slots draining an earlier
+    module's queued backlog and retrying webhooks to receivers long gone. Keys stay (cheap,
+    and each module makes its own)."""
+    yield
+    import redis
+    from sqlalchemy import text
+
+    from app.db import get_engine
+
+    with get_engine().begin() as conn:
+        conn.execute(text("SET LOCAL lock_timeout = '20s'"))
+        conn.execute(
+            text("TRUNCATE webhook_attempts, webhook_deliveries, idempotency_keys, jobs, batches")
+        )
+    client = redis.Redis.from_url(TEST_ENV["WHISPERQ_REDIS_URL"])
+    client.flushdb()
+    client.close()
+
+
 @pytest.fixture(scope="module")
 def api() -> Iterator[TestClient]:
     """The HTTP API in-process, driven over HTTP semantics by Starlette's test client."""
