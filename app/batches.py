@@ -35,6 +35,7 @@ from app.models import (
     JobStatus,
     WebhookDelivery,
 )
+from app.notify import publish_cancel
 from app.queue import send_delivery
 from app.serialize import iso
 from app.settings import Settings
@@ -281,7 +282,7 @@ class Canceled:
     cancel_requested: int  # running jobs asked to stop
 
 
-def cancel(*, batch_id: str, api_key_id: int) -> Canceled:
+def cancel(*, batch_id: str, api_key_id: int, settings: Settings) -> Canceled:
     """Queued jobs are canceled now (guarded: a worker that claimed one first keeps it);
     running ones are marked ``cancel_requested_at`` for their worker to stop."""
     now = utcnow()
@@ -304,22 +305,26 @@ def cancel(*, batch_id: str, api_key_id: int) -> Canceled:
                 .returning(Job.id)
             )
         )
-        asked = session.execute(
-            update(Job)
-            .where(
-                Job.batch_id == batch.id,
-                Job.status == JobStatus.running,
-                Job.cancel_requested_at.is_(None),
+        asked = list(
+            session.scalars(
+                update(Job)
+                .where(
+                    Job.batch_id == batch.id,
+                    Job.status == JobStatus.running,
+                    Job.cancel_requested_at.is_(None),
+                )
+                .values(cancel_requested_at=now)
+                .returning(Job.id)
             )
-            .values(cancel_requested_at=now)
-        ).rowcount  # type: ignore[attr-defined]
+        )
         session.flush()
         delivery_id = _end_if_done(session, batch)
+    publish_cancel(asked, redis_url=settings.redis_url)
     if delivery_id is not None:
         send_delivery(delivery_id)
     for job_id in canceled:
         blobs.delete_blob(job_id)  # canceled jobs never run: their audio goes now
-    return Canceled(batch, len(canceled), int(asked or 0))
+    return Canceled(batch, len(canceled), len(asked))
 
 
 def on_job_finished(session: Session, job: Job) -> str | None:

@@ -20,6 +20,9 @@ import redis.asyncio as aioredis
 log = logging.getLogger(__name__)
 
 CHANNEL = "whisperq:jobs:done"
+# Cancel requests for running jobs, API → workers. The heartbeat also finds them in the row
+# (the truth) within a quarter lease; this only makes the stop prompt.
+CANCEL_CHANNEL = "whisperq:jobs:cancel"
 # How long the listener waits before reconnecting after Redis went away.
 RECONNECT_DELAY_S = 1.0
 
@@ -40,6 +43,20 @@ def publish_done(job_id: str, *, redis_url: str) -> None:
         client.publish(CHANNEL, job_id)
     except redis.RedisError as exc:
         log.warning("could not publish completion of job %s: %s", job_id, exc)
+
+
+def publish_cancel(job_ids: list[str], *, redis_url: str) -> None:
+    """Tell workers to stop these running jobs at their next window. Call after the
+    ``cancel_requested_at`` commit. Never raises: a lost signal leaves it to the heartbeat."""
+    if not job_ids:
+        return
+    try:
+        with _publish_lock:
+            client = _publisher(redis_url)
+        for job_id in job_ids:
+            client.publish(CANCEL_CHANNEL, job_id)
+    except redis.RedisError as exc:
+        log.warning("could not publish cancel of %d job(s): %s", len(job_ids), exc)
 
 
 class CompletionListener:

@@ -290,7 +290,13 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
         model=random_checkpoint(tmp / "random.pt"),
         log_path=tmp / "worker.log",
         # Keep audio after the job ends (the default deletes it), so DELETE has some to remove.
-        env={"WHISPERQ_KEEP_AUDIO_DAYS": "1"},
+        # A long lease puts the heartbeat (which also finds cancels) minutes apart: a running
+        # job's cancel must then arrive by the API's signal.
+        env={
+            "WHISPERQ_KEEP_AUDIO_DAYS": "1",
+            "WHISPERQ_JOB_LEASE_S": "600",
+            "WHISPERQ_VISIBILITY_TIMEOUT_S": "600",
+        },
     )
     yield proc
     proc.stop()

@@ -35,6 +35,7 @@ def _start_loops(sender: Any = None, **_: Any) -> None:
     if consumer is not None:
         runtime.set_consumed_queues(list(consumer.amqp.queues.consume_from or []))
     runtime.start_heartbeat(settings, _stop_loops)
+    runtime.start_cancel_listener(settings, _stop_loops)
     start_reaper(settings, _stop_loops)
 
 

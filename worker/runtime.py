@@ -8,6 +8,7 @@ nothing it had not started (the messages it merely held go back to Redis, see be
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -178,6 +179,48 @@ def start_heartbeat(settings: Settings, stop: threading.Event) -> threading.Thre
                 log.exception("heartbeat failed")
 
     thread = threading.Thread(target=loop, name="whisperq-heartbeat", daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_canceled(job_id: str) -> bool:
+    """Ask the run of ``job_id`` to stop as canceled, if this worker holds it."""
+    with _in_flight_lock:
+        entry = _in_flight.get(job_id)
+    if entry is None:
+        return False
+    entry.stop(STOP_CANCELED)
+    return True
+
+
+def start_cancel_listener(settings: Settings, stop: threading.Event) -> threading.Thread:
+    """Stops a running job within a window of its cancel request instead of at the next
+    heartbeat (a quarter lease later), by listening to the API's cancel signals. Pub/sub is
+    at-most-once; the heartbeat still reads ``cancel_requested_at`` from the row."""
+    import redis
+
+    from app.notify import CANCEL_CHANNEL
+
+    def loop() -> None:
+        while not stop.is_set():
+            client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(CANCEL_CHANNEL)
+                while not stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    data = message.get("data") if message else None
+                    if isinstance(data, bytes) and stop_canceled(data.decode(errors="replace")):
+                        log.info("cancel requested for running job %s", data.decode())
+            except Exception as exc:  # Redis away: the heartbeat still finds cancels
+                log.warning("cancel listener lost Redis (%s); reconnecting", exc)
+                stop.wait(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+                    client.close()
+
+    thread = threading.Thread(target=loop, name="whisperq-cancels", daemon=True)
     thread.start()
     return thread
 

@@ -458,10 +458,10 @@ def batch_deliveries(batch_id: str, key: CurrentKey) -> schemas.DeliveryList:
 
 
 @router.post("/v1/batches/{batch_id}/cancel", response_model=BatchCanceled)
-def cancel_batch(batch_id: str, key: CurrentKey) -> BatchCanceled:
+def cancel_batch(batch_id: str, key: CurrentKey, settings: SettingsDep) -> BatchCanceled:
     """Queued jobs are canceled at once; running ones are asked to stop and end canceled
     (or finish, if they were about to). The batch takes no more inputs."""
-    done = batches.cancel(batch_id=batch_id, api_key_id=key.id)
+    done = batches.cancel(batch_id=batch_id, api_key_id=key.id, settings=settings)
     return BatchCanceled(
         batch=load_batch_out(batch_id, key),
         canceled_jobs=done.canceled_jobs,

@@ -17,7 +17,7 @@ from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
 from app.db import utcnow
 from app.errors import ApiError, ErrorCode
 from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
-from app.notify import publish_done
+from app.notify import publish_cancel, publish_done
 from app.queue import send_delivery
 from app.serialize import delivery_event, iso, job_status, job_summary, transcript_document
 from app.settings import Settings
@@ -173,6 +173,7 @@ def cancel_job(
             .values(cancel_requested_at=utcnow())
         )
         session.commit()
+        publish_cancel([job.id], redis_url=settings.redis_url)
         session.refresh(job)
         if job.status == JobStatus.running:
             response.status_code = 202
