@@ -272,6 +272,34 @@ def test_interactive_jobs_go_first() -> None:
     assert done == ["interactive", "bulk-1", "bulk-2"]
 
 
+def test_a_window_waits_for_announced_jobs() -> None:
+    """A job the worker announced (claimed, audio still loading) joins the window about to
+    start instead of missing it; a withdrawn announcement holds nothing up."""
+    eng = Engine(random_model(seed=1), max_batch_rows=4, max_wait_ms=0, announce_wait_ms=600_000)
+    prefills: list[int] = []
+    eng.decoder.register_forward_pre_hook(
+        lambda _m, args: prefills.append(int(args[0].shape[0])) if args[0].shape[1] > 1 else None
+    )
+    opts = options_of(NO_FALLBACK)
+    try:
+        eng.announce()
+        eng.announce()
+        first = eng.submit(EngineJob(noise(3.0, 0), opts), announced=True)
+        time.sleep(0.3)  # the engine holds the first job now (order, not timing, is asserted)
+        second = eng.submit(EngineJob(noise(3.0, 1), opts), announced=True)
+        first.result(timeout=300)
+        second.result(timeout=300)
+        assert prefills == [2]  # one window of two rows, not two windows of one
+        eng.announce()
+        third = eng.submit(EngineJob(noise(3.0, 2), opts))
+        time.sleep(0.3)
+        eng.withdraw()  # the announced job failed to load: the window starts without it
+        third.result(timeout=120)  # far below the 600 s it would otherwise wait
+        assert eng.announced == 0
+    finally:
+        eng.close(5)
+
+
 def test_batch_shares_sum_to_wall_time(engine: Engine) -> None:
     """Each job pays its share of a batch, not the whole batch."""
     jobs = [EngineJob(noise(5.0, seed), options_of(NO_FALLBACK)) for seed in range(6)]

@@ -138,17 +138,24 @@ def _result_of(out: EngineResult) -> dict[str, Any]:
 
 
 def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) -> str:
+    engine = runtime.get_engine()
+    # The engine's next window waits (briefly) for this job while its audio loads.
+    engine.announce()
     try:
         audio, input_length_ms = load_job_audio(
             blob=claimed.audio_blob, url=claimed.audio_url, settings=settings
         )
     except AudioError as exc:
+        engine.withdraw()
         return _fail(claimed, settings, exc.code, exc.message)
+    except BaseException:
+        engine.withdraw()
+        raise
     limit_s = _time_limit_s(audio, settings)
     started = time.monotonic()
     ran_ms: int | None = None
     try:
-        future = runtime.get_engine().submit(_engine_job(audio, claimed, entry, settings))
+        future = engine.submit(_engine_job(audio, claimed, entry, settings), announced=True)
         out = _wait(future, entry, limit_s, settings)
     except EngineInputError as exc:
         return _fail(claimed, settings, exc.code, exc.message)
