@@ -8,6 +8,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -281,22 +282,43 @@ def test_a_window_waits_for_announced_jobs() -> None:
         lambda _m, args: prefills.append(int(args[0].shape[0])) if args[0].shape[1] > 1 else None
     )
     opts = options_of(NO_FALLBACK)
+    # Each task is a thread with at most one announcement, as in the worker's threads pool.
+    tasks = ThreadPoolExecutor(max_workers=2)
+    go = threading.Event()
+
+    def task(seed: int, wait: threading.Event | None) -> Future[EngineResult]:
+        with eng.announcing():
+            eng.announce()  # a second announce of the same task counts once
+            if wait is not None:
+                wait.wait(60)  # this task's audio is still loading
+            return eng.submit(EngineJob(noise(3.0, seed), opts), announced=True)
+
     try:
-        eng.announce()
-        eng.announce()
-        first = eng.submit(EngineJob(noise(3.0, 0), opts), announced=True)
+        first = tasks.submit(task, 0, None)
+        second = tasks.submit(task, 1, go)
         time.sleep(0.3)  # the engine holds the first job now (order, not timing, is asserted)
-        second = eng.submit(EngineJob(noise(3.0, 1), opts), announced=True)
-        first.result(timeout=300)
-        second.result(timeout=300)
+        assert eng.announced == 1
+        go.set()
+        first.result().result(timeout=300)
+        second.result().result(timeout=300)
         assert prefills == [2]  # one window of two rows, not two windows of one
-        eng.announce()
+        stuck = threading.Event()
+
+        def failed_load() -> None:
+            with eng.announcing():
+                stuck.wait(60)  # the claim found nothing, or the audio failed to load
+
+        failing = tasks.submit(failed_load)
+        time.sleep(0.3)
         third = eng.submit(EngineJob(noise(3.0, 2), opts))
         time.sleep(0.3)
-        eng.withdraw()  # the announced job failed to load: the window starts without it
+        stuck.set()  # its announcement ends with it: the window starts without it
+        failing.result(timeout=60)
         third.result(timeout=120)  # far below the 600 s it would otherwise wait
         assert eng.announced == 0
     finally:
+        go.set()
+        tasks.shutdown()
         eng.close(5)
 
 

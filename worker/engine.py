@@ -464,6 +464,7 @@ class Engine:
         self.decode_threads = decode_threads if self.device.type == "cpu" else None
         self.announced = 0  # jobs announced and not yet submitted or withdrawn
         self._announce_lock = threading.Lock()
+        self._announcing = threading.local()  # .open: this thread has an announcement
         # tokens sampled per window at most: whisper's default, smaller only for benchmarks
         self.sample_len = sample_len or model.dims.n_text_ctx // 2
         self._tokenizer = get_tokenizer(
@@ -513,15 +514,32 @@ class Engine:
         return fut
 
     def announce(self) -> None:
-        """A job is on its way (the worker claimed it and is loading its audio): a window
-        about to start short of max_batch_rows waits for it, up to announce_wait_ms. Every
-        announce must be followed by ``submit(..., announced=True)`` or :meth:`withdraw`."""
+        """This thread's task has a job on its way (waiting for a claim slot, claiming, or
+        loading its audio): a window about to start short of max_batch_rows waits for it, up
+        to announce_wait_ms. One announcement per thread at most (a Celery task is a thread);
+        it ends with ``submit(..., announced=True)`` or :meth:`withdraw`."""
         with self._announce_lock:
+            if getattr(self._announcing, "open", False):
+                return
+            self._announcing.open = True
             self.announced += 1
 
     def withdraw(self) -> None:
+        """End this thread's announcement, if it has one."""
         with self._announce_lock:
-            self.announced = max(0, self.announced - 1)
+            if not getattr(self._announcing, "open", False):
+                return
+            self._announcing.open = False
+            self.announced -= 1
+
+    @contextlib.contextmanager
+    def announcing(self) -> Iterator[None]:
+        """An announcement for the block (ended early by a submit)."""
+        self.announce()
+        try:
+            yield
+        finally:
+            self.withdraw()
 
     def close(self, timeout: float | None = None) -> None:
         self._inbox.put(_STOP)
