@@ -138,8 +138,7 @@ def _result_of(out: EngineResult) -> dict[str, Any]:
 
 
 def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) -> str:
-    engine = runtime.get_engine()
-    engine.announce()  # already announced by run_job; kept until the job is submitted
+    engine = runtime.get_engine()  # run_job's announcement lasts until the submit below
     try:
         audio, input_length_ms = load_job_audio(
             blob=claimed.audio_blob, url=claimed.audio_url, settings=settings
@@ -147,9 +146,6 @@ def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) 
     except AudioError as exc:
         engine.withdraw()
         return _fail(claimed, settings, exc.code, exc.message)
-    except BaseException:
-        engine.withdraw()
-        raise
     limit_s = _time_limit_s(audio, settings)
     started = time.monotonic()
     ran_ms: int | None = None
