@@ -291,7 +291,7 @@ def test_a_window_waits_for_announced_jobs() -> None:
             eng.announce()  # a second announce of the same task counts once
             if wait is not None:
                 wait.wait(60)  # this task's audio is still loading
-            return eng.submit(EngineJob(noise(3.0, seed), opts), announced=True)
+            return eng.submit(EngineJob(noise(3.0, seed), opts))  # ends the announcement
 
     try:
         first = tasks.submit(task, 0, None)

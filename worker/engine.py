@@ -504,20 +504,19 @@ class Engine:
 
     # ------------------------------------------------------------------ the seam
 
-    def submit(self, job: EngineJob, *, announced: bool = False) -> Future[EngineResult]:
-        """Queue a job; ``announced``: it was announced with :meth:`announce` (and now
-        arrives, so it is no longer waited for)."""
+    def submit(self, job: EngineJob) -> Future[EngineResult]:
+        """Queue a job. It ends this thread's announcement, if any (the job it announced has
+        arrived, so it is no longer waited for)."""
         fut: Future[EngineResult] = Future()
         self._inbox.put((job, fut))
-        if announced:
-            self.withdraw()
+        self.withdraw()
         return fut
 
     def announce(self) -> None:
         """This thread's task has a job on its way (waiting for a claim slot, claiming, or
         loading its audio): a window about to start short of max_batch_rows waits for it, up
         to announce_wait_ms. One announcement per thread at most (a Celery task is a thread);
-        it ends with ``submit(..., announced=True)`` or :meth:`withdraw`."""
+        it ends with this thread's next :meth:`submit` or :meth:`withdraw`."""
         with self._announce_lock:
             if getattr(self._announcing, "open", False):
                 return

@@ -150,7 +150,7 @@ def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) 
     started = time.monotonic()
     ran_ms: int | None = None
     try:
-        future = engine.submit(_engine_job(audio, claimed, entry, settings), announced=True)
+        future = engine.submit(_engine_job(audio, claimed, entry, settings))
         out = _wait(future, entry, limit_s, settings)
     except EngineInputError as exc:
         return _fail(claimed, settings, exc.code, exc.message)
