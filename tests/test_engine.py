@@ -293,14 +293,21 @@ def test_a_window_waits_for_announced_jobs() -> None:
                 wait.wait(60)  # this task's audio is still loading
             return eng.submit(EngineJob(noise(3.0, seed), opts))  # ends the announcement
 
+    def announced(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while eng.announced != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.announced == n
+
     try:
-        first = tasks.submit(task, 0, None)
-        second = tasks.submit(task, 1, go)
+        second = tasks.submit(task, 1, go)  # announced, its audio "loading"
+        announced(1)
+        first = tasks.submit(task, 0, None).result(timeout=60)  # submitted: announcement over
+        announced(1)
         time.sleep(0.3)  # the engine holds the first job now (order, not timing, is asserted)
-        assert eng.announced == 1
         go.set()
-        first.result().result(timeout=300)
-        second.result().result(timeout=300)
+        first.result(timeout=300)
+        second.result(timeout=60).result(timeout=300)
         assert prefills == [2]  # one window of two rows, not two windows of one
         stuck = threading.Event()
 
@@ -309,7 +316,7 @@ def test_a_window_waits_for_announced_jobs() -> None:
                 stuck.wait(60)  # the claim found nothing, or the audio failed to load
 
         failing = tasks.submit(failed_load)
-        time.sleep(0.3)
+        announced(1)
         third = eng.submit(EngineJob(noise(3.0, 2), opts))
         time.sleep(0.3)
         stuck.set()  # its announcement ends with it: the window starts without it
