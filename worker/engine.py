@@ -45,9 +45,9 @@ SAMPLE_RATE = 16_000
 ENCODER_TOKENS_PER_SECOND = 50  # one encoder position per 20 ms of audio
 DEFAULT_MAX_BATCH_ROWS = 16
 DEFAULT_MAX_WAIT_MS = 10.0
-# How long a window short of max_batch_rows waits for announced jobs (claimed by the worker,
-# audio loading: ffprobe + ffmpeg, tens of ms per file). Bounded, so a task that died
-# between announce and submit costs at most this per window.
+# How long a window short of max_batch_rows waits for announced jobs (tasks waiting for a
+# claim slot, claiming, or loading audio with ffprobe + ffmpeg). Bounded: a wait that finds
+# nothing costs at most this per window.
 DEFAULT_ANNOUNCE_WAIT_MS = 1000.0
 ANNOUNCE_POLL_S = 0.02
 # Torch threads of a decode pass on CPU. A decoder step is hundreds of small ops (a few
