@@ -261,6 +261,7 @@ def _run_job(job_id: str | None) -> str:
         slots.release()
     if back_off:
         # Outside the slot: a capped key or a database outage must not hold up other work.
+        runtime.get_engine().withdraw()  # nor the engine's next window
         time.sleep(settings.db_retry_delay_s)
         raise Reject("cannot claim now", requeue=True)
     log.info(
