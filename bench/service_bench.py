@@ -9,11 +9,18 @@ from the project's importer (as the tests build them). The corpus is espeak-ng s
 
 Per round, interleaved so a shared machine's load hits every system alike:
 sequential ``whisper.transcribe()`` of the files in this process (audio loaded from the
-file by whisper, as ``transcribe(path)`` does), then for each ``--clients`` count: that many
-clients post the files synchronously to ``/v1/inference/openai/whisper-tiny`` (a client
-takes the next file when its answer comes back) until every file is transcribed.
+file by whisper, as ``transcribe(path)`` does) at each ``--threads`` torch thread count
+(1 and 2 by default: on a loaded 2-core box one thread is much faster, see
+bench/RESULTS.md), then for each ``--clients`` count: that many clients post the files
+synchronously to ``/v1/inference/openai/whisper-tiny`` (a client takes the next file when
+its answer comes back) until every file is transcribed. Ratios are against the faster
+sequential run of the same round. Also printed: CPU seconds per audio second (this
+process, or the API + worker + redis-server with their ffmpeg children) and, after each
+service run, the worker engine's counters (encoder, decode passes, rows per pass).
+``--profile DIR`` records the worker with py-spy (``$PY_SPY``) during each service run.
 
     .venv/bin/python -m bench.service_bench                 # 16 and 64 clients, 64 files
+    .venv/bin/python -m bench.service_bench --threads 1 --rounds 2
     .venv/bin/python -m bench.service_bench --clients 16 --files 32 --rounds 1
 
 Prints a Markdown table; asserts nothing. The worker runs with the settings' defaults
