@@ -8,6 +8,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -270,6 +271,62 @@ def test_interactive_jobs_go_first() -> None:
     finally:
         eng.close(5)
     assert done == ["interactive", "bulk-1", "bulk-2"]
+
+
+def test_a_window_waits_for_announced_jobs() -> None:
+    """A job the worker announced (claimed, audio still loading) joins the window about to
+    start instead of missing it; a withdrawn announcement holds nothing up."""
+    eng = Engine(random_model(seed=1), max_batch_rows=4, max_wait_ms=0, announce_wait_ms=600_000)
+    prefills: list[int] = []
+    eng.decoder.register_forward_pre_hook(
+        lambda _m, args: prefills.append(int(args[0].shape[0])) if args[0].shape[1] > 1 else None
+    )
+    opts = options_of(NO_FALLBACK)
+    # Each task is a thread with at most one announcement, as in the worker's threads pool.
+    tasks = ThreadPoolExecutor(max_workers=2)
+    go = threading.Event()
+
+    def task(seed: int, wait: threading.Event | None) -> Future[EngineResult]:
+        with eng.announcing():
+            eng.announce()  # a second announce of the same task counts once
+            if wait is not None:
+                wait.wait(60)  # this task's audio is still loading
+            return eng.submit(EngineJob(noise(3.0, seed), opts))  # ends the announcement
+
+    def announced(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while eng.announced != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.announced == n
+
+    try:
+        second = tasks.submit(task, 1, go)  # announced, its audio "loading"
+        announced(1)
+        first = tasks.submit(task, 0, None).result(timeout=60)  # submitted: announcement over
+        announced(1)
+        time.sleep(0.3)  # the engine holds the first job now (order, not timing, is asserted)
+        go.set()
+        first.result(timeout=300)
+        second.result(timeout=60).result(timeout=300)
+        assert prefills == [2]  # one window of two rows, not two windows of one
+        stuck = threading.Event()
+
+        def failed_load() -> None:
+            with eng.announcing():
+                stuck.wait(60)  # the claim found nothing, or the audio failed to load
+
+        failing = tasks.submit(failed_load)
+        announced(1)
+        third = eng.submit(EngineJob(noise(3.0, 2), opts))
+        time.sleep(0.3)
+        stuck.set()  # its announcement ends with it: the window starts without it
+        failing.result(timeout=60)
+        third.result(timeout=120)  # far below the 600 s it would otherwise wait
+        assert eng.announced == 0
+    finally:
+        go.set()
+        tasks.shutdown()
+        eng.close(5)
 
 
 def test_batch_shares_sum_to_wall_time(engine: Engine) -> None:

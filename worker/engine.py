@@ -16,6 +16,7 @@ batched. No database, Celery or HTTP here.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -23,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,19 @@ SAMPLE_RATE = 16_000
 ENCODER_TOKENS_PER_SECOND = 50  # one encoder position per 20 ms of audio
 DEFAULT_MAX_BATCH_ROWS = 16
 DEFAULT_MAX_WAIT_MS = 10.0
+# How long a window short of max_batch_rows waits for announced jobs (tasks waiting for a
+# claim slot, claiming, or loading audio with ffprobe + ffmpeg). Bounded: a wait that finds
+# nothing costs at most this per window.
+DEFAULT_ANNOUNCE_WAIT_MS = 1000.0
+ANNOUNCE_POLL_S = 0.02
+# Torch threads of a decode pass on CPU. A decoder step is hundreds of small ops (a few
+# hundred microseconds each at 16 rows); with 2 OpenMP threads every op waits for both, and on
+# a box where the API, ffmpeg and other processes also run that wait is a scheduler slice:
+# measured on the 2-core VM under load, one step of 1 row cost 14 ms of CPU with 1 thread and
+# 85-154 ms with 2 (bench/RESULTS.md). The encoder's large matrices keep torch's count.
+DEFAULT_CPU_DECODE_THREADS = 1
+# How often the engine thread logs its cumulative counters (where the time went).
+STATS_LOG_INTERVAL_S = 60.0
 _WORD_PUNCT_DEFAULTS = {
     "prepend_punctuations": "\"'“¿([{-",
     "append_punctuations": "\"'.。,，!！?？:：”)]}、",
@@ -430,6 +444,8 @@ class Engine:
         max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         sample_len: int | None = None,
         on_batch: Callable[[int], None] | None = None,
+        announce_wait_ms: float = DEFAULT_ANNOUNCE_WAIT_MS,
+        decode_threads: int | None = DEFAULT_CPU_DECODE_THREADS,
     ) -> None:
         from whisper.tokenizer import get_tokenizer
 
@@ -443,6 +459,12 @@ class Engine:
         # Told the rows of every decode pass (the worker's batch-size metric); no metrics here.
         self.on_batch = on_batch
         self.max_wait_s = max_wait_ms / 1000
+        self.announce_wait_s = announce_wait_ms / 1000
+        # None: torch's own count (on CUDA the host threads only launch kernels)
+        self.decode_threads = decode_threads if self.device.type == "cpu" else None
+        self.announced = 0  # jobs announced and not yet submitted or withdrawn
+        self._announce_lock = threading.Lock()
+        self._announcing = threading.local()  # .open: this thread has an announcement
         # tokens sampled per window at most: whisper's default, smaller only for benchmarks
         self.sample_len = sample_len or model.dims.n_text_ctx // 2
         self._tokenizer = get_tokenizer(
@@ -450,6 +472,27 @@ class Engine:
         )
         self.decoder = BatchDecoder(model, self.dtype, self._tokenizer)
         self._suppress: dict[tuple[int, str], tuple[int, ...]] = {}
+        # Cumulative counters of the engine thread (seconds, windows, passes, rows, steps):
+        # read by benchmarks, logged every STATS_LOG_INTERVAL_S. Only that thread writes.
+        self.stats: dict[str, float] = dict.fromkeys(
+            (
+                "windows",
+                "log_mel_s",
+                "encoder_calls",
+                "encoder_s",
+                "decode_passes",
+                "decode_rows",
+                "decode_steps",
+                "decode_row_steps",
+                "decode_row_slots",
+                "decode_s",
+                "exact_jobs",
+                "exact_s",
+            ),
+            0.0,
+        )
+        self._stats_logged = time.monotonic()
+        self._stats_at = 0.0  # windows when last logged
         self._inbox: queue.Queue[Any] = queue.Queue()
         self._seq = itertools.count()
         self._prep_pool = ThreadPoolExecutor(
@@ -462,13 +505,45 @@ class Engine:
     # ------------------------------------------------------------------ the seam
 
     def submit(self, job: EngineJob) -> Future[EngineResult]:
+        """Queue a job. It ends this thread's announcement, if any (the job it announced has
+        arrived, so it is no longer waited for)."""
         fut: Future[EngineResult] = Future()
         self._inbox.put((job, fut))
+        self.withdraw()
         return fut
+
+    def announce(self) -> None:
+        """This thread's task has a job on its way (waiting for a claim slot, claiming, or
+        loading its audio): a window about to start short of max_batch_rows waits for it, up
+        to announce_wait_ms. One announcement per thread at most (a Celery task is a thread);
+        it ends with this thread's next :meth:`submit` or :meth:`withdraw`."""
+        with self._announce_lock:
+            if getattr(self._announcing, "open", False):
+                return
+            self._announcing.open = True
+            self.announced += 1
+
+    def withdraw(self) -> None:
+        """End this thread's announcement, if it has one."""
+        with self._announce_lock:
+            if not getattr(self._announcing, "open", False):
+                return
+            self._announcing.open = False
+            self.announced -= 1
+
+    @contextlib.contextmanager
+    def announcing(self) -> Iterator[None]:
+        """An announcement for the block (ended early by a submit)."""
+        self.announce()
+        try:
+            yield
+        finally:
+            self.withdraw()
 
     def close(self, timeout: float | None = None) -> None:
         self._inbox.put(_STOP)
         self._thread.join(timeout)
+        self._log_stats(force=True)
         self._prep_pool.shutdown(wait=False)
 
     def suppress_ids(self, tokenizer: Tokenizer, suppress_tokens: str) -> tuple[int, ...]:
@@ -484,6 +559,8 @@ class Engine:
         active: list[_JobState] = []
         stopping = False
         while not stopping or active:
+            if not active:  # going idle: the counters of the burst that just ended
+                self._log_stats(force=self._stats_at != self.stats["windows"])
             stopping = self._admit(active, block=not active) or stopping
             if stopping and not active:
                 return
@@ -510,29 +587,63 @@ class Engine:
                 if s.done:
                     active.remove(s)
                     _succeed(s, s.result())
+            self._log_stats()
+
+    def _log_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._stats_logged < STATS_LOG_INTERVAL_S:
+            return
+        self._stats_logged = now
+        st = self.stats
+        self._stats_at = st["windows"]
+        log.info(
+            "engine: %d windows, log-mel %.1f s, encoder %d calls %.1f s, decode %d passes "
+            "(%.1f rows each, %d steps, %.0f%% of row-steps live) %.1f s, exact %d jobs %.1f s",
+            st["windows"],
+            st["log_mel_s"],
+            st["encoder_calls"],
+            st["encoder_s"],
+            st["decode_passes"],
+            st["decode_rows"] / max(1, st["decode_passes"]),
+            st["decode_steps"],
+            100 * st["decode_row_steps"] / max(1.0, st["decode_row_slots"]),
+            st["decode_s"],
+            st["exact_jobs"],
+            st["exact_s"],
+        )
 
     def _admit(self, active: list[_JobState], block: bool) -> bool:
-        """Move new jobs in; an idle engine waits up to max_wait for a batch to fill."""
+        """Move new jobs in. An idle engine waits up to max_wait for a batch to fill; a window
+        about to start short of max_batch_rows waits up to announce_wait for jobs the worker
+        has announced (claimed, audio still loading), which would otherwise miss it and run
+        in a window of their own: on a 2-core CPU that halves the rows per decoder step."""
         deadline: float | None = None
+        fill_until: float | None = None
         stop = False
         # Everything queued is admitted (cheap: the log-mel waits until the job is picked),
         # so an interactive job that arrives behind bulk ones can be picked first.
         while True:
-            try:
-                if block and not active:
-                    item = self._inbox.get()
-                    deadline = time.monotonic() + self.max_wait_s
-                else:
-                    try:  # whatever is already queued joins, however long admission took
-                        item = self._inbox.get_nowait()
+            if block and not active:
+                item = self._inbox.get()
+                deadline = time.monotonic() + self.max_wait_s
+            else:
+                try:  # whatever is already queued joins, however long admission took
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    if len(active) >= self.max_in_flight:
+                        break
+                    now = time.monotonic()
+                    wait = -1.0 if deadline is None else deadline - now
+                    if self.announce_wait_s > 0 and self.announced > 0:
+                        fill_until = fill_until or now + self.announce_wait_s
+                        # polled: the count drops when a job arrives or is withdrawn
+                        wait = max(wait, min(fill_until - now, ANNOUNCE_POLL_S))
+                    if wait <= 0:
+                        break
+                    try:
+                        item = self._inbox.get(timeout=wait)
                     except queue.Empty:
-                        full = len(active) >= self.max_in_flight
-                        left = -1.0 if deadline is None or full else deadline - time.monotonic()
-                        if left <= 0:
-                            raise
-                        item = self._inbox.get(timeout=left)
-            except queue.Empty:
-                break
+                        continue
             if item is _STOP:
                 stop = True
                 break
@@ -563,10 +674,13 @@ class Engine:
     # ------------------------------------------------------------------ batched windows
 
     def _encode(self, mels: list[torch.Tensor]) -> torch.Tensor:
+        start = time.perf_counter()
         with torch.inference_mode():
             mel = torch.stack(mels).to(self.device, self.dtype)
             features: torch.Tensor = self.model.encoder(mel)
-            return features
+        self.stats["encoder_calls"] += 1
+        self.stats["encoder_s"] += time.perf_counter() - start
+        return features
 
     def _timed(self, states: list[_JobState], weights: list[float], fn: Callable[[], Any]) -> Any:
         """Run fn and charge its wall time to the jobs, in proportion to their weights."""
@@ -621,7 +735,9 @@ class Engine:
         """The current window of every job in `states`, decoded with fallback, in batches."""
         # Log-mels are host work per job (27% of the wall time at 512 rows on an H200 when made
         # one after another): made side by side, as torch's STFT releases the GIL.
+        start = time.perf_counter()
         list(self._prep_pool.map(_JobState.prepare, states))
+        self.stats["log_mel_s"] += time.perf_counter() - start
         need = [s for s in states if s.tokenizer is None and s.language is None]
         if need:
             self._detect(need)
@@ -634,6 +750,7 @@ class Engine:
             return
         n_ctx = self.model.dims.n_text_ctx
         mels = [s.next_window(n_ctx)[0] for s in states]
+        self.stats["windows"] += len(states)
 
         def encode(idx: list[int]) -> list[torch.Tensor]:
             sub = [states[i] for i in idx]
@@ -676,12 +793,21 @@ class Engine:
         rows = [s.row(self, t) for s, t in zip(sub, temps, strict=True)]
         feats = torch.stack([features[i] for i in idx])
         start = time.perf_counter()
-        results = self.decoder.decode(feats, rows, self.sample_len)
+        with _torch_threads(self.decode_threads):
+            results = self.decoder.decode(feats, rows, self.sample_len)
         if self.on_batch is not None:
             self.on_batch(len(rows))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - start
+        st = self.stats
+        st["decode_passes"] += 1
+        st["decode_rows"] += len(rows)
+        st["decode_s"] += wall
+        steps = max((r.steps for r in results), default=0)
+        st["decode_steps"] += steps
+        st["decode_row_steps"] += sum(r.steps for r in results)
+        st["decode_row_slots"] += steps * len(rows)
         # metering: a pass's wall time split by the decoder steps each row was live
         total = sum(r.steps for r in results) or 1
         out = []
@@ -713,6 +839,8 @@ class Engine:
         else:
             raw = out.raw
             state.runtime_s += time.perf_counter() - start
+            self.stats["exact_jobs"] += 1
+            self.stats["exact_s"] += time.perf_counter() - start
             _succeed(state, _result_of(raw, len(state.job.audio), state.runtime_s))
         finally:
             hook.remove()
@@ -752,6 +880,21 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return _result_of(out, len(job.audio), time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to n for the block (this thread runs all of the engine's
+    model work, so nothing else sees the change)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _StopAtWindowError(Exception):
