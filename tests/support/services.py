@@ -473,7 +473,7 @@ class Stack:
                 .where(WebhookDelivery.job_id.in_(ids))
                 .group_by(WebhookDelivery.job_id)
             ).all()
-        return {job_id: n for job_id, n in rows}
+        return {job_id: n for job_id, n in rows if job_id is not None}
 
     def wait(self, ids: list[str], *, until: Callable[[Any], bool], timeout: float = 120) -> Any:
         deadline = time.monotonic() + timeout
