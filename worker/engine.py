@@ -50,12 +50,12 @@ DEFAULT_MAX_WAIT_MS = 10.0
 # nothing costs at most this per window.
 DEFAULT_ANNOUNCE_WAIT_MS = 1000.0
 ANNOUNCE_POLL_S = 0.02
-# Torch threads of a decode pass on CPU. A decoder step is hundreds of small ops (a few
-# hundred microseconds each at 16 rows); with 2 OpenMP threads every op waits for both, and on
-# a box where the API, ffmpeg and other processes also run that wait is a scheduler slice:
-# measured on the 2-core VM under load, one step of 1 row cost 14 ms of CPU with 1 thread and
-# 85-154 ms with 2 (bench/RESULTS.md). The encoder's large matrices keep torch's count.
-DEFAULT_CPU_DECODE_THREADS = 1
+# Torch threads of a decode pass on CPU; None: torch's count. A decoder step is hundreds of
+# small ops. On the 2-core VM nearly quiet, torch's 2 threads made the whole service 1.5-1.6x
+# sequential transcribe() against 1.0x with 1 thread; under heavy foreign load (run queue
+# 8-16) 1 thread was far better (a 1-row step: 14 ms of CPU against 85-154 ms, each op
+# waiting for a descheduled OpenMP thread). bench/RESULTS.md has both.
+DEFAULT_CPU_DECODE_THREADS: int | None = None
 # How often the engine thread logs its cumulative counters (where the time went).
 STATS_LOG_INTERVAL_S = 60.0
 _WORD_PUNCT_DEFAULTS = {
