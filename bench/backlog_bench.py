@@ -16,6 +16,7 @@ and how many jobs were claimed more than once or re-sent (must be 0).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -44,6 +45,12 @@ class NoopEngine:
 
     def __init__(self, slots: int) -> None:
         self.max_in_flight = slots
+
+    def announcing(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def withdraw(self) -> None:
+        pass
 
     def submit(self, job: Any) -> Future[Any]:
         from worker.engine import EngineResult
