@@ -33,6 +33,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from app.cli import redis_server_argv
+
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get(
     "WHISPERQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -232,24 +234,7 @@ def run_size(
     from sqlalchemy import create_engine, func, insert, select, text
 
     port = free_port()
-    rserver = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--maxmemory-policy",
-            "noeviction",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    rserver = subprocess.Popen(redis_server_argv(port, workdir), stdout=subprocess.DEVNULL)
     db = f"whisperq_bench_{uuid.uuid4().hex[:8]}"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

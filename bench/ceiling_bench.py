@@ -32,6 +32,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from app.cli import redis_server_argv
+
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get(
     "WHISPERQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -206,22 +208,7 @@ def redis_ceiling(
     mix: dict[str, float], *, clients: int, requests: int, workdir: Path
 ) -> tuple[float, dict[str, float]]:
     port = free_port()
-    server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    server = subprocess.Popen(redis_server_argv(port, workdir), stdout=subprocess.DEVNULL)
     # The job queue's own commands, on keys shaped like kombu's (a message ~1 KB).
     commands = {
         "lpush": ["LPUSH", "q", "x" * 1000],
