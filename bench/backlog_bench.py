@@ -42,6 +42,28 @@ PG_ADMIN = os.environ.get(
 KEYS = 10  # tenants sharing the backlog
 
 
+def queued_row(
+    job_id: str, api_key_id: int, queue: str, opts: Any, batch_id: str, now: datetime, i: int
+) -> dict[str, Any]:
+    """A queued bulk job as a batch leaves it: the i-th of its backlog, a microsecond apart."""
+    return {
+        "id": job_id,
+        "api_key_id": api_key_id,
+        "status": "queued",
+        "queue": queue,
+        "options": opts,
+        "audio_blob": "bench",
+        "batch_id": batch_id,
+        "created_at": now + timedelta(microseconds=i),
+        "enqueued_at": now,
+        "attempts": 0,
+        "runtime_ms": 0,
+        "cost": 0.0,
+        "tokens_generated": 0,
+        "tokens_input": 0,
+    }
+
+
 class NoopEngine:
     """The engine seam with nothing behind it: every job is done at once."""
 
@@ -301,22 +323,15 @@ def run_size(
             conn.execute(
                 insert(Job),
                 [
-                    {
-                        "id": job_id,
-                        "api_key_id": keys[i % KEYS].row.id,
-                        "status": "queued",
-                        "queue": settings.queue_bulk,
-                        "options": opts,
-                        "audio_blob": "bench",
-                        "batch_id": batch_ids[i % KEYS],
-                        "created_at": now + timedelta(microseconds=i),
-                        "enqueued_at": now,
-                        "attempts": 0,
-                        "runtime_ms": 0,
-                        "cost": 0.0,
-                        "tokens_generated": 0,
-                        "tokens_input": 0,
-                    }
+                    queued_row(
+                        job_id,
+                        keys[i % KEYS].row.id,
+                        settings.queue_bulk,
+                        opts,
+                        batch_ids[i % KEYS],
+                        now,
+                        i,
+                    )
                     for i, job_id in enumerate(ids)
                 ],
             )

@@ -29,10 +29,11 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from app.cli import redis_server_argv
+from bench.backlog_bench import queued_row
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get(
@@ -135,22 +136,9 @@ def setup_db(backlog: int) -> str:
         conn.execute(
             insert(Job),
             [
-                {
-                    "id": uuid.uuid4().hex,
-                    "api_key_id": i % KEYS + 1,
-                    "status": "queued",
-                    "queue": QUEUE_BULK,
-                    "options": opts,
-                    "audio_blob": "bench",
-                    "batch_id": batch_ids[i % KEYS],
-                    "created_at": now + timedelta(microseconds=i),
-                    "enqueued_at": now,
-                    "attempts": 0,
-                    "runtime_ms": 0,
-                    "cost": 0.0,
-                    "tokens_generated": 0,
-                    "tokens_input": 0,
-                }
+                queued_row(
+                    uuid.uuid4().hex, i % KEYS + 1, QUEUE_BULK, opts, batch_ids[i % KEYS], now, i
+                )
                 for i in range(backlog)
             ],
         )
