@@ -207,12 +207,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.runtime import get_engine
 
     try:
-        get_engine()
+        engine = get_engine()
     except (ModelLoadError, OSError) as exc:  # OSError: e.g. a model folder it cannot write
         print(f"whisperq worker: cannot load the model: {exc}", file=sys.stderr)
         return 2
+    from app.settings import WEBHOOK_THREADS
     from worker.celery_app import celery
+    from worker.runtime import engine_slots
 
+    threads = engine_slots(engine) + WEBHOOK_THREADS
     queues = args.queues or ",".join(
         [settings.queue_interactive, settings.queue_bulk, settings.queue_webhooks]
     )
@@ -220,7 +223,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         [
             "worker",
             "--pool=threads",
-            f"--concurrency={args.concurrency or settings.worker_concurrency}",
+            f"--concurrency={args.concurrency or settings.worker_concurrency or threads}",
             "-Q",
             queues,
             "-E",

@@ -19,6 +19,11 @@ MIN_SECRET_CHARS = 16
 MIN_SECRET_DISTINCT_CHARS = 8
 
 
+# Celery threads beyond the engine's slots when WORKER_CONCURRENCY is unset: webhook
+# deliveries share the pool and must not wait behind a full engine.
+WEBHOOK_THREADS = 4
+
+
 def weak_secret_reason(secret: str) -> str | None:
     """Why ``secret`` is too weak to protect production data, or None when it is not."""
     if secret == DEFAULT_SECRET:
@@ -80,9 +85,17 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_download_root: Path | None = None
     # Batched engine (issue 12). Rows = jobs whose current 30 s window is decoded together;
-    # it is also Engine.max_in_flight, from which the worker sizes its threads pool and
-    # claims, so the jobs in flight can fill one batch. A lone job waits at most max_wait.
+    # the worker sizes its threads pool and claims from Engine.max_in_flight, so the jobs in
+    # flight can fill the batches. A lone job waits at most max_wait.
     engine_max_batch_rows: int = Field(default=16, ge=1, le=1024)
+    # Jobs held claimed, loaded and waiting in the engine beyond one batch (None: as many as
+    # a batch), so the window after a batch ends starts full: without them the jobs that
+    # replace finished ones were still saving, claiming and loading audio, and windows ran
+    # at 7-8 of 16 rows on a 2-core CPU (issue 12).
+    engine_ready_rows: int | None = Field(default=None, ge=0, le=4096)
+    # Engine threads, each decoding its own windows on its share of the cores (None: 2 on a
+    # CPU with 2+ threads, 1 on CUDA). Engine.max_in_flight = lanes x rows + ready.
+    engine_lanes: int | None = Field(default=None, ge=1, le=64)
     engine_max_wait_ms: float = Field(default=10.0, ge=0.0, le=10_000.0)
 
     # Metering
@@ -110,9 +123,9 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=5, ge=1)
 
     # Worker / queue
-    # Jobs in flight per worker process (threads pool): the engine's batch rows, plus a few
-    # threads for webhook deliveries, so a batch can fill.
-    worker_concurrency: int = 20
+    # Threads per worker process (Celery threads pool). None: the engine's slots
+    # (Engine.max_in_flight) plus WEBHOOK_THREADS for deliveries, so every batch can fill.
+    worker_concurrency: int | None = Field(default=None, ge=1)
     queue_interactive: str = "interactive"
     queue_bulk: str = "bulk"
     queue_webhooks: str = "webhooks"

@@ -103,7 +103,16 @@ def corpus(workdir: Path, n_files: int) -> list[File]:
 class Stack:
     """redis-server, a fresh database, the API and one worker: started, then torn down."""
 
-    def __init__(self, workdir: Path, model: Path, batch_rows: int, concurrency: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        model: Path,
+        batch_rows: int,
+        concurrency: int,
+        ready_rows: int | None,
+        workers: int = 1,
+        torch_threads: int = 0,
+    ) -> None:
         from sqlalchemy import create_engine, text
 
         from tests.support.services import ApiProcess, RedisServer, WorkerProcess, migrate
@@ -134,18 +143,27 @@ class Stack:
         }
         if batch_rows:
             self.env["WHISPERQ_ENGINE_MAX_BATCH_ROWS"] = str(batch_rows)
+        if ready_rows is not None:
+            self.env["WHISPERQ_ENGINE_READY_ROWS"] = str(ready_rows)
+        if torch_threads:
+            self.env["OMP_NUM_THREADS"] = str(torch_threads)
         self.api: Any = None
         self.worker: Any = None
+        self.workers: list[Any] = []
         try:
             migrate(db_url)
             self.key = self._new_key(db_url)
             self.api = ApiProcess(log_path=workdir / "api.log", env=self.env)
-            self.worker = WorkerProcess(
-                model=model,
-                log_path=workdir / "worker.log",
-                env=self.env,
-                concurrency=concurrency,
-            )
+            for i in range(workers):
+                self.workers.append(
+                    WorkerProcess(
+                        model=model,
+                        log_path=workdir / f"worker{i}.log",
+                        env=self.env,
+                        concurrency=concurrency,
+                    )
+                )
+            self.worker = self.workers[0]
         except BaseException:
             self.stop()
             raise
@@ -171,7 +189,7 @@ class Stack:
     def cpu_s(self) -> float:
         """CPU of the API, the worker (with its ffmpeg children) and redis-server. Postgres
         is the shared server: its backends are not counted."""
-        pids = [self.api.proc.pid, self.worker.proc.pid]
+        pids = [self.api.proc.pid, *(w.proc.pid for w in self.workers)]
         if self.redis.proc is not None:
             pids.append(self.redis.proc.pid)
         return sum(proc_cpu_s(p) for p in pids)
@@ -179,7 +197,7 @@ class Stack:
     def stop(self) -> None:
         from sqlalchemy import text
 
-        for proc in (self.worker, self.api):
+        for proc in (*self.workers, self.api):
             if proc is not None:
                 with contextlib.suppress(Exception):
                     proc.stop()
@@ -283,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved timed rounds")
     ap.add_argument("--batch-rows", type=int, default=0, help="engine max batch rows (0: default)")
     ap.add_argument("--concurrency", type=int, default=0, help="worker threads (0: default)")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes")
+    ap.add_argument(
+        "--torch-threads", type=int, default=0, help="OMP_NUM_THREADS of the workers (0: unset)"
+    )
+    ap.add_argument(
+        "--ready-rows", type=int, default=None, help="WHISPERQ_ENGINE_READY_ROWS (default: unset)"
+    )
     ap.add_argument(
         "--threads",
         type=int,
@@ -316,7 +341,15 @@ def main(argv: list[str] | None = None) -> int:
         audio_s = sum(f.seconds for f in files)
         refs = [f.text for f in files]
         model = whisper.load_model(str(checkpoint), device="cpu")
-        stack = Stack(workdir, checkpoint, args.batch_rows, args.concurrency)
+        stack = Stack(
+            workdir,
+            checkpoint,
+            args.batch_rows,
+            args.concurrency,
+            args.ready_rows,
+            workers=args.workers,
+            torch_threads=args.torch_threads,
+        )
         try:
             # warm-up, untimed: first request through every process, first transcribe()
             service_run(stack, files[:2], 2)
@@ -351,11 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                     svc[c].failed = sum(t is None for t in got)
                     svc[c].texts = [t or "" for t in got]
                     time.sleep(0.5)  # the engine logs its counters once idle
-                    stats = [ln for ln in stack.worker.log().splitlines() if "engine: " in ln]
-                    print(
-                        f"  worker, cumulative: {stats[-1] if stats else 'no engine line'}",
-                        flush=True,
-                    )
+                    for w in stack.workers:
+                        stats = [ln for ln in w.log().splitlines() if "engine: " in ln]
+                        print(
+                            f"  worker, cumulative: {stats[-1] if stats else 'no engine line'}",
+                            flush=True,
+                        )
                     print(
                         f"round {r}: {c} clients {wall:.1f} s (load {os.getloadavg()[0]:.1f})",
                         flush=True,
@@ -371,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         f" load at start {load[0]:.1f} / end {os.getloadavg()[0]:.1f}; tiny.en fp32; {len(files)}"
         f" files ({audio_s:.1f} s of audio, espeak-ng corpus cycled); API defaults (greedy,"
         f" fallback ladder, condition_on_previous_text); worker batch rows"
-        f" {args.batch_rows or 'default'}, concurrency {args.concurrency or 'default'}"
+        f" {args.batch_rows or 'default'}, ready rows"
+        f" {'default' if args.ready_rows is None else args.ready_rows},"
+        f" concurrency {args.concurrency or 'default'}, {args.workers} worker process(es),"
+        f" torch threads {args.torch_threads or 'default'}"
     )
     print()
     print(

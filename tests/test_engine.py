@@ -93,7 +93,9 @@ def test_result_shape_and_metering(engine: Engine) -> None:
     fields = set(out.segments[0].to_json())
     assert fields >= {"id", "seek", "start", "end", "text", "tokens", "temperature"}
     assert fields >= {"avg_logprob", "compression_ratio", "no_speech_prob"}
-    assert engine.max_in_flight == 8
+    assert engine.max_batch_rows == 8
+    assert engine.lanes == 2  # CPU default (torch has 2+ threads here)
+    assert engine.max_in_flight == 2 * 8 + 8  # a batch per lane plus one ready behind them
 
 
 def test_mixed_batch_matches_sequential_transcribe(engine: Engine, passes: list[int]) -> None:
@@ -247,7 +249,7 @@ def test_stop_check_drops_a_job_at_a_window_boundary(engine: Engine) -> None:
 
 
 def test_interactive_jobs_go_first() -> None:
-    eng = Engine(random_model(seed=1), max_batch_rows=1, max_wait_ms=0)
+    eng = Engine(random_model(seed=1), max_batch_rows=1, max_wait_ms=0, lanes=1)
     release = threading.Event()
     done: list[str] = []
     try:
@@ -273,10 +275,76 @@ def test_interactive_jobs_go_first() -> None:
     assert done == ["interactive", "bulk-1", "bulk-2"]
 
 
+def test_jobs_ready_beyond_a_batch_wait_for_the_next_window() -> None:
+    """The worker may hand in a batch and the next one; a pass never exceeds max_batch_rows,
+    and the jobs left over make up the next window whole."""
+    eng = Engine(random_model(seed=1), max_batch_rows=2, ready_rows=3, max_wait_ms=200, lanes=1)
+    assert eng.max_in_flight == 5
+    prefills: list[int] = []
+    eng.decoder.register_forward_pre_hook(
+        lambda _m, args: prefills.append(int(args[0].shape[0])) if args[0].shape[1] > 1 else None
+    )
+    try:
+        opts = options_of(NO_FALLBACK)
+        futures = [eng.submit(EngineJob(noise(3.0, seed), opts)) for seed in range(5)]
+        for fut in futures:
+            fut.result(timeout=300)
+    finally:
+        eng.close(5)
+    assert prefills == [2, 2, 1]
+    with pytest.raises(ValueError):
+        Engine(random_model(seed=1), ready_rows=-1)
+
+
+def test_lanes_decode_windows_side_by_side_and_exact_jobs_alone() -> None:
+    """Two lanes run windows at the same time, each on its share of torch's threads;
+    whisper's own transcribe() (beam search) never overlaps a batched window, since it hooks
+    the shared model's modules."""
+    eng = Engine(random_model(seed=1), max_batch_rows=1, max_wait_ms=0, lanes=2)
+    assert eng.lane_threads == max(1, torch.get_num_threads() // 2)
+    spans: list[tuple[str, float, float]] = []
+    step, exact = eng._step_window, eng._run_exact_alone
+
+    def slow_step(states: list[Any]) -> None:
+        start = time.monotonic()
+        time.sleep(0.4)  # a window long enough for the other lane to start one beside it
+        step(states)
+        spans.append(("window", start, time.monotonic()))
+
+    def timed_exact(*args: Any) -> None:
+        start = time.monotonic()
+        exact(*args)
+        spans.append(("exact", start, time.monotonic()))
+
+    eng._step_window = slow_step  # type: ignore[method-assign]
+    eng._run_exact_alone = timed_exact  # type: ignore[method-assign]
+    try:
+        opts = options_of(NO_FALLBACK)
+        beam = dataclasses.replace(opts, patience=1.0)
+        futures = [eng.submit(EngineJob(noise(1.0, seed), opts)) for seed in range(2)]
+        time.sleep(0.1)  # both lanes hold a window now
+        futures += [eng.submit(EngineJob(noise(1.0, 5), beam))]
+        futures += [eng.submit(EngineJob(noise(1.0, seed), opts)) for seed in (3, 4)]
+        for fut in futures:
+            fut.result(timeout=300)
+    finally:
+        eng.close(5)
+    windows = [(a, b) for kind, a, b in spans if kind == "window"]
+    (ex,) = [(a, b) for kind, a, b in spans if kind == "exact"]
+    assert len(windows) == 4
+    first, second = sorted(windows)[:2]
+    assert second[0] < first[1]  # side by side
+    assert all(b <= ex[0] or a >= ex[1] for a, b in windows), (ex, windows)
+    with pytest.raises(ValueError):
+        Engine(random_model(seed=1), lanes=0)
+
+
 def test_a_window_waits_for_announced_jobs() -> None:
     """A job the worker announced (claimed, audio still loading) joins the window about to
     start instead of missing it; a withdrawn announcement holds nothing up."""
-    eng = Engine(random_model(seed=1), max_batch_rows=4, max_wait_ms=0, announce_wait_ms=600_000)
+    eng = Engine(
+        random_model(seed=1), max_batch_rows=4, max_wait_ms=0, announce_wait_ms=600_000, lanes=1
+    )
     prefills: list[int] = []
     eng.decoder.register_forward_pre_hook(
         lambda _m, args: prefills.append(int(args[0].shape[0])) if args[0].shape[1] > 1 else None
@@ -402,5 +470,30 @@ def test_english_only_model_refuses_translate() -> None:
             with pytest.raises(EngineInputError) as err:
                 eng.submit(EngineJob(audio=noise(1.0), options=options_of(fields))).result(60)
             assert err.value.code == "unsupported_option"
+    finally:
+        eng.close(5)
+
+
+def test_cpu_logits_are_whispers_projection() -> None:
+    """On CPU the vocabulary projection runs through oneDNN (twice as fast as MKL there);
+    it must stay whisper's ``x @ token_embedding.T`` up to float rounding."""
+    model = random_model(seed=2)
+    eng = Engine(model, lanes=1)
+    try:
+        dec = eng.decoder
+        assert dec._embed_onednn is not None
+        hidden = torch.randn(5, model.dims.n_text_state)
+        ref = (hidden @ model.decoder.token_embedding.weight.T).float()
+        got = dec.logits(hidden)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        # a view (a decoder step's last position) is read as whisper reads it
+        steps = torch.randn(3, 4, model.dims.n_text_state)
+        torch.testing.assert_close(
+            dec.logits(steps[:, -1]),
+            (steps[:, -1] @ model.decoder.token_embedding.weight.T).float(),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     finally:
         eng.close(5)

@@ -1,17 +1,18 @@
 """The engine: pure numerics behind the worker–engine seam.
 
-Each worker process holds one :class:`Engine`. It owns the model and one thread that runs it;
-tasks (several in flight per process) call :meth:`Engine.submit` and wait on the future. The
-thread decodes the current 30 s window of up to ``max_batch_rows`` jobs as one batch
-(encoder and decoder, :mod:`worker.batch_decoding`); jobs join and leave between windows.
+Each worker process holds one :class:`Engine`. It owns the model and its lanes (threads that
+run it, each on its share of torch's threads); tasks (several in flight per process) call
+:meth:`Engine.submit` and wait on the future. A lane decodes the current 30 s window of up
+to ``max_batch_rows`` jobs as one batch (encoder and decoder, :mod:`worker.batch_decoding`);
+jobs join and leave between windows, and lanes run their windows side by side.
 Per job it keeps ``whisper.transcribe()``'s long-form semantics (:class:`_JobState` follows
 ``whisper/transcribe.py`` line by line): seek from timestamp tokens, temperature fallback
 (only failing rows re-decode, reusing their encoder output), no-speech skips, prompts from
 previous text, initial prompt, language detection (batched).
 
 Beam search (``patience``) and word timestamps run through openai-whisper's own
-``transcribe()`` in the same thread, one job at a time: exact openai-whisper behaviour, not
-batched. No database, Celery or HTTP here.
+``transcribe()`` in a lane, one job at a time and with the model to itself: exact
+openai-whisper behaviour, not batched. No database, Celery or HTTP here.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ ANNOUNCE_POLL_S = 0.02
 # 8-16) 1 thread was far better (a 1-row step: 14 ms of CPU against 85-154 ms, each op
 # waiting for a descheduled OpenMP thread). bench/RESULTS.md has both.
 DEFAULT_CPU_DECODE_THREADS: int | None = None
+# Windows per encoder call on a CPU (see Engine.encoder_chunk).
+CPU_ENCODER_CHUNK = 1
 # How often the engine thread logs its cumulative counters (where the time went).
 STATS_LOG_INTERVAL_S = 60.0
 _WORD_PUNCT_DEFAULTS = {
@@ -190,6 +193,7 @@ class _Decoded:
 
 
 _STOP = object()
+_STOP_PRIORITY = math.inf  # sorts after every job: the work queued before a close is done
 
 
 def _batched(opts: TranscribeOptions) -> bool:
@@ -446,16 +450,36 @@ class Engine:
         on_batch: Callable[[int], None] | None = None,
         announce_wait_ms: float = DEFAULT_ANNOUNCE_WAIT_MS,
         decode_threads: int | None = DEFAULT_CPU_DECODE_THREADS,
+        ready_rows: int | None = None,
+        lanes: int | None = None,
     ) -> None:
         from whisper.tokenizer import get_tokenizer
 
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
+        if ready_rows is not None and ready_rows < 0:
+            raise ValueError("ready_rows must be >= 0")
+        if lanes is not None and lanes < 1:
+            raise ValueError("lanes must be >= 1")
         self.model = model
         self.device = next(model.parameters()).device
         self.fp16 = self.device.type == "cuda"
         self.dtype = torch.float16 if self.fp16 else torch.float32
-        self.max_in_flight = max_batch_rows
+        self.max_batch_rows = max_batch_rows
+        self.lanes = lanes or default_lanes(self.device)
+        # torch threads of each lane: the process's share, so lanes never oversubscribe cores
+        self._all_threads = torch.get_num_threads()
+        # Windows per encoder call: all of them on a GPU; on a CPU one at a time, which is
+        # faster there (its activations stay in cache: 213 ms a window against 261 ms in
+        # batches of 16 on the 2-core EPYC) and is the very computation transcribe() makes.
+        self.encoder_chunk: int | None = CPU_ENCODER_CHUNK if self.device.type == "cpu" else None
+        self.lane_threads = max(1, self._all_threads // self.lanes)
+        # Jobs the worker may hand in at once: a batch per lane, plus the ones waiting
+        # (claimed, audio loaded) so that the next window starts full however long the tasks
+        # of a finished window take to save results and claim their replacements. None: one
+        # more batch.
+        self.ready_rows = max_batch_rows if ready_rows is None else ready_rows
+        self.max_in_flight = self.lanes * max_batch_rows + self.ready_rows
         # Told the rows of every decode pass (the worker's batch-size metric); no metrics here.
         self.on_batch = on_batch
         self.max_wait_s = max_wait_ms / 1000
@@ -493,14 +517,23 @@ class Engine:
         )
         self._stats_logged = time.monotonic()
         self._stats_at = 0.0  # windows when last logged
-        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._stats_lock = threading.Lock()
+        # (-priority, arrival, item): the highest priority first, then arrival order; a lane
+        # takes a job only when it has room in its next window.
+        self._inbox: queue.PriorityQueue[tuple[float, int, Any]] = queue.PriorityQueue()
+        self._arrival = itertools.count()
         self._seq = itertools.count()
+        self._model_lock = _ModelLock()
         self._prep_pool = ThreadPoolExecutor(
             max_workers=max(1, min(8, (os.cpu_count() or 1) // 2)),
             thread_name_prefix="whisperq-mel",
         )
-        self._thread = threading.Thread(target=self._run, name="whisperq-engine", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"whisperq-engine-{i}", daemon=True)
+            for i in range(self.lanes)
+        ]
+        for t in self._threads:
+            t.start()
 
     # ------------------------------------------------------------------ the seam
 
@@ -508,7 +541,7 @@ class Engine:
         """Queue a job. It ends this thread's announcement, if any (the job it announced has
         arrived, so it is no longer waited for)."""
         fut: Future[EngineResult] = Future()
-        self._inbox.put((job, fut))
+        self._inbox.put((-job.priority, next(self._arrival), (job, fut)))
         self.withdraw()
         return fut
 
@@ -541,10 +574,19 @@ class Engine:
             self.withdraw()
 
     def close(self, timeout: float | None = None) -> None:
-        self._inbox.put(_STOP)
-        self._thread.join(timeout)
+        """Stop the lanes once the jobs already queued are done."""
+        for _ in self._threads:  # after every queued job: a stop sorts last
+            self._inbox.put((_STOP_PRIORITY, next(self._arrival), _STOP))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self._log_stats(force=True)
         self._prep_pool.shutdown(wait=False)
+
+    def _count(self, **deltas: float) -> None:
+        with self._stats_lock:
+            for name, value in deltas.items():
+                self.stats[name] += value
 
     def suppress_ids(self, tokenizer: Tokenizer, suppress_tokens: str) -> tuple[int, ...]:
         key = (id(tokenizer.encoding), suppress_tokens)
@@ -556,6 +598,8 @@ class Engine:
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        """One lane: its own windows, on its share of torch's threads (set per thread)."""
+        torch.set_num_threads(self.lane_threads)
         active: list[_JobState] = []
         stopping = False
         while not stopping or active:
@@ -574,9 +618,10 @@ class Engine:
             if not active:
                 continue
             active.sort(key=lambda s: (-s.job.priority, s.seq))
-            chosen = active[: self.max_in_flight]
+            chosen = active[: self.max_batch_rows]
             try:
-                self._step_window(chosen)
+                with self._model_lock.shared():
+                    self._step_window(chosen)
             except BaseException as exc:  # handed to the waiting tasks, never lost here
                 log.exception("engine batch failed")
                 for s in chosen:
@@ -620,18 +665,16 @@ class Engine:
         deadline: float | None = None
         fill_until: float | None = None
         stop = False
-        # Everything queued is admitted (cheap: the log-mel waits until the job is picked),
-        # so an interactive job that arrives behind bulk ones can be picked first.
-        while True:
+        # Up to a window's rows: the rest stay queued, highest priority first, for the next
+        # window or another lane.
+        while len(active) < self.max_batch_rows:
             if block and not active:
-                item = self._inbox.get()
+                _, _, item = self._inbox.get()
                 deadline = time.monotonic() + self.max_wait_s
             else:
                 try:  # whatever is already queued joins, however long admission took
-                    item = self._inbox.get_nowait()
+                    _, _, item = self._inbox.get_nowait()
                 except queue.Empty:
-                    if len(active) >= self.max_in_flight:
-                        break
                     now = time.monotonic()
                     wait = -1.0 if deadline is None else deadline - now
                     if self.announce_wait_s > 0 and self.announced > 0:
@@ -641,7 +684,7 @@ class Engine:
                     if wait <= 0:
                         break
                     try:
-                        item = self._inbox.get(timeout=wait)
+                        _, _, item = self._inbox.get(timeout=wait)
                     except queue.Empty:
                         continue
             if item is _STOP:
@@ -677,9 +720,10 @@ class Engine:
         start = time.perf_counter()
         with torch.inference_mode():
             mel = torch.stack(mels).to(self.device, self.dtype)
-            features: torch.Tensor = self.model.encoder(mel)
-        self.stats["encoder_calls"] += 1
-        self.stats["encoder_s"] += time.perf_counter() - start
+            chunk = self.encoder_chunk or len(mels)
+            parts = [self.model.encoder(mel[i : i + chunk]) for i in range(0, len(mels), chunk)]
+            features: torch.Tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+        self._count(encoder_calls=1, encoder_s=time.perf_counter() - start)
         return features
 
     def _timed(self, states: list[_JobState], weights: list[float], fn: Callable[[], Any]) -> Any:
@@ -737,7 +781,7 @@ class Engine:
         # one after another): made side by side, as torch's STFT releases the GIL.
         start = time.perf_counter()
         list(self._prep_pool.map(_JobState.prepare, states))
-        self.stats["log_mel_s"] += time.perf_counter() - start
+        self._count(log_mel_s=time.perf_counter() - start)
         need = [s for s in states if s.tokenizer is None and s.language is None]
         if need:
             self._detect(need)
@@ -750,7 +794,7 @@ class Engine:
             return
         n_ctx = self.model.dims.n_text_ctx
         mels = [s.next_window(n_ctx)[0] for s in states]
-        self.stats["windows"] += len(states)
+        self._count(windows=len(states))
 
         def encode(idx: list[int]) -> list[torch.Tensor]:
             sub = [states[i] for i in idx]
@@ -800,14 +844,15 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - start
-        st = self.stats
-        st["decode_passes"] += 1
-        st["decode_rows"] += len(rows)
-        st["decode_s"] += wall
         steps = max((r.steps for r in results), default=0)
-        st["decode_steps"] += steps
-        st["decode_row_steps"] += sum(r.steps for r in results)
-        st["decode_row_slots"] += steps * len(rows)
+        self._count(
+            decode_passes=1,
+            decode_rows=len(rows),
+            decode_s=wall,
+            decode_steps=steps,
+            decode_row_steps=sum(r.steps for r in results),
+            decode_row_slots=steps * len(rows),
+        )
         # metering: a pass's wall time split by the decoder steps each row was live
         total = sum(r.steps for r in results) or 1
         out = []
@@ -821,6 +866,15 @@ class Engine:
     def _run_exact(self, state: _JobState) -> None:
         """Beam search / word timestamps: openai-whisper's transcribe(), one job, this thread."""
         stop_check = state.job.stop_check
+        # Exclusive: whisper's transcribe() hooks the model's modules (this stop check, its
+        # key/value cache), which another lane's encoder or language detection would fire.
+        with self._model_lock.exclusive(), _torch_threads(self._all_threads):
+            self._run_exact_alone(state, stop_check)
+
+    def _run_exact_alone(
+        self, state: _JobState, stop_check: Callable[[], str | None] | None
+    ) -> None:
+        """Run with the model lock held exclusively."""
 
         def at_window(*_: Any) -> None:
             # every decode() encodes its window first: a window boundary
@@ -830,7 +884,7 @@ class Engine:
         hook = self.model.encoder.register_forward_pre_hook(at_window)
         start = time.perf_counter()
         try:
-            out = self.transcribe(state.job)
+            out = self._transcribe(state.job)
         except _StopAtWindowError as stop:
             spent = state.runtime_s + time.perf_counter() - start
             _fail(state, EngineStopped(stop.reason, round(spent * 1000)))
@@ -839,8 +893,7 @@ class Engine:
         else:
             raw = out.raw
             state.runtime_s += time.perf_counter() - start
-            self.stats["exact_jobs"] += 1
-            self.stats["exact_s"] += time.perf_counter() - start
+            self._count(exact_jobs=1, exact_s=time.perf_counter() - start)
             _succeed(state, _result_of(raw, len(state.job.audio), state.runtime_s))
         finally:
             hook.remove()
@@ -863,7 +916,12 @@ class Engine:
             )
 
     def transcribe(self, job: EngineJob) -> EngineResult:
-        """Sequential openai-whisper ``transcribe()`` of one job: the reference semantics."""
+        """Sequential openai-whisper ``transcribe()`` of one job: the reference semantics
+        (waits for the lanes' windows in progress: it hooks the shared model)."""
+        with self._model_lock.exclusive():
+            return self._transcribe(job)
+
+    def _transcribe(self, job: EngineJob) -> EngineResult:
         import whisper
 
         opts = job.options
@@ -880,6 +938,56 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return _result_of(out, len(job.audio), time.perf_counter() - start)
+
+
+def default_lanes(device: torch.device) -> int:
+    """Lanes (engine threads, each with its own windows) when not configured. On a CPU two:
+    one lane's decoder steps are hundreds of small, memory-bound ops while the other's
+    encoder is compute-bound, so two lanes on half the cores each keep every core on the
+    model (bench/RESULTS.md). On CUDA one: the GPU runs one stream of kernels anyway."""
+    if device.type != "cpu":
+        return 1
+    return 2 if torch.get_num_threads() >= 2 else 1
+
+
+class _ModelLock:
+    """Shared for batched windows, exclusive for whisper's own transcribe() (it installs
+    hooks on the model's modules), writers first so an exact job is not starved."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 @contextlib.contextmanager

@@ -48,6 +48,8 @@ def get_engine() -> Engine:
             _engine = Engine(
                 model,
                 max_batch_rows=settings.engine_max_batch_rows,
+                ready_rows=settings.engine_ready_rows,
+                lanes=settings.engine_lanes,
                 max_wait_ms=settings.engine_max_wait_ms,
                 on_batch=observe_batch,
             )
