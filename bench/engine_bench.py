@@ -459,8 +459,9 @@ def count_engine(jobs: int, device: torch.device, sample_len: int) -> EngineCoun
         for seed in range(jobs)
     ]
     # max_wait long enough that all N jobs form one batch (it closes as soon as it is full)
+    # One lane: the counter is entered on the lane's thread, and every job is in its batch.
     engine = _CountingEngine(
-        model, counter, max_batch_rows=jobs, max_wait_ms=60_000, sample_len=sample_len
+        model, counter, max_batch_rows=jobs, max_wait_ms=60_000, sample_len=sample_len, lanes=1
     )
     rows: list[int] = []
     hook = engine.decoder.register_forward_pre_hook(

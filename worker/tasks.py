@@ -10,6 +10,7 @@ run, or when every key with work is at its in-flight cap. It is never acked and 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -226,20 +227,20 @@ def _claim(settings: Settings) -> jobs.ClaimResult:
 @celery.task(name=RUN_JOB)  # type: ignore[untyped-decorator]
 def run_job(job_id: str | None = None) -> str:
     """``job_id`` is the job whose submission sent this message; the task may run another."""
-    # From here until its job reaches the engine (or nothing is claimed), this task is a job
-    # the engine's next window waits for, briefly: while finished jobs' tasks save their
-    # results and free their slots, the window that would start with the rows left over
-    # (issue 12: 7 of 16 on a 2-core CPU) waits for the replacements instead.
-    with runtime.get_engine().announcing():
-        return _run_job(job_id)
-
-
-def _run_job(job_id: str | None) -> str:
     settings = get_settings()
     slots = runtime.claim_slots()
     while not slots.acquire(timeout=POLL_S):
         if runtime.stopping.is_set():
             raise Reject("worker shutting down", requeue=True)
+    # From its claim slot until its job reaches the engine (or nothing is claimed), this task
+    # is a job the next window waits for, briefly (claiming, ffprobe and ffmpeg). Not while
+    # it waits for a slot: that job cannot come before a window ends and frees one, and a
+    # lane that waited for it would idle its cores (with 64 clients, 1 s per window).
+    with runtime.get_engine().announcing():
+        return _run_claimed(job_id, settings, slots)
+
+
+def _run_claimed(job_id: str | None, settings: Settings, slots: threading.BoundedSemaphore) -> str:
     back_off = False
     try:
         if runtime.stopping.is_set():
