@@ -93,7 +93,7 @@ def engine_only(model: Any, n_files: int) -> None:
     order = [i % len(audios) for i in range(n_files)]
     seconds = sum(len(audios[i]) for i in order) / 16_000
     configs: list[tuple[str, int, bool, bool]] = [
-        ("1 lane, batched encoder, torch projection (before)", 1, False, False),
+        ("1 lane, batched encoder, torch projection", 1, False, False),
         ("1 lane, batched encoder, oneDNN projection", 1, False, True),
         ("1 lane, encoder one window at a time, oneDNN projection", 1, True, True),
         ("2 lanes, encoder one window at a time, oneDNN projection (default)", 2, True, True),

@@ -18,7 +18,14 @@ from whisper.tokenizer import get_tokenizer
 
 from app.options import TranscribeOptions, parse_options
 from tests.support.random_model import random_model
-from worker.engine import Engine, EngineInputError, EngineJob, EngineResult, EngineStopped
+from worker.engine import (
+    Engine,
+    EngineInputError,
+    EngineJob,
+    EngineResult,
+    EngineStopped,
+    default_lanes,
+)
 
 SR = 16_000
 
@@ -40,7 +47,10 @@ def options_of(fields: dict[str, str | None]) -> TranscribeOptions:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    eng = Engine(random_model(seed=1), max_batch_rows=8, max_wait_ms=50)
+    # One lane: these tests look at what shares one batch (lanes have their own test). A
+    # submit makes the job's log-mel first, so jobs submitted one after another from one
+    # thread need a max_wait longer than those log-mels to share a window.
+    eng = Engine(random_model(seed=1), max_batch_rows=8, max_wait_ms=1000, lanes=1)
     yield eng
     eng.close(5)
 
@@ -94,8 +104,8 @@ def test_result_shape_and_metering(engine: Engine) -> None:
     assert fields >= {"id", "seek", "start", "end", "text", "tokens", "temperature"}
     assert fields >= {"avg_logprob", "compression_ratio", "no_speech_prob"}
     assert engine.max_batch_rows == 8
-    assert engine.lanes == 2  # CPU default (torch has 2+ threads here)
-    assert engine.max_in_flight == 2 * 8 + 8  # a batch per lane plus one ready behind them
+    assert engine.max_in_flight == 8 + 8  # a batch per lane plus one ready behind them
+    assert Engine.__init__.__kwdefaults__["lanes"] is None  # the default: default_lanes()
 
 
 def test_mixed_batch_matches_sequential_transcribe(engine: Engine, passes: list[int]) -> None:
@@ -302,6 +312,9 @@ def test_lanes_decode_windows_side_by_side_and_exact_jobs_alone() -> None:
     the shared model's modules."""
     eng = Engine(random_model(seed=1), max_batch_rows=1, max_wait_ms=0, lanes=2)
     assert eng.lane_threads == max(1, torch.get_num_threads() // 2)
+    assert eng.max_in_flight == 2 * 1 + 1
+    assert default_lanes(torch.device("cpu")) == (2 if torch.get_num_threads() >= 2 else 1)
+    assert default_lanes(torch.device("cuda")) == 1
     spans: list[tuple[str, float, float]] = []
     step, exact = eng._step_window, eng._run_exact_alone
 

@@ -223,17 +223,15 @@ class _JobState:
         self.window: dict[str, Any] = {}
 
     def prepare(self) -> None:
-        """The log-mel of the whole file, padded with 30 s of silence, as transcribe() makes
-        it (the log-mel floor is set over the whole file, so it cannot be made per window)."""
-        from whisper.audio import N_SAMPLES, log_mel_spectrogram
-
+        """The log-mel, unless the submitting thread made it already."""
         if self.mel is not None:
             return
-        start = time.perf_counter()
-        audio = torch.from_numpy(np.ascontiguousarray(self.job.audio, dtype=np.float32))
-        self.mel = log_mel_spectrogram(audio, self.n_mels, padding=N_SAMPLES)
-        self.content_frames = self.mel.shape[-1] - 3000
-        self.runtime_s += time.perf_counter() - start
+        self.set_mel(*log_mel(self.job.audio, self.n_mels))
+
+    def set_mel(self, mel: torch.Tensor, seconds: float) -> None:
+        self.mel = mel
+        self.content_frames = mel.shape[-1] - 3000
+        self.runtime_s += seconds  # the job's own host work, charged to it alone
 
     @property
     def done(self) -> bool:
@@ -415,6 +413,18 @@ class _JobState:
         return _result_of(raw, len(self.job.audio), self.runtime_s)
 
 
+def log_mel(audio: np.ndarray, n_mels: int) -> tuple[torch.Tensor, float]:
+    """The log-mel of the whole file, padded with 30 s of silence, as transcribe() makes it
+    (the log-mel floor is set over the whole file, so it cannot be made per window), and the
+    seconds it took."""
+    from whisper.audio import N_SAMPLES, log_mel_spectrogram
+
+    start = time.perf_counter()
+    samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    mel = log_mel_spectrogram(samples, n_mels, padding=N_SAMPLES)
+    return mel, time.perf_counter() - start
+
+
 def _result_of(raw: dict[str, Any], n_samples: int, runtime_s: float) -> EngineResult:
     segments = tuple(Segment.from_whisper(s) for s in raw["segments"])
     return EngineResult(
@@ -541,7 +551,16 @@ class Engine:
         """Queue a job. It ends this thread's announcement, if any (the job it announced has
         arrived, so it is no longer waited for)."""
         fut: Future[EngineResult] = Future()
-        self._inbox.put((-job.priority, next(self._arrival), (job, fut)))
+        # The log-mel is made here, on the submitting thread (one torch thread: a Celery task
+        # beside the lanes), so the lanes never wait for it. Should it fail, the lane makes it
+        # again and fails the job with the error.
+        mel: tuple[torch.Tensor, float] | None = None
+        try:
+            with _torch_threads(1):
+                mel = log_mel(job.audio, self.model.dims.n_mels)
+        except Exception:
+            log.debug("log-mel on submit failed; the lane retries it", exc_info=True)
+        self._inbox.put((-job.priority, next(self._arrival), (job, fut, mel)))
         self.withdraw()
         return fut
 
@@ -690,12 +709,15 @@ class Engine:
             if item is _STOP:
                 stop = True
                 break
-            job, fut = item
+            job, fut, mel = item
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
                 self._check(job.options)
-                active.append(_JobState(self, job, fut, next(self._seq)))
+                state = _JobState(self, job, fut, next(self._seq))
+                if mel is not None:
+                    state.set_mel(*mel)
+                active.append(state)
             except BaseException as exc:
                 fut.set_exception(exc)
         return stop
