@@ -352,6 +352,36 @@ def test_lanes_decode_windows_side_by_side_and_exact_jobs_alone() -> None:
         Engine(random_model(seed=1), lanes=0)
 
 
+def test_a_free_lane_takes_over_the_next_window_of_another_lanes_job() -> None:
+    """Jobs are not tied to a lane: a long file's next window goes back to the shared queue,
+    so while the lane that ran its last window is busy, an idle lane runs the next one."""
+    eng = Engine(random_model(seed=1), max_batch_rows=1, max_wait_ms=0, lanes=2)
+    windows: list[str] = []
+    step, requeue = eng._step_window, eng._requeue
+    first = threading.Event()
+
+    def recording_step(states: list[Any]) -> None:
+        windows.append(threading.current_thread().name)
+        step(states)
+
+    def busy_after_first(states: Any) -> None:
+        requeue(states)
+        if not first.is_set():
+            first.set()
+            time.sleep(1.5)  # this lane is busy now; the other one is idle
+
+    eng._step_window = recording_step  # type: ignore[method-assign]
+    eng._requeue = busy_after_first  # type: ignore[method-assign]
+    try:
+        job = EngineJob(noise(65.0, 3), options_of(NO_FALLBACK))
+        got = eng.submit(job).result(timeout=300)
+        assert key(got) == key(eng.transcribe(job))
+    finally:
+        eng.close(5)
+    assert len(windows) >= 2
+    assert windows[1] != windows[0], windows
+
+
 def test_a_window_waits_for_announced_jobs() -> None:
     """A job the worker announced (claimed, audio still loading) joins the window about to
     start instead of missing it; a withdrawn announcement holds nothing up."""
