@@ -95,6 +95,8 @@ def test_sigkill_mid_job_reruns_once_and_strands_nothing(
     # One engine slot, so the worker can start one job: the other messages it takes must
     # leave their jobs alone.
     stack.overrides["WHISPERQ_ENGINE_MAX_BATCH_ROWS"] = "1"
+    stack.overrides["WHISPERQ_ENGINE_LANES"] = "1"
+    stack.overrides["WHISPERQ_ENGINE_READY_ROWS"] = "0"
     first = worker(stack, model, tmp_path, "w1")
     second = None
     try:
@@ -283,10 +285,12 @@ def test_time_limit_fails_the_job_with_the_reason_as_a_failed_task(
     stack: Stack, key: CreatedKey, model: Path, tmp_path: Path
 ) -> None:
     stack.overrides["WHISPERQ_JOB_TIME_LIMIT_MIN_S"] = "0"
-    stack.overrides["WHISPERQ_JOB_TIME_LIMIT_FACTOR"] = "0.01"  # 60 s of audio: 0.6 s
+    # 180 s of audio: 0.63 s, against about 0.3 s per 30 s window on this random model, so
+    # the run has windows left when the limit is noticed (the engine stops at a boundary).
+    stack.overrides["WHISPERQ_JOB_TIME_LIMIT_FACTOR"] = "0.0035"
     w = worker(stack, model, tmp_path, "w1", concurrency=1)
     try:
-        job_id = stack.enqueue(api_key_id=key.row.id, audio=noise_wav(60.0), options=LONG)[0]
+        job_id = stack.enqueue(api_key_id=key.row.id, audio=noise_wav(180.0), options=LONG)[0]
         row = stack.wait_ended([job_id], timeout=60)[job_id]
         assert (row.status, row.error_code, row.attempts) == ("failed", "time_limit_exceeded", 1)
         assert "time limit of 1 s" in (row.error_message or "")
@@ -305,7 +309,8 @@ def test_cancel_of_a_running_job_stops_it_charged_for_what_ran(
 ) -> None:
     w = worker(stack, model, tmp_path, "w1", concurrency=1)
     try:
-        job_id = stack.enqueue(api_key_id=key.row.id, audio=noise_wav(60.0), options=LONG)[0]
+        # 20 windows (about 6 s here): still running when the heartbeat reads the cancel
+        job_id = stack.enqueue(api_key_id=key.row.id, audio=noise_wav(600.0), options=LONG)[0]
         wait_running(stack, job_id, attempt=1)
         # What POST /v1/jobs/{id}/cancel does to a running job (issue 15).
         with Session(stack.db()) as session, session.begin():
