@@ -53,6 +53,15 @@ def get_engine() -> Engine:
                 max_wait_ms=settings.engine_max_wait_ms,
                 on_batch=observe_batch,
             )
+            log.info(
+                "engine: %d lane(s) x %d torch thread(s) on %s, up to %d rows per window,"
+                " %d jobs in flight",
+                _engine.lanes,
+                _engine.lane_threads,
+                device,
+                _engine.max_batch_rows,
+                _engine.max_in_flight,
+            )
         return _engine
 
 
