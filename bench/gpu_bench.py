@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +104,12 @@ def run_sequential(
     return out
 
 
+SUBMIT_THREADS = 16  # as a worker's Celery threads: each submit makes its job's log-mel
+
+
 def run_engine(engine: Engine, clips: Sequence[Clip], opts: TranscribeOptions) -> list[str]:
-    futures = [engine.submit(EngineJob(clip.audio, opts)) for clip in clips]
+    with ThreadPoolExecutor(max_workers=SUBMIT_THREADS) as pool:
+        futures = list(pool.map(lambda clip: engine.submit(EngineJob(clip.audio, opts)), clips))
     return [f.result().text for f in futures]
 
 
