@@ -59,7 +59,7 @@ ANNOUNCE_POLL_S = 0.02
 DEFAULT_CPU_DECODE_THREADS: int | None = None
 # Windows per encoder call on a CPU (see Engine.encoder_chunk).
 CPU_ENCODER_CHUNK = 1
-# How often the engine thread logs its cumulative counters (where the time went).
+# How often the lanes log their cumulative counters (where the time went).
 STATS_LOG_INTERVAL_S = 60.0
 _WORD_PUNCT_DEFAULTS = {
     "prepend_punctuations": "\"'“¿([{-",
@@ -506,8 +506,8 @@ class Engine:
         )
         self.decoder = BatchDecoder(model, self.dtype, self._tokenizer)
         self._suppress: dict[tuple[int, str], tuple[int, ...]] = {}
-        # Cumulative counters of the engine thread (seconds, windows, passes, rows, steps):
-        # read by benchmarks, logged every STATS_LOG_INTERVAL_S. Only that thread writes.
+        # Cumulative counters of the lanes (seconds, windows, passes, rows, steps): read by
+        # benchmarks, logged every STATS_LOG_INTERVAL_S; written under _stats_lock.
         self.stats: dict[str, float] = dict.fromkeys(
             (
                 "windows",
