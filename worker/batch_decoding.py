@@ -142,9 +142,9 @@ class BatchDecoder(nn.Module):
         self.ln_b = dec.ln.bias.detach()
         # The vocabulary projection is the largest matmul of a step (51,864 x 384 for tiny). On
         # CPU, torch's fp32 matmul goes to MKL, which on this project's AMD EPYC ran it at
-        # 9.8 ms for 16 rows against 4.4 ms through oneDNN (maxdiff 5e-6; the engine's
-        # 64-file corpus: decode passes 18.9 -> 13.3 s, texts unchanged). Other matmuls
-        # stay on MKL: oneDNN was not faster there and flipped tokens (bench/RESULTS.md).
+        # 9.8-10.9 ms for 16 rows against 4.0-4.8 ms through oneDNN (max diff 2e-6; engine
+        # alone on 64 files: decode passes 19.0 -> 15.3 s, texts unchanged; bench/cpu_choices).
+        # Other matmuls stay on MKL: oneDNN was not faster there and flipped tokens.
         self._embed_onednn = (
             self.token_embedding.contiguous().to_mkldnn()
             if self.device.type == "cpu"

@@ -21,12 +21,11 @@ import contextlib
 import itertools
 import logging
 import math
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -203,13 +202,20 @@ def _batched(opts: TranscribeOptions) -> bool:
 class _JobState:
     """One job's long-form loop, whisper.transcribe() split at its decode call."""
 
-    def __init__(self, engine: Engine, job: EngineJob, fut: Future[EngineResult], seq: int):
+    def __init__(
+        self,
+        engine: Engine,
+        job: EngineJob,
+        fut: Future[EngineResult],
+        seq: int,
+        mel: torch.Tensor,
+        mel_s: float,
+    ):
         self.job, self.fut, self.seq = job, fut, seq
         self.opts = job.options
-        self.runtime_s = 0.0
-        self.n_mels = engine.model.dims.n_mels
-        self.mel: torch.Tensor | None = None  # made when the job is first picked for a batch
-        self.content_frames = 0
+        self.mel = mel  # made by submit(), on the submitting thread
+        self.content_frames = mel.shape[-1] - 3000
+        self.runtime_s = mel_s  # the job's own host work, charged to it alone
         self.language: str | None = self.opts.language
         if self.language is None and not engine.model.is_multilingual:
             self.language = "en"
@@ -222,24 +228,9 @@ class _JobState:
         self.tokenizer: Tokenizer | None = None
         self.window: dict[str, Any] = {}
 
-    def prepare(self) -> None:
-        """The log-mel, unless the submitting thread made it already."""
-        if self.mel is not None:
-            return
-        self.set_mel(*log_mel(self.job.audio, self.n_mels))
-
-    def set_mel(self, mel: torch.Tensor, seconds: float) -> None:
-        self.mel = mel
-        self.content_frames = mel.shape[-1] - 3000
-        self.runtime_s += seconds  # the job's own host work, charged to it alone
-
     @property
     def done(self) -> bool:
-        return (
-            self.mel is not None
-            and self.tokenizer is not None
-            and (self.seek >= self.content_frames)
-        )
+        return self.tokenizer is not None and (self.seek >= self.content_frames)
 
     def set_language(self, engine: Engine, language: str) -> None:
         from whisper.tokenizer import get_tokenizer
@@ -261,14 +252,12 @@ class _JobState:
     def detection_mel(self) -> torch.Tensor:
         from whisper.audio import pad_or_trim
 
-        assert self.mel is not None
         mel: torch.Tensor = pad_or_trim(self.mel, 3000)
         return mel
 
     def next_window(self, n_text_ctx: int) -> tuple[torch.Tensor, list[int]]:
         from whisper.audio import pad_or_trim
 
-        assert self.mel is not None
         segment_size = min(3000, self.content_frames - self.seek)
         mel_segment = pad_or_trim(self.mel[:, self.seek : self.seek + segment_size], 3000)
         self.window = {"segment_size": segment_size, "seek": self.seek}
@@ -480,8 +469,9 @@ class Engine:
         # torch threads of each lane: the process's share, so lanes never oversubscribe cores
         self._all_threads = torch.get_num_threads()
         # Windows per encoder call: all of them on a GPU; on a CPU one at a time, which is
-        # faster there (its activations stay in cache: 213 ms a window against 261 ms in
-        # batches of 16 on the 2-core EPYC) and is the very computation transcribe() makes.
+        # faster there (its activations stay in cache: 202-210 ms a window against 254-261 ms
+        # in calls of 16 on the 2-core EPYC, bench/cpu_choices) and is the very computation
+        # transcribe() makes.
         self.encoder_chunk: int | None = CPU_ENCODER_CHUNK if self.device.type == "cpu" else None
         self.lane_threads = max(1, self._all_threads // self.lanes)
         # Jobs the worker may hand in at once: a batch per lane, plus the ones waiting
@@ -533,10 +523,6 @@ class Engine:
         self._inbox: queue.PriorityQueue[tuple[float, int, Any]] = queue.PriorityQueue()
         self._arrival = itertools.count()
         self._model_lock = _ModelLock()
-        self._prep_pool = ThreadPoolExecutor(
-            max_workers=max(1, min(8, (os.cpu_count() or 1) // 2)),
-            thread_name_prefix="whisperq-mel",
-        )
         self._threads = [
             threading.Thread(target=self._run, name=f"whisperq-engine-{i}", daemon=True)
             for i in range(self.lanes)
@@ -551,15 +537,16 @@ class Engine:
         arrived, so it is no longer waited for)."""
         fut: Future[EngineResult] = Future()
         # The log-mel is made here, on the submitting thread (one torch thread: a Celery task
-        # beside the lanes), so the lanes never wait for it. Should it fail, the lane makes it
-        # again and fails the job with the error.
-        mel: tuple[torch.Tensor, float] | None = None
+        # beside the lanes, several side by side), so the lanes never wait for it; if it
+        # fails, this job alone fails.
         try:
             with _torch_threads(1):
                 mel = log_mel(job.audio, self.model.dims.n_mels)
-        except Exception:
-            log.debug("log-mel on submit failed; the lane retries it", exc_info=True)
-        self._inbox.put((-job.priority, next(self._arrival), (job, fut, mel)))
+        except Exception as exc:
+            fut.set_exception(exc)
+        else:
+            self._count(log_mel_s=mel[1])
+            self._inbox.put((-job.priority, next(self._arrival), (job, fut, mel)))
         self.withdraw()
         return fut
 
@@ -599,7 +586,6 @@ class Engine:
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self._log_stats(force=True)
-        self._prep_pool.shutdown(wait=False)
 
     def _count(self, **deltas: float) -> None:
         with self._stats_lock:
@@ -728,10 +714,7 @@ class Engine:
                 continue
             try:
                 self._check(job.options)
-                state = _JobState(self, job, fut, arrival)
-                if mel is not None:
-                    state.set_mel(*mel)
-                active.append(state)
+                active.append(_JobState(self, job, fut, arrival, *mel))
             except BaseException as exc:
                 fut.set_exception(exc)
         return stop
@@ -813,11 +796,6 @@ class Engine:
 
     def _step_window(self, states: list[_JobState]) -> None:
         """The current window of every job in `states`, decoded with fallback, in batches."""
-        # Log-mels are host work per job (27% of the wall time at 512 rows on an H200 when made
-        # one after another): made side by side, as torch's STFT releases the GIL.
-        start = time.perf_counter()
-        list(self._prep_pool.map(_JobState.prepare, states))
-        self._count(log_mel_s=time.perf_counter() - start)
         need = [s for s in states if s.tokenizer is None and s.language is None]
         if need:
             self._detect(need)
