@@ -29,7 +29,7 @@ import numpy.typing as npt
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from app.options import TranscribeOptions
+from app.options import BEAM_SIZE, TranscribeOptions
 from worker.engine import Engine, EngineJob
 
 SAMPLE_RATE = 16_000
@@ -218,6 +218,7 @@ def transcribe_system(model: Any, opts: TranscribeOptions, fp16: bool) -> System
 
 
 def faster_whisper_system(opts: TranscribeOptions, device: torch.device, threads: int) -> System:
+    beam = BEAM_SIZE if opts.patience is not None else 1
     from faster_whisper import WhisperModel
 
     from tests.support.real_models import tiny_en_ct2_dir
@@ -232,7 +233,8 @@ def faster_whisper_system(opts: TranscribeOptions, device: torch.device, threads
             clip.audio,
             language=opts.language,
             task=opts.task,
-            beam_size=1,
+            beam_size=beam,
+            patience=opts.patience or 1.0,
             best_of=1,  # whisper.transcribe() samples one candidate per fallback temperature
             temperature=list(opts.temperatures()),
             compression_ratio_threshold=opts.compression_ratio_threshold,
@@ -246,12 +248,18 @@ def faster_whisper_system(opts: TranscribeOptions, device: torch.device, threads
         return "".join(s.text for s in segments)  # the generator does the work
 
     return System(
-        f"faster-whisper {compute_type}, beam 1, sequential", lambda clips: [one(c) for c in clips]
+        f"faster-whisper {compute_type}, beam {beam}, sequential",
+        lambda clips: [one(c) for c in clips],
     )
 
 
 def section_throughput(
-    quick: bool, device: torch.device, threads: int, in_flight: int, rounds: int
+    quick: bool,
+    device: torch.device,
+    threads: int,
+    in_flight: int,
+    rounds: int,
+    patience: float | None,
 ) -> None:
     import whisper
 
@@ -265,10 +273,11 @@ def section_throughput(
     lengths = ", ".join(f"{c.seconds:.1f}" for c in clips)
     say(f"corpus: {len(clips)} clips, {audio_s:.1f} s of audio (clip seconds: {lengths})")
 
-    opts = TranscribeOptions(language="en")
+    opts = TranscribeOptions(language="en", patience=patience)
     fp16 = device.type == "cuda"
+    search = "greedy" if patience is None else f"beam search of {BEAM_SIZE}, patience {patience}"
     say(
-        f"options: greedy, language=en, temperature ladder {opts.temperatures()}, "
+        f"options: {search}, language=en, temperature ladder {opts.temperatures()}, "
         f"compression_ratio_threshold={opts.compression_ratio_threshold}, "
         f"logprob_threshold={opts.logprob_threshold}, "
         f"no_speech_threshold={opts.no_speech_threshold}, "
@@ -354,7 +363,12 @@ class DecodeCount:
 
 
 def count_decode(
-    model: Any, mel: torch.Tensor, without_timestamps: bool, steps: int, inference_mode: bool
+    model: Any,
+    mel: torch.Tensor,
+    without_timestamps: bool,
+    steps: int,
+    inference_mode: bool,
+    beam_size: int | None = None,
 ) -> DecodeCount:
     import whisper
     from whisper.decoding import DecodingOptions
@@ -369,6 +383,7 @@ def count_decode(
         sample_len=steps,
         # EOT suppressed: every row runs exactly `steps` steps, whatever the random model says.
         suppress_tokens=[-1, eot],
+        beam_size=beam_size,
     )
     forwards = 0
 
@@ -402,9 +417,10 @@ def decode_per_step(
     short: int,
     long: int,
     inference_mode: bool = False,
+    beam_size: int | None = None,
 ) -> PerStep:
-    a = count_decode(model, mel, without_timestamps, short, inference_mode)
-    b = count_decode(model, mel, without_timestamps, long, inference_mode)
+    a = count_decode(model, mel, without_timestamps, short, inference_mode, beam_size)
+    b = count_decode(model, mel, without_timestamps, long, inference_mode, beam_size)
     if (a.steps, b.steps) != (short, long):
         raise RuntimeError(f"expected {short}/{long} decoder steps, counted {a.steps}/{b.steps}")
     # The difference cancels the encoder, setup and per-row finalisation, which run once.
@@ -437,9 +453,12 @@ class EngineCount:
     wall_s: float
 
 
-def count_engine(jobs: int, device: torch.device, sample_len: int) -> EngineCount:
+def count_engine(
+    jobs: int, device: torch.device, sample_len: int, patience: float | None = None
+) -> EngineCount:
     """N jobs of 2 s noise decoded by one engine, EOT suppressed: every row runs exactly
-    `sample_len` steps, so two runs differing only in sample_len differ only in steps."""
+    `sample_len` steps, so two runs differing only in sample_len differ only in steps. With
+    a patience, every job is a beam search (its beams never finish: EOT is suppressed)."""
     from tests.support.random_model import random_model
 
     model = random_model().to(device)
@@ -453,6 +472,7 @@ def count_engine(jobs: int, device: torch.device, sample_len: int) -> EngineCoun
         compression_ratio_threshold=None,
         logprob_threshold=None,
         no_speech_threshold=None,
+        patience=patience,
     )
     audios = [
         (np.random.default_rng(seed).standard_normal(2 * SAMPLE_RATE) * 0.1).astype(np.float32)
@@ -558,6 +578,38 @@ def section_ops(quick: bool, device: torch.device) -> None:
     say(markdown_table(headers, rows_out))
     say()
 
+    # Beam search: each job's 5 beams are rows of one pass. whisper's own beam search takes
+    # one audio per decode() call (its cross-attention cache breaks with more), so N jobs
+    # cost it N times the ops of one.
+    model = random_model().to(device)
+    mel = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(1)).to(device)
+    peer = decode_per_step(model, mel, False, short, long, inference_mode=True, beam_size=BEAM_SIZE)
+    del model
+    beam_pairs = [
+        (count_engine(n, device, short_e, 1.0), count_engine(n, device, long_e, 1.0))
+        for n in job_counts
+    ]
+    say(
+        f"Beam search (beam {BEAM_SIZE}, patience 1, timestamps on), the same jobs and method "
+        f"as the table above; each job's {BEAM_SIZE} beams are rows of the pass. The peer: "
+        "openai-whisper decode() with its BeamSearchDecoder in torch.inference_mode, one audio "
+        f"per call (sample_len {short} and {long}), times N."
+    )
+    say()
+    headers = ["beam search", *(f"{n} jobs in flight" for n in job_counts)]
+    rows_out = [
+        ["whisperq Engine: mean decoder rows per call (long run)"]
+        + [f"{b.rows_per_call:.2f}" for _, b in beam_pairs],
+        ["whisperq Engine: ops to advance every in-flight job one token"]
+        + [f"{(b.ops - a.ops) / (long_e - short_e):.0f}" for a, b in beam_pairs],
+        ["openai-whisper decode() beam, one audio per call: ops per token of N jobs"]
+        + [f"{peer.ops_per_step * n:.0f}" for n in job_counts],
+        ["whisperq Engine: wall s, long run (with counting)"]
+        + [f"{b.wall_s:.1f}" for _, b in beam_pairs],
+    ]
+    say(markdown_table(headers, rows_out))
+    say()
+
 
 # ------------------------------------------------------------------------------- main
 
@@ -586,6 +638,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds", type=int, default=None, help="timed rounds per system (2 quick, 3 full)"
     )
     parser.add_argument("--skip-throughput", action="store_true", help="only section 2")
+    parser.add_argument("--skip-ops", action="store_true", help="only section 1")
+    parser.add_argument(
+        "--patience",
+        type=float,
+        default=None,
+        help=f"section 1 with beam search of {BEAM_SIZE} at this patience (default: greedy)",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
 
@@ -607,8 +666,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     say()
     if not args.skip_throughput:
         rounds = args.rounds or (2 if args.quick else 3)
-        section_throughput(args.quick, device, args.threads, args.in_flight, rounds)
-    section_ops(args.quick, device)
+        section_throughput(args.quick, device, args.threads, args.in_flight, rounds, args.patience)
+    if not args.skip_ops:
+        section_ops(args.quick, device)
     say(f"total runtime: {time.perf_counter() - started:.0f} s")
     return 0
 

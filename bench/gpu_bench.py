@@ -136,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sequential-files", type=int, default=15)
     parser.add_argument("--batch-rows", default="64,256,512")
     parser.add_argument("--budget-s", type=float, default=300, help="skip configs past this")
+    parser.add_argument(
+        "--patience", type=float, default=None, help="beam search of 5 at this patience"
+    )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -145,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# whisperq engine on {name}, torch {torch.__version__}, {dt.date.today()}")
     print(f"model {args.model} (multilingual={model.is_multilingual}); fp16={device == 'cuda'}")
     variants = load_corpus(args.audio)
-    opts = TranscribeOptions()  # the hosted API's defaults: greedy, fallback, prompts on
+    # the hosted API's defaults: greedy (or beam search), fallback, prompts on
+    opts = TranscribeOptions(patience=args.patience)
+    print(f"options: {'greedy' if args.patience is None else f'beam 5, patience {args.patience}'}")
     seq_clips = [variants[i % len(variants)] for i in range(args.sequential_files)]
     eng_clips = [variants[i % len(variants)] for i in range(args.jobs)]
 

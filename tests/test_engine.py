@@ -188,12 +188,90 @@ def test_no_speech_threshold_skips_silence(engine: Engine, passes: list[int]) ->
     assert kept.segments != ()
 
 
-def test_patience_runs_whisper_beam_search(engine: Engine, passes: list[int]) -> None:
-    job = EngineJob(noise(5.0), options_of({"patience": "2", **NO_FALLBACK}))
-    out = engine.submit(job).result(timeout=300)
-    assert passes == []  # not the batched greedy decoder
-    ref = engine.transcribe(job)
-    assert (out.text, key(out)) == (ref.text, key(ref))
+def test_beam_search_jobs_share_one_pass_and_equal_whisper(
+    engine: Engine, passes: list[int]
+) -> None:
+    """Beam-search jobs (each with its own patience) decode their windows together, one pass
+    beside the greedy rows, and each equals openai-whisper's own beam search of it alone."""
+    fields = [
+        {"patience": "0.5", **NO_FALLBACK},  # round(2.5) = 2 finished: unfinished beams fill up
+        {"patience": "1", **NO_FALLBACK},
+        {"patience": "2", **NO_FALLBACK},
+        {"patience": "3", "initial_prompt": "hello there", **NO_FALLBACK},
+        dict(NO_FALLBACK),  # greedy, in the same window
+    ]
+    jobs = [EngineJob(noise(5.0, seed), options_of(f)) for seed, f in enumerate(fields)]
+    before = engine.stats["beam_jobs"]
+    results = [f.result(timeout=300) for f in [engine.submit(j) for j in jobs]]
+    assert sorted(passes) == [1, 4]  # one greedy pass, one beam pass of four jobs
+    assert engine.stats["beam_jobs"] - before == 4
+    for job, got in zip(jobs, results, strict=True):
+        ref = engine.transcribe(job)
+        assert (got.text, key(got)) == (ref.text, key(ref)), job.options
+
+
+@pytest.mark.parametrize("sample_len", [6, 40])
+def test_batched_beam_decoder_is_whispers_decode(sample_len: int) -> None:
+    """decode_beam over rows with different prompts and patience equals whisper.decode() with
+    its BeamSearchDecoder, row by row: tokens, log-probability, no-speech probability. The
+    random model leans toward EOT, so beams finish at different lengths and patience changes
+    the answer; with 6 tokens most rows end at the length limit, where the unfinished beams
+    fill the candidates."""
+    import whisper
+    from whisper.decoding import DecodingOptions
+
+    from app.options import BEAM_SIZE
+    from worker.batch_decoding import RowSpec, suppress_list
+
+    model = random_model(seed=3)
+    tok = get_tokenizer(True, num_languages=model.num_languages, language="en")
+    with torch.no_grad():
+        eot = model.decoder.token_embedding.weight[tok.eot]
+        model.decoder.ln.bias += 3.0 * eot / eot.norm()
+    eng = Engine(model, lanes=1)
+    try:
+        mel = torch.randn(4, 80, 3000, generator=torch.Generator().manual_seed(7))
+        # (audio, prompt, patience): rows 0 and 1 differ only in patience
+        cases = [
+            (0, [], 1.0),
+            (0, [], 0.5),  # round(2.5) = 2 finished, then the best live beams fill up to 5
+            (1, tok.encode(" hello there"), 2.0),
+            (2, [], 1.4),
+            (3, tok.encode(" a b c d e"), 3.0),
+        ]
+        suppress = suppress_list(tok, "-1")
+        rows = []
+        for _, prompt, _ in cases:
+            initial = [tok.sot_prev, *prompt, *tok.sot_sequence] if prompt else [*tok.sot_sequence]
+            rows.append(RowSpec(tuple(initial), initial.index(tok.sot), suppress, 0.0))
+        with torch.inference_mode():
+            features = model.encoder(mel)[[m for m, _, _ in cases]]
+        patience = [p for _, _, p in cases]
+        got = eng.decoder.decode_beam(features, rows, sample_len, BEAM_SIZE, patience)
+        refs = []
+        for i, (m, prompt, p) in enumerate(cases):
+            options = DecodingOptions(
+                language="en",
+                beam_size=BEAM_SIZE,
+                patience=p,
+                sample_len=sample_len,
+                prompt=prompt or None,
+                fp16=False,
+            )
+            with torch.inference_mode():  # one audio per call: whisper's beam search needs it
+                ref = whisper.decode(model, mel[m], options)
+            refs.append(ref)
+            assert got[i].tokens == ref.tokens, (i, p)
+            assert got[i].sum_logprob / (len(got[i].tokens) + 1) == pytest.approx(
+                ref.avg_logprob, abs=1e-5
+            )
+            assert got[i].no_speech_prob == pytest.approx(ref.no_speech_prob, abs=1e-5)
+            assert got[i].steps % BEAM_SIZE == 0 and 0 < got[i].steps <= sample_len * BEAM_SIZE
+        if sample_len == 40:  # the case is sensitive: patience alone changed whisper's answer
+            assert refs[0].tokens != refs[1].tokens
+            assert len({len(r.tokens) for r in refs}) > 2
+    finally:
+        eng.close(5)
 
 
 def test_word_timestamps_run_whisper_transcribe(engine: Engine, passes: list[int]) -> None:
@@ -308,8 +386,8 @@ def test_jobs_ready_beyond_a_batch_wait_for_the_next_window() -> None:
 
 def test_lanes_decode_windows_side_by_side_and_exact_jobs_alone() -> None:
     """Two lanes run windows at the same time, each on its share of torch's threads;
-    whisper's own transcribe() (beam search) never overlaps a batched window, since it hooks
-    the shared model's modules."""
+    whisper's own transcribe() (word timestamps) never overlaps a batched window, since it
+    hooks the shared model's modules."""
     eng = Engine(random_model(seed=1), max_batch_rows=1, max_wait_ms=0, lanes=2)
     assert eng.lane_threads == max(1, torch.get_num_threads() // 2)
     assert eng.max_in_flight == 2 * 1 + 1
@@ -333,10 +411,10 @@ def test_lanes_decode_windows_side_by_side_and_exact_jobs_alone() -> None:
     eng._run_exact_alone = timed_exact  # type: ignore[method-assign]
     try:
         opts = options_of(NO_FALLBACK)
-        beam = dataclasses.replace(opts, patience=1.0)
+        words = dataclasses.replace(opts, word_timestamps=True)
         futures = [eng.submit(EngineJob(noise(1.0, seed), opts)) for seed in range(2)]
         time.sleep(0.1)  # both lanes hold a window now
-        futures += [eng.submit(EngineJob(noise(1.0, 5), beam))]
+        futures += [eng.submit(EngineJob(noise(1.0, 5), words))]
         futures += [eng.submit(EngineJob(noise(1.0, seed), opts)) for seed in (3, 4)]
         for fut in futures:
             fut.result(timeout=300)

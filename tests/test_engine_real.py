@@ -73,22 +73,35 @@ def test_mixed_batch_matches_sequential_transcribe(tiny_en: Engine, tmp_path: Pa
         (ENGLISH, short, {"initial_prompt": prompt, "condition_on_previous_text": "false"}),
         (LONG_ENGLISH, long, {"condition_on_previous_text": "false"}),
         (LONG_ENGLISH, long, {"initial_prompt": prompt}),
-        (ENGLISH, short, {"patience": "1.0"}),  # beam search: whisper's own decoder
+        # beam search, batched as its own group: whisper's BeamSearchDecoder semantics
+        (ENGLISH, short, {"patience": "1.0"}),
+        (LONG_ENGLISH, long, {"patience": "2"}),
+        (ENGLISH, short, {"patience": "0.5", "initial_prompt": prompt}),
     ]
     # logprob_threshold=0 fails every decode: the whole temperature ladder is walked (set on
     # the options directly: the API refuses thresholds that force every fallback)
     fallback = EngineJob(short, dataclasses.replace(parse_options({}), logprob_threshold=0.0))
+    # a beam job's fallbacks sample (t > 0) without beams, in the greedy group, as whisper does
+    beam_fallback = EngineJob(
+        short, dataclasses.replace(parse_options({"patience": "1"}), logprob_threshold=0.0)
+    )
     jobs = [EngineJob(audio, parse_options(fields)) for _, audio, fields in greedy]
-    futures = [tiny_en.submit(j) for j in [*jobs, fallback]]
+    beam_before = tiny_en.stats["beam_jobs"]
+    futures = [tiny_en.submit(j) for j in [*jobs, fallback, beam_fallback]]
     ours = [f.result(timeout=600) for f in futures]
-    for (text, _, fields), job, got in zip(greedy, jobs, ours[:-1], strict=True):
+    for (text, _, fields), job, got in zip(greedy, jobs, ours[:-2], strict=True):
         ref = tiny_en.transcribe(job)
         assert (got.text, key(got)) == (ref.text, key(ref)), fields
         assert wer(text, got.text) < 0.2, got.text
     assert len({s.seek for s in ours[1].segments}) >= 2  # really several windows
-    ref = tiny_en.transcribe(fallback)
-    assert {s.temperature for s in ours[-1].segments} == {1.0}
-    assert {s.temperature for s in ref.segments} == {1.0}
+    assert len({s.seek for s in ours[6].segments}) >= 2  # the long file under beam search
+    # beam windows: 1 + 2 (long) + 1, and the beam fallback's first rung
+    assert tiny_en.stats["beam_jobs"] - beam_before >= 5
+    assert tiny_en.stats["exact_jobs"] == 0  # nothing went through whisper's own decoder
+    for job, got in zip((fallback, beam_fallback), ours[-2:], strict=True):
+        ref = tiny_en.transcribe(job)
+        assert {s.temperature for s in got.segments} == {1.0}
+        assert {s.temperature for s in ref.segments} == {1.0}
 
 
 def test_detects_translates_and_forces_language_in_one_batch(base: Engine, tmp_path: Path) -> None:
@@ -99,11 +112,13 @@ def test_detects_translates_and_forces_language_in_one_batch(base: Engine, tmp_p
         EngineJob(english, parse_options({})),
         EngineJob(german, parse_options({"task": "translate"})),
         EngineJob(german, parse_options({"language": "en"})),
+        EngineJob(german, parse_options({"task": "translate", "patience": "1"})),  # beams
     ]
-    heard, heard_en, translated, forced = [
+    heard, heard_en, translated, forced, beam_translated = [
         f.result(timeout=600) for f in [base.submit(j) for j in jobs]
     ]
-    for job, got in zip(jobs, (heard, heard_en, translated, forced), strict=True):
+    outs = (heard, heard_en, translated, forced, beam_translated)
+    for job, got in zip(jobs, outs, strict=True):
         ref = base.transcribe(job)
         assert (got.language, got.text, key(got)) == (ref.language, ref.text, key(ref))
     assert heard.language == "de" and heard_en.language == "en"

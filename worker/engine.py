@@ -8,11 +8,12 @@ jobs join and leave between windows, and lanes run their windows side by side.
 Per job it keeps ``whisper.transcribe()``'s long-form semantics (:class:`_JobState` follows
 ``whisper/transcribe.py`` line by line): seek from timestamp tokens, temperature fallback
 (only failing rows re-decode, reusing their encoder output), no-speech skips, prompts from
-previous text, initial prompt, language detection (batched).
+previous text, initial prompt, language detection (batched), beam search (``patience``: the
+beam jobs' windows at temperature 0 as a pass of their own, each job's beams as rows).
 
-Beam search (``patience``) and word timestamps run through openai-whisper's own
-``transcribe()`` in a lane, one job at a time and with the model to itself: exact
-openai-whisper behaviour, not batched. No database, Celery or HTTP here.
+Word timestamps run through openai-whisper's own ``transcribe()`` in a lane, one job at a
+time and with the model to itself: exact openai-whisper behaviour, not batched. No
+database, Celery or HTTP here.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from app.options import TranscribeOptions
+from app.options import BEAM_SIZE, TranscribeOptions
 from worker.batch_decoding import BatchDecoder, RowResult, RowSpec, suppress_list
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ _STOP_PRIORITY = math.inf  # sorts after every job: the work queued before a clo
 
 
 def _batched(opts: TranscribeOptions) -> bool:
-    return opts.patience is None and not getattr(opts, "word_timestamps", False)
+    return not getattr(opts, "word_timestamps", False)
 
 
 class _JobState:
@@ -510,6 +511,9 @@ class Engine:
                 "decode_row_steps",
                 "decode_row_slots",
                 "decode_s",
+                "beam_passes",
+                "beam_jobs",
+                "beam_s",
                 "exact_jobs",
                 "exact_s",
             ),
@@ -656,7 +660,8 @@ class Engine:
         self._stats_at = st["windows"]
         log.info(
             "engine: %d windows, log-mel %.1f s, encoder %d calls %.1f s, decode %d passes "
-            "(%.1f rows each, %d steps, %.0f%% of row-steps live) %.1f s, exact %d jobs %.1f s",
+            "(%.1f rows each, %d steps, %.0f%% of row-steps live) %.1f s, of which beam search "
+            "%d job-windows in %d passes %.1f s, exact %d jobs %.1f s",
             st["windows"],
             st["log_mel_s"],
             st["encoder_calls"],
@@ -666,6 +671,9 @@ class Engine:
             st["decode_steps"],
             100 * st["decode_row_steps"] / max(1.0, st["decode_row_slots"]),
             st["decode_s"],
+            st["beam_jobs"],
+            st["beam_passes"],
+            st["beam_s"],
             st["exact_jobs"],
             st["exact_s"],
         )
@@ -846,39 +854,71 @@ class Engine:
         level: list[int],
         idx: list[int],
     ) -> list[_Decoded]:
+        """One decoding pass per group of rows: beam search (patience, at temperature 0, as
+        whisper runs it) and greedy or sampled rows (the rest, fallbacks of beam jobs
+        included: whisper samples at t > 0 without beams)."""
+        temps = {i: states[i].temps[level[i]] for i in idx}
+        beams = [i for i in idx if states[i].opts.patience is not None and temps[i] == 0]
+        single = [i for i in idx if i not in beams]
+        out: dict[int, _Decoded] = {}
+        for group, beam in ((single, False), (beams, True)):
+            if group:
+                decoded = self._decode_group(states, features, temps, group, beam)
+                out.update(zip(group, decoded, strict=True))
+        return [out[i] for i in idx]
+
+    def _decode_group(
+        self,
+        states: list[_JobState],
+        features: list[torch.Tensor],
+        temps: dict[int, float],
+        idx: list[int],
+        beam: bool,
+    ) -> list[_Decoded]:
         sub = [states[i] for i in idx]
-        temps = [states[i].temps[level[i]] for i in idx]
-        rows = [s.row(self, t) for s, t in zip(sub, temps, strict=True)]
+        rows = [s.row(self, temps[i]) for s, i in zip(sub, idx, strict=True)]
         feats = torch.stack([features[i] for i in idx])
         start = time.perf_counter()
         with _torch_threads(self.decode_threads):
-            results = self.decoder.decode(feats, rows, self.sample_len)
+            if beam:
+                results = self.decoder.decode_beam(
+                    feats,
+                    rows,
+                    self.sample_len,
+                    BEAM_SIZE,
+                    [float(s.opts.patience or 1.0) for s in sub],
+                )
+            else:
+                results = self.decoder.decode(feats, rows, self.sample_len)
         if self.on_batch is not None:
             self.on_batch(len(rows))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - start
-        steps = max((r.steps for r in results), default=0)
+        steps = max((r.steps for r in results), default=0) // (BEAM_SIZE if beam else 1)
+        row_steps = sum(r.steps for r in results)
         self._count(
             decode_passes=1,
-            decode_rows=len(rows),
+            decode_rows=len(rows) * (BEAM_SIZE if beam else 1),
             decode_s=wall,
             decode_steps=steps,
-            decode_row_steps=sum(r.steps for r in results),
-            decode_row_slots=steps * len(rows),
+            decode_row_steps=row_steps,
+            decode_row_slots=steps * len(rows) * (BEAM_SIZE if beam else 1),
+            **({"beam_passes": 1, "beam_jobs": len(rows), "beam_s": wall} if beam else {}),
         )
-        # metering: a pass's wall time split by the decoder steps each row was live
-        total = sum(r.steps for r in results) or 1
+        # metering: a pass's wall time split by the decoder row-steps each job was live
+        # (a beam job's steps count once per beam)
+        total = row_steps or 1
         out = []
-        for s, r, t in zip(sub, results, temps, strict=True):
+        for s, r, i in zip(sub, results, idx, strict=True):
             s.runtime_s += wall * r.steps / total
-            out.append(s.to_decoded(r, t))
+            out.append(s.to_decoded(r, temps[i]))
         return out
 
     # ------------------------------------------------------------------ exact path
 
     def _run_exact(self, state: _JobState) -> None:
-        """Beam search / word timestamps: openai-whisper's transcribe(), one job, this thread."""
+        """Word timestamps: openai-whisper's transcribe(), one job, this thread."""
         stop_check = state.job.stop_check
         # Exclusive: whisper's transcribe() hooks the model's modules (this stop check, its
         # key/value cache), which another lane's encoder or language detection would fire.
