@@ -204,11 +204,8 @@ class BatchDecoder(nn.Module):
         v = self.vocab
         ids = torch.arange(n_vocab, device=self.device)
         self.ids = ids
-        self.is_ts = ids >= v.timestamp_begin
-        self.is_text = ids < v.eot  # "normal text tokens" of ApplyTimestampRules
-        self.below_ts = ids < v.timestamp_begin
         # The first sampled token: SuppressBlank + a timestamp no later than 1 s.
-        first = self.below_ts | (ids > v.timestamp_begin + v.max_initial_index)
+        first = (ids < v.timestamp_begin) | (ids > v.timestamp_begin + v.max_initial_index)
         first[list(v.blank)] = True
         self.first_step_mask = first
         self._suppress_cache: dict[tuple[int, ...], Tensor] = {}
@@ -369,16 +366,20 @@ class BatchDecoder(nn.Module):
         if it == 0:
             logits.masked_fill_(self.first_step_mask, -math.inf)
         else:
+            # Each rule masks a column range, so it is applied to that slice alone: no
+            # (rows, n_vocab) mask is built per step (the timestamps are 1,501 of 51,865).
+            tb = v.timestamp_begin
             last, pen = ts.last, ts.pen
             pair_open = last & ~pen  # last token a timestamp, the one before not
             bound = torch.where(pair_open, ts.last_tok, ts.last_tok + 1)
-            ts_block = self.is_ts & ((last & pen)[:, None] | (self.ids < bound[:, None]))
-            logits.masked_fill_(ts_block | (self.is_text & pair_open[:, None]), -math.inf)
+            ts_block = (last & pen)[:, None] | (self.ids[tb:] < bound[:, None])
+            logits[:, tb:].masked_fill_(ts_block, -math.inf)
+            logits[:, : v.eot].masked_fill_(pair_open[:, None], -math.inf)
         lp = F.log_softmax(logits, dim=-1)
         ts_wins = lp[:, v.timestamp_begin :].logsumexp(dim=-1) > lp[:, : v.timestamp_begin].amax(
             dim=-1
         )
-        logits.masked_fill_(self.below_ts & ts_wins[:, None], -math.inf)
+        logits[:, : v.timestamp_begin].masked_fill_(ts_wins[:, None], -math.inf)
 
     @torch.inference_mode()
     def decode(
@@ -586,8 +587,8 @@ class BatchDecoder(nn.Module):
                 ts = ts.select(src)
                 end = width + it
                 for k, vv in cache:
-                    k[:, :, width:end] = k[src, :, width:end]
-                    vv[:, :, width:end] = vv[src, :, width:end]
+                    k[:, :, width:end] = k[:, :, width:end].index_select(0, src)
+                    vv[:, :, width:end] = vv[:, :, width:end].index_select(0, src)
             hist[:, it] = new_tok
             ts = ts.after(new_tok, v.timestamp_begin)
             sum_lp = new_lp
