@@ -96,7 +96,8 @@ def engine_only(model: Any, n_files: int) -> None:
         ("1 lane, batched encoder, torch projection", 1, False, False),
         ("1 lane, batched encoder, oneDNN projection", 1, False, True),
         ("1 lane, encoder one window at a time, oneDNN projection", 1, True, True),
-        ("2 lanes, encoder one window at a time, oneDNN projection (default)", 2, True, True),
+        ("2 lanes, encoder one window at a time, oneDNN projection", 2, True, True),
+        ("2 lanes, encoder one window at a time, torch projection", 2, True, False),
     ]
     print(
         f"{n_files} files, {seconds:.1f} s of audio, all submitted at once; 16 batch rows per "
@@ -110,8 +111,8 @@ def engine_only(model: Any, n_files: int) -> None:
         try:
             if not per_window:
                 eng.encoder_chunk = None
-            if not onednn:
-                eng.decoder._embed_onednn = None
+            # forced, whatever the engine's own measurement at start picked
+            eng.decoder._embed_onednn = eng.decoder._onednn_weight if onednn else None
             eng.submit(EngineJob(audios[0], opts)).result()  # warm-up
             for k in eng.stats:
                 eng.stats[k] = 0.0
@@ -129,6 +130,12 @@ def engine_only(model: Any, n_files: int) -> None:
         )
     print()
     print("encoder s and decode s add up over lanes (two lanes: up to twice the wall).")
+    eng = Engine(model)
+    eng.close(10)
+    print(
+        f"The engine's defaults here: {eng.lanes} lane(s) x {eng.lane_threads} torch thread(s), "
+        f"vocabulary projection picked at start: {eng.projection}."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -596,25 +596,52 @@ def test_english_only_model_refuses_translate() -> None:
 
 
 def test_cpu_logits_are_whispers_projection() -> None:
-    """On CPU the vocabulary projection runs through oneDNN (twice as fast as MKL there);
-    it must stay whisper's ``x @ token_embedding.T`` up to float rounding."""
+    """On CPU the vocabulary projection runs through oneDNN or torch's matmul, whichever was
+    faster at start; either must stay whisper's ``x @ token_embedding.T`` up to rounding."""
     model = random_model(seed=2)
     eng = Engine(model, lanes=1)
     try:
         dec = eng.decoder
-        assert dec._embed_onednn is not None
-        hidden = torch.randn(5, model.dims.n_text_state)
-        ref = (hidden @ model.decoder.token_embedding.weight.T).float()
-        got = dec.logits(hidden)
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        assert torch.equal(got.argmax(-1), ref.argmax(-1))
-        # a view (a decoder step's last position) is read as whisper reads it
-        steps = torch.randn(3, 4, model.dims.n_text_state)
-        torch.testing.assert_close(
-            dec.logits(steps[:, -1]),
-            (steps[:, -1] @ model.decoder.token_embedding.weight.T).float(),
-            rtol=1e-5,
-            atol=1e-5,
-        )
+        assert eng.projection in ("torch", "onednn")
+        assert dec._onednn_weight is not None
+        for weight in (dec._onednn_weight, None):
+            dec._embed_onednn = weight
+            hidden = torch.randn(5, model.dims.n_text_state)
+            ref = (hidden @ model.decoder.token_embedding.weight.T).float()
+            got = dec.logits(hidden)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+            # a view (a decoder step's last position) is read as whisper reads it
+            steps = torch.randn(3, 4, model.dims.n_text_state)
+            torch.testing.assert_close(
+                dec.logits(steps[:, -1]),
+                (steps[:, -1] @ model.decoder.token_embedding.weight.T).float(),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+    finally:
+        eng.close(5)
+
+
+def test_the_faster_projection_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    eng = Engine(random_model(seed=2), lanes=1)
+    try:
+        dec = eng.decoder
+        real_onednn, real_dense = torch._C._nn.mkldnn_linear, dec.embed_out
+
+        def slow_onednn(*args: Any) -> torch.Tensor:
+            time.sleep(0.02)
+            return real_onednn(*args)
+
+        class SlowDense:  # `hidden @ embed_out`, slowed down
+            def __rmatmul__(self, hidden: torch.Tensor) -> torch.Tensor:
+                time.sleep(0.02)
+                return hidden @ real_dense
+
+        monkeypatch.setattr(torch._C._nn, "mkldnn_linear", slow_onednn)
+        assert dec.pick_projection() == "torch" and dec._embed_onednn is None
+        monkeypatch.setattr(torch._C._nn, "mkldnn_linear", real_onednn)
+        monkeypatch.setattr(dec, "embed_out", SlowDense())
+        assert dec.pick_projection() == "onednn" and dec._embed_onednn is dec._onednn_weight
     finally:
         eng.close(5)

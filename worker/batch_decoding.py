@@ -17,6 +17,7 @@ Greedy and sampled rows decode in :meth:`BatchDecoder.decode`; beam search (whis
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,10 @@ MAX_INITIAL_TIMESTAMP_S = 1.0
 # Compact the batch (drop finished rows from the caches) once at most this share is live:
 # copying caches every time one row ends would cost more than computing a few dead rows.
 COMPACT_BELOW = 0.5
+# pick_projection(): rows of the probe steps (a CPU window's small and full batches: MKL's
+# lead on the Xeon grew with the rows, 8 % at 4 and 27 % at 16 on one thread) and timed calls.
+PROJECTION_PROBE_ROWS = (4, 16)
+PROJECTION_PROBE_CALLS = 5
 
 
 @dataclass(frozen=True)
@@ -180,17 +185,19 @@ class BatchDecoder(nn.Module):
         self.ln_w = dec.ln.weight.detach()
         self.ln_b = dec.ln.bias.detach()
         # The vocabulary projection is the largest matmul of a step (51,864 x 384 for tiny). On
-        # CPU, torch's fp32 matmul goes to MKL, which on this project's AMD EPYC ran it at
-        # 9.8-10.9 ms for 16 rows against 4.0-4.8 ms through oneDNN (max diff 2e-6; engine
-        # alone on 64 files: decode passes 19.0 -> 15.3 s, texts unchanged; bench/cpu_choices).
-        # Other matmuls stay on MKL: oneDNN was not faster there and flipped tokens.
-        self._embed_onednn = (
+        # CPU, torch's fp32 matmul goes to MKL, which on an AMD EPYC ran it at 9.8-10.9 ms for
+        # 16 rows against 4.0-4.8 ms through oneDNN, and on an Intel Xeon 5-15 % faster than
+        # oneDNN (bench/cpu_choices; max diff 2e-6, argmax equal): pick_projection() measures
+        # both on the machine at hand. Other matmuls stay on MKL: oneDNN was not faster there
+        # and flipped tokens.
+        self._onednn_weight = (
             self.token_embedding.contiguous().to_mkldnn()
             if self.device.type == "cpu"
             and dtype == torch.float32
             and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
             else None
         )
+        self._embed_onednn = self._onednn_weight  # the one logits() uses; None: torch's matmul
         n_vocab = model.dims.n_vocab
         precision = 30.0 / model.dims.n_audio_ctx
         self.vocab = _Vocab(
@@ -287,6 +294,28 @@ class BatchDecoder(nn.Module):
             return out
         dense: Tensor = (hidden @ self.embed_out).float()
         return dense
+
+    def pick_projection(self, rows: tuple[int, ...] = PROJECTION_PROBE_ROWS) -> str:
+        """Time the vocabulary projection of steps of `rows` rows both ways, on this thread's
+        torch threads, and keep the faster in total: "onednn" or "torch" (the only one off a
+        CPU)."""
+        if self._onednn_weight is None:
+            return "torch"
+        gen = torch.Generator().manual_seed(0)
+        probes = [torch.randn(n, self.n_state, generator=gen) for n in rows]
+        timings = {}
+        for name, weight in (("torch", None), ("onednn", self._onednn_weight)):
+            self._embed_onednn = weight
+            for hidden in probes:  # first calls: packing, allocator
+                self.logits(hidden)
+            start = time.perf_counter()
+            for _ in range(PROJECTION_PROBE_CALLS):
+                for hidden in probes:
+                    self.logits(hidden)
+            timings[name] = time.perf_counter() - start
+        choice = min(timings, key=lambda name: timings[name])
+        self._embed_onednn = self._onednn_weight if choice == "onednn" else None
+        return choice
 
     def suppress_mask(self, ids: tuple[int, ...]) -> Tensor:
         mask = self._suppress_cache.get(ids)

@@ -496,6 +496,9 @@ class Engine:
             model.is_multilingual, num_languages=model.num_languages, language="en"
         )
         self.decoder = BatchDecoder(model, self.dtype, self._tokenizer)
+        # On a CPU, whichever vocabulary projection is faster here, timed on a lane's threads.
+        with _torch_threads(self.lane_threads if self.device.type == "cpu" else None):
+            self.projection = self.decoder.pick_projection()
         self._suppress: dict[tuple[int, str], tuple[int, ...]] = {}
         # Cumulative counters of the lanes (seconds, windows, passes, rows, steps): read by
         # benchmarks, logged every STATS_LOG_INTERVAL_S; written under _stats_lock.

@@ -55,12 +55,13 @@ def get_engine() -> Engine:
             )
             log.info(
                 "engine: %d lane(s) x %d torch thread(s) on %s, up to %d rows per window,"
-                " %d jobs in flight",
+                " %d jobs in flight, vocabulary projection: %s",
                 _engine.lanes,
                 _engine.lane_threads,
                 device,
                 _engine.max_batch_rows,
                 _engine.max_in_flight,
+                _engine.projection,
             )
         return _engine
 
