@@ -503,6 +503,18 @@ def count_engine(
     )
 
 
+def engine_rows(
+    pairs: Sequence[tuple[EngineCount, EngineCount]], steps: int, label: str = ""
+) -> list[list[str]]:
+    """Table rows of engine runs in pairs (short run, long run `steps` tokens longer)."""
+    return [
+        [f"{label}mean batch rows per decoder call"] + [f"{b.rows_per_call:.2f}" for _, b in pairs],
+        [f"{label}ops to advance every in-flight job one token"]
+        + [f"{(b.ops - a.ops) / steps:.0f}" for a, b in pairs],
+        [f"{label}wall s, long run (with counting)"] + [f"{b.wall_s:.1f}" for _, b in pairs],
+    ]
+
+
 def section_ops(quick: bool, device: torch.device) -> None:
     from tests.support.random_model import random_model
 
@@ -569,11 +581,8 @@ def section_ops(quick: bool, device: torch.device) -> None:
     rows_out = [
         ["decoder calls (short / long run)"]
         + [f"{a.decoder_calls} / {b.decoder_calls}" for a, b in pairs],
-        ["mean batch rows per decoder call"] + [f"{b.rows_per_call:.2f}" for _, b in pairs],
         ["ops, whole run (short / long)"] + [f"{a.ops} / {b.ops}" for a, b in pairs],
-        ["ops to advance every in-flight job one token"]
-        + [f"{(b.ops - a.ops) / (long_e - short_e):.0f}" for a, b in pairs],
-        ["wall s, long run (with counting)"] + [f"{b.wall_s:.1f}" for _, b in pairs],
+        *engine_rows(pairs, long_e - short_e),
     ]
     say(markdown_table(headers, rows_out))
     say()
@@ -598,14 +607,9 @@ def section_ops(quick: bool, device: torch.device) -> None:
     say()
     headers = ["beam search", *(f"{n} jobs in flight" for n in job_counts)]
     rows_out = [
-        ["whisperq Engine: mean decoder rows per call (long run)"]
-        + [f"{b.rows_per_call:.2f}" for _, b in beam_pairs],
-        ["whisperq Engine: ops to advance every in-flight job one token"]
-        + [f"{(b.ops - a.ops) / (long_e - short_e):.0f}" for a, b in beam_pairs],
+        *engine_rows(beam_pairs, long_e - short_e, "whisperq Engine: "),
         ["openai-whisper decode() beam, one audio per call: ops per token of N jobs"]
         + [f"{peer.ops_per_step * n:.0f}" for n in job_counts],
-        ["whisperq Engine: wall s, long run (with counting)"]
-        + [f"{b.wall_s:.1f}" for _, b in beam_pairs],
     ]
     say(markdown_table(headers, rows_out))
     say()
