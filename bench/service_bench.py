@@ -207,8 +207,8 @@ class Stack:
         self.admin.dispose()
 
 
-async def _one(http: Any, f: File) -> str | None:
-    r = await http.post(INFER, files={"audio": (f.path.name, f.path.read_bytes())})
+async def _one(http: Any, f: File, fields: dict[str, str]) -> str | None:
+    r = await http.post(INFER, files={"audio": (f.path.name, f.path.read_bytes())}, data=fields)
     if r.status_code == 200:
         return str(r.json()["text"])
     if r.status_code != 202:  # failed or refused: counted, not retried
@@ -224,7 +224,9 @@ async def _one(http: Any, f: File) -> str | None:
             return None
 
 
-async def _service_round(url: str, key: str, files: list[File], clients: int) -> list[str | None]:
+async def _service_round(
+    url: str, key: str, files: list[File], clients: int, fields: dict[str, str]
+) -> list[str | None]:
     import httpx
 
     texts: list[str | None] = [None] * len(files)
@@ -239,14 +241,18 @@ async def _service_round(url: str, key: str, files: list[File], clients: int) ->
 
         async def client() -> None:
             for i in todo:  # shared iterator: each client takes the next file
-                texts[i] = await _one(http, files[i])
+                texts[i] = await _one(http, files[i], fields)
 
         await asyncio.gather(*(client() for _ in range(clients)))
     return texts
 
 
 def service_run(
-    stack: Stack, files: list[File], clients: int, profile: Path | None = None
+    stack: Stack,
+    files: list[File],
+    clients: int,
+    fields: dict[str, str],
+    profile: Path | None = None,
 ) -> tuple[float, float, list[str | None]]:
     spy = None
     if profile is not None:  # py-spy on the worker for the whole run (threads, idle too)
@@ -269,7 +275,7 @@ def service_run(
             stderr=subprocess.DEVNULL,
         )
     cpu0, start = stack.cpu_s(), time.perf_counter()
-    texts = asyncio.run(_service_round(stack.url, stack.key, files, clients))
+    texts = asyncio.run(_service_round(stack.url, stack.key, files, clients, fields))
     wall, cpu = time.perf_counter() - start, stack.cpu_s() - cpu0
     if spy is not None:
         spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
@@ -277,13 +283,16 @@ def service_run(
     return wall, cpu, texts
 
 
-def sequential_run(model: Any, files: list[File]) -> tuple[float, float, list[str]]:
+def sequential_run(
+    model: Any, files: list[File], fields: dict[str, str]
+) -> tuple[float, float, list[str]]:
     import torch
     import whisper
 
     from app.options import parse_options
 
-    kwargs = parse_options({}).transcribe_kwargs(fp16=False)  # the API's defaults
+    # the options the API builds from the same form fields
+    kwargs = parse_options(dict(fields)).transcribe_kwargs(fp16=False)
     cpu0, start = self_cpu_s(), time.perf_counter()
     texts = []
     for f in files:
@@ -321,7 +330,15 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="folder for py-spy profiles of the worker (raw stacks; py-spy from $PY_SPY)",
     )
+    ap.add_argument(
+        "--patience",
+        type=float,
+        default=None,
+        help="every request asks beam search of 5 at this patience (sequential likewise)",
+    )
     args = ap.parse_args(argv)
+    # form fields of every request: the API's defaults, or beam search
+    fields = {} if args.patience is None else {"patience": str(args.patience)}
 
     import torch
     import whisper
@@ -352,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             # warm-up, untimed: first request through every process, first transcribe()
-            service_run(stack, files[:2], 2)
-            sequential_run(model, files[:1])
+            service_run(stack, files[:2], 2, fields)
+            sequential_run(model, files[:1], fields)
             seqs = {
                 t: Row(
                     f"openai-whisper transcribe(), sequential, {t} torch thread(s)",
@@ -367,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 for t, seq in seqs.items():
                     torch.set_num_threads(t)
-                    wall, cpu, texts = sequential_run(model, files)
+                    wall, cpu, texts = sequential_run(model, files, fields)
                     seq.walls.append(wall)
                     seq.cpu.append(cpu)
                     seq.texts = texts
@@ -378,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 for c in args.clients:
                     spy = args.profile / f"worker-{c}-round{r}.txt" if args.profile else None
-                    wall, cpu, got = service_run(stack, files, c, spy)
+                    wall, cpu, got = service_run(stack, files, c, fields, spy)
                     svc[c].walls.append(wall)
                     svc[c].cpu.append(cpu)
                     svc[c].failed = sum(t is None for t in got)
@@ -403,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# service bench, {started:%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs,"
         f" load at start {load[0]:.1f} / end {os.getloadavg()[0]:.1f}; tiny.en fp32; {len(files)}"
-        f" files ({audio_s:.1f} s of audio, espeak-ng corpus cycled); API defaults (greedy,"
-        f" fallback ladder, condition_on_previous_text); worker batch rows"
+        f" files ({audio_s:.1f} s of audio, espeak-ng corpus cycled); API defaults ("
+        + ("greedy" if args.patience is None else f"beam search of 5, patience {args.patience}")
+        + ", fallback ladder, condition_on_previous_text); worker batch rows"
         f" {args.batch_rows or 'default'}, ready rows"
         f" {'default' if args.ready_rows is None else args.ready_rows},"
         f" concurrency {args.concurrency or 'default'}, {args.workers} worker process(es),"
