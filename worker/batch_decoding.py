@@ -34,8 +34,9 @@ MAX_INITIAL_TIMESTAMP_S = 1.0
 # Compact the batch (drop finished rows from the caches) once at most this share is live:
 # copying caches every time one row ends would cost more than computing a few dead rows.
 COMPACT_BELOW = 0.5
-# pick_projection(): rows of the probe steps (a CPU window's small and full batches: MKL's
-# lead on the Xeon grew with the rows, 8 % at 4 and 27 % at 16 on one thread) and timed calls.
+# pick_projection(): rows of the probe steps (a CPU window's small and full batches: on the
+# Xeon, one thread, MKL took 7.9 ms against oneDNN's 9.0 at 4 rows and 14.3 against 18.2 at
+# 16, in a one-off timing on 2026-11-26) and timed calls.
 PROJECTION_PROBE_ROWS = (4, 16)
 PROJECTION_PROBE_CALLS = 5
 
@@ -441,9 +442,6 @@ class BatchDecoder(nn.Module):
             "sum_lp": torch.zeros(n, device=dev),
             "live": torch.ones(n, dtype=torch.bool, device=dev),
             "steps": torch.zeros(n, dtype=torch.long, device=dev),
-            "last_ts": ts.last,
-            "pen_ts": ts.pen,
-            "last_ts_tok": ts.last_tok,
         }
         out_tokens = torch.full((n, sample_len), v.eot, dtype=torch.long, device=dev)
         final_sum = torch.zeros(n, device=dev)
@@ -458,7 +456,6 @@ class BatchDecoder(nn.Module):
                 pos_t = (s["length"] + (it - 1)).clamp(max=self.n_ctx - 1)[:, None]
                 hidden = self(tok[:, None], pos_t, slot, s["key_ok"][..., : slot + 1], cache, cross)
                 logits = self.logits(hidden[:, 0])
-            ts = _TimestampState(s["last_ts"], s["pen_ts"], s["last_ts_tok"])
             self._apply_rules(logits, it, s["suppress"], ts)
 
             # GreedyDecoder.update: argmax, or a sample at the row's temperature (Gumbel-max
@@ -474,7 +471,6 @@ class BatchDecoder(nn.Module):
             s["steps"] = s["steps"] + live
             out_tokens[s["rows"], it] = torch.where(live, nxt, v.eot)
             ts = ts.after(nxt, v.timestamp_begin)
-            s["last_ts"], s["pen_ts"], s["last_ts_tok"] = ts.last, ts.pen, ts.last_tok
             s["live"] = live & (nxt != v.eot) & (s["budget"] > it + 1)
             s["tok"] = nxt
             n_live = int(s["live"].sum())
@@ -485,6 +481,7 @@ class BatchDecoder(nn.Module):
                 final_steps[s["rows"]] = s["steps"]
                 keep = s["live"].nonzero()[:, 0]
                 state = {k: t.index_select(0, keep) for k, t in s.items()}
+                ts = ts.select(keep)
                 cache = [(k.index_select(0, keep), vv.index_select(0, keep)) for k, vv in cache]
                 cross = [(k.index_select(0, keep), vv.index_select(0, keep)) for k, vv in cross]
                 batch = n_live
@@ -556,7 +553,7 @@ class BatchDecoder(nn.Module):
         ts = _TimestampState.start(n, dev)  # one row per job until the first step's beams
         beam_ids = torch.arange(beam, device=dev)
         jobs_now = n
-        tok = new_tok = torch.empty(0, dtype=torch.long, device=dev)
+        tok = torch.empty(0, dtype=torch.long, device=dev)  # fed from the second step on
 
         for it in range(sample_len):
             if it == 0:

@@ -497,7 +497,7 @@ class Engine:
         )
         self.decoder = BatchDecoder(model, self.dtype, self._tokenizer)
         # On a CPU, whichever vocabulary projection is faster here, timed on a lane's threads.
-        with _torch_threads(self.lane_threads if self.device.type == "cpu" else None):
+        with _torch_threads(self.lane_threads):
             self.projection = self.decoder.pick_projection()
         self._suppress: dict[tuple[int, str], tuple[int, ...]] = {}
         # Cumulative counters of the lanes (seconds, windows, passes, rows, steps): read by
@@ -862,7 +862,8 @@ class Engine:
         included: whisper samples at t > 0 without beams)."""
         temps = {i: states[i].temps[level[i]] for i in idx}
         beams = [i for i in idx if states[i].opts.patience is not None and temps[i] == 0]
-        single = [i for i in idx if i not in beams]
+        beam_set = set(beams)
+        single = [i for i in idx if i not in beam_set]
         out: dict[int, _Decoded] = {}
         for group, beam in ((single, False), (beams, True)):
             if group:
@@ -889,7 +890,7 @@ class Engine:
                     rows,
                     self.sample_len,
                     BEAM_SIZE,
-                    [float(s.opts.patience or 1.0) for s in sub],
+                    [p for s in sub if (p := s.opts.patience) is not None],  # all of them
                 )
             else:
                 results = self.decoder.decode(feats, rows, self.sample_len)
@@ -898,15 +899,16 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - start
-        steps = max((r.steps for r in results), default=0) // (BEAM_SIZE if beam else 1)
+        rows_per_job = BEAM_SIZE if beam else 1
+        steps = max((r.steps for r in results), default=0) // rows_per_job
         row_steps = sum(r.steps for r in results)
         self._count(
             decode_passes=1,
-            decode_rows=len(rows) * (BEAM_SIZE if beam else 1),
+            decode_rows=len(rows) * rows_per_job,
             decode_s=wall,
             decode_steps=steps,
             decode_row_steps=row_steps,
-            decode_row_slots=steps * len(rows) * (BEAM_SIZE if beam else 1),
+            decode_row_slots=steps * len(rows) * rows_per_job,
             **({"beam_passes": 1, "beam_jobs": len(rows), "beam_s": wall} if beam else {}),
         )
         # metering: a pass's wall time split by the decoder row-steps each job was live
