@@ -1,5 +1,5 @@
 # One image for api, worker, flower and migrate; compose picks the command.
-# Versions come from scripts/constraints.txt (a freeze of the tested environment), so a
+# Versions come from requirements.lock (the lock make test and CI install from), so a
 # rebuild months later installs what CI tested.
 # BASE_IMAGE: any Debian-like image with python3 (3.11+) and its venv module. Where Docker
 # Hub is out of reach, build one from Debian's own archive (see README, "Docker"):
@@ -26,14 +26,14 @@ ARG TORCH_INDEX=https://pypi.org/simple
 # PIP_FIND_LINKS: a folder or URL of wheels pip prefers (e.g. a local CPU torch wheel served
 # over HTTP) when the torch index is out of reach.
 ARG PIP_FIND_LINKS=
-COPY scripts/constraints.txt ./constraints.txt
+COPY requirements.lock ./requirements.lock
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
 # Non-editable: migrations travel inside the package, so nothing here needs the source tree.
-RUN pip install --no-cache-dir -c constraints.txt ".[worker]" \
+RUN pip install --no-cache-dir -c requirements.lock ".[worker]" \
  && rm -rf app worker migrations
 
 # /cache/whisper: downloads and the tiny.en fallback (a named volume starts with this owner).

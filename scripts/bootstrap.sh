@@ -26,16 +26,19 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.whisperq-installed
-want="$(sha256sum pyproject.toml | cut -c1-16)-${WHISPERQ_BOOTSTRAP_TEST:-0}"
+want="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)-${WHISPERQ_BOOTSTRAP_TEST:-0}"
 have="$(cat "$stamp" 2>/dev/null || true)"
 # An install with the test extras serves `make up` too: switching between the two commands
 # must not reinstall everything.
 if [ "$have" != "$want" ] && [ "$have" != "${want%-0}-1" ]; then
   .venv/bin/pip install -q --upgrade pip
-  # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-  .venv/bin/pip install -q "torch==${WHISPERQ_TORCH_VERSION:-2.13.0}"
+  # Every version comes from requirements.lock (scripts/lock.sh refreshes it), so a fresh
+  # clone months from now installs what CI tested. torch goes first, on its own: left to the
+  # resolver beside other packages, pip may pick a multi-GB CUDA build of the same release.
+  torch_pin=$(grep -E '^torch==' requirements.lock)
+  .venv/bin/pip install -q -c requirements.lock "$torch_pin"
   extras="worker"
   [ "${WHISPERQ_BOOTSTRAP_TEST:-0}" = 1 ] && extras="worker,dev"
-  .venv/bin/pip install -q -e ".[${extras}]"
+  .venv/bin/pip install -q -c requirements.lock -e ".[${extras}]"
   echo "$want" > "$stamp"
 fi
