@@ -93,6 +93,73 @@ def test_per_key_in_flight_cap(database: str, own_stack: Stack) -> None:
     assert third.job is None and third.capped
 
 
+def test_queue_counts_are_one_snapshot_while_jobs_are_claimed(
+    database: str, own_stack: Stack
+) -> None:
+    """The reaper's Postgres side: a claim that commits while the counts are read must not
+    count its job both queued and running (that phantom is a message "missing" from Redis,
+    re-sent to a job that merely waits). The claim is committed right after the counts'
+    first statement runs; with one statement (one snapshot) the sum still holds."""
+    from sqlalchemy import event
+
+    from app.db import get_engine
+    from worker import jobs
+
+    (a,) = keys(1)
+    settings = own_stack.settings()
+    own_stack.enqueue(api_key_id=a.row.id, audio=noise_wav(0.2), n=3, bulk=True, send=False)
+    queues = [settings.queue_interactive, settings.queue_bulk]
+    claimed: list[str | None] = []
+
+    def claim_once(*_args: object) -> None:
+        if not claimed:
+            claimed.append(None)  # the claim's own statements pass through here too
+            got = jobs.claim_next(queues=queues, settings=settings).job
+            claimed[0] = None if got is None else got.id
+
+    engine = get_engine()
+    event.listen(engine, "after_cursor_execute", claim_once)
+    try:
+        counts = jobs.queue_counts(queues)
+    finally:
+        event.remove(engine, "after_cursor_execute", claim_once)
+    assert claimed and claimed[0] is not None
+    assert sum(counts.queued.values()) + counts.running == 3, counts
+
+
+def test_a_message_between_brpop_and_the_unacked_hash_is_not_lost(
+    database: str, own_stack: Stack
+) -> None:
+    """The reaper's Redis side: kombu pops a message, then records it as held, so for a
+    moment it is in neither. A shortfall is read again before it counts: here the job's
+    message lands in its queue just after the first reading, and nothing is missing."""
+    from worker.reaper import missing_messages
+
+    (a,) = keys(1)
+    settings = own_stack.settings()
+    own_stack.enqueue(api_key_id=a.row.id, audio=noise_wav(0.2), bulk=True, send=False)
+    assert own_stack.redis is not None
+    real = own_stack.redis.client()
+
+    class InFlight:
+        """The broker as the reaper sees it while the message is between two steps."""
+
+        reads = 0
+
+        def pipeline(self, transaction: bool = True) -> object:
+            self.reads += 1
+            if self.reads == 2:
+                real.lpush(settings.queue_bulk, b"the message, delivered")
+            return real.pipeline(transaction=transaction)
+
+    client = InFlight()
+    missing, _, _ = missing_messages(settings, client)
+    assert client.reads == 2 and missing == 0
+    # A message that never arrives stays missing in every reading.
+    real.delete(settings.queue_bulk)
+    assert missing_messages(settings, real)[0] == 1
+
+
 BACKLOG = 200  # jobs per key, the issue's two 200-job batches
 
 

@@ -387,21 +387,27 @@ class QueueCounts:
 
 
 def queue_counts(queues: Sequence[str]) -> QueueCounts:
-    """Queued jobs per queue and running jobs in all, read in one snapshot. Each count reads
-    its own partial index only (index-only: the backlog's entries, no finished job)."""
+    """Queued jobs per queue and running jobs in all, read in one snapshot: one statement of
+    scalar subqueries, since under READ COMMITTED each statement takes its own snapshot, and
+    a claim between two statements would count its job both queued and running (the reaper
+    then sees a message missing that is not). Each subquery reads its own partial index only
+    (index-only: the backlog's entries, no finished job)."""
+    per_queue = [
+        select(func.count()).select_from(Job).where(QUEUED, Job.queue == q).scalar_subquery()
+        for q in queues
+    ]
+    running = (
+        select(func.count())
+        .select_from(Job)
+        .where(RUNNING, Job.queue.in_(list(queues)))
+        .scalar_subquery()
+    )
     with session_scope() as session:
-        rows = session.execute(
-            select(Job.queue, func.count())
-            .where(QUEUED, Job.queue.in_(list(queues)))
-            .group_by(Job.queue)
-        ).all()
-        running = session.scalar(
-            select(func.count()).select_from(Job).where(RUNNING, Job.queue.in_(list(queues)))
-        )
-    queued = dict.fromkeys(queues, 0)
-    for queue, n in rows:
-        queued[queue] = n
-    return QueueCounts(queued=queued, running=int(running or 0))
+        row = session.execute(select(running, *per_queue)).one()
+    return QueueCounts(
+        queued={q: int(n or 0) for q, n in zip(queues, row[1:], strict=True)},
+        running=int(row[0] or 0),
+    )
 
 
 def oldest_queued(queue: str, n: int) -> list[str]:

@@ -109,7 +109,15 @@ class Shortfall:
         return self.floor
 
 
-def missing_messages(settings: Settings, client: Any) -> tuple[int, dict[str, int], BrokerCounts]:
+# kombu moves a message from its queue to the unacked hash in two steps (BRPOP, then a
+# pipeline from the consumer), so for a moment it is in neither and looks lost. A shortfall is
+# read again a few times, a moment apart, and the smallest reading kept: a message in that
+# gap has left it by the next reading, while a lost one stays missing in all of them.
+CONFIRM_READS = 3
+CONFIRM_PAUSE_S = 0.02
+
+
+def _read_missing(settings: Settings, client: Any) -> tuple[int, dict[str, int], BrokerCounts]:
     queues = [settings.queue_interactive, settings.queue_bulk]
     # Redis first, then Postgres: a claim or finish between the two reads can only make the
     # count look higher than it is (never invent a shortfall).
@@ -117,6 +125,17 @@ def missing_messages(settings: Settings, client: Any) -> tuple[int, dict[str, in
     counts = jobs.queue_counts(queues)
     wakeups = sum(broker.waiting.values()) + broker.held - counts.running
     return sum(counts.queued.values()) - wakeups, counts.queued, broker
+
+
+def missing_messages(settings: Settings, client: Any) -> tuple[int, dict[str, int], BrokerCounts]:
+    """Jobs queued in Postgres beyond the wake-ups Redis holds for them (≤ 0: none lost)."""
+    reading = _read_missing(settings, client)
+    for _ in range(CONFIRM_READS - 1):
+        if reading[0] <= 0:
+            break
+        time.sleep(CONFIRM_PAUSE_S)
+        reading = min(reading, _read_missing(settings, client), key=lambda r: r[0])
+    return reading
 
 
 def top_up(settings: Settings, client: Any, shortfall: Shortfall) -> int:
