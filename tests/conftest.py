@@ -1,4 +1,4 @@
-"""Test environment: a fresh Postgres database and Redis db per run, real worker processes.
+"""Test environment: a fresh Postgres database and a redis-server per run, real worker processes.
 
 Settings are read from the environment, so everything is set here before any app import.
 In CI (CI=true) a missing service fails the run; nothing skips.
@@ -6,8 +6,12 @@ In CI (CI=true) a missing service fails the run; nothing skips.
 
 from __future__ import annotations
 
+import atexit
 import os
+import socket
+import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,17 +25,47 @@ if TYPE_CHECKING:
     from tests.support.services import Receiver
 
 RUN_ID = uuid.uuid4().hex[:8]
+
+
+def _own_redis(workdir: Path) -> str:
+    """A redis-server for this run alone: runs side by side (a CI run and a developer's, on
+    one machine) would otherwise flush each other's messages out of a shared db. Started
+    before any app import, since settings are read from the environment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    atexit.register(proc.kill)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5):
+                break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the test run's own redis-server did not start") from None
+            time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/7"
+
+
 PG_ADMIN_URL = os.environ.get(
     "WHISPERQ_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 TEST_DB = f"whisperq_test_{RUN_ID}"
 BASE_TMP = Path(tempfile.mkdtemp(prefix=f"whisperq-test-{RUN_ID}-"))
+REDIS_URL = os.environ.get("WHISPERQ_TEST_REDIS") or _own_redis(BASE_TMP / "redis")
 
 TEST_ENV = {
     "WHISPERQ_ENVIRONMENT": "test",
     "WHISPERQ_KEY_PEPPER": "test-pepper-" + RUN_ID,
     "WHISPERQ_DATABASE_URL": PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + TEST_DB,
-    "WHISPERQ_REDIS_URL": os.environ.get("WHISPERQ_TEST_REDIS", "redis://127.0.0.1:6379/7"),
+    "WHISPERQ_REDIS_URL": REDIS_URL,
     "WHISPERQ_BLOB_DIR": str(BASE_TMP / "blobs"),
     "WHISPERQ_WEBHOOK_ALLOWLIST": '["127.0.0.1", "::1", "localhost"]',
     "WHISPERQ_AUDIO_URL_ALLOWLIST": '["127.0.0.1", "::1", "localhost"]',
