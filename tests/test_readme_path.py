@@ -20,6 +20,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,31 @@ def test_a_new_user_follows_the_readme_to_a_transcript_in_the_browser(
     job_id = answer["request_id"]
     # The worker ran it, so its model is loaded: "one log line says which model it serves"
     assert f"serving Whisper model {env['WHISPERQ_MODEL']!r}" in up.log()
+
+    # 3b. Eight people at once, each with a short clip: every one is answered by the idle
+    # worker. SQLite has no row locks, so claimers that race for one job must each go on to
+    # the next job: a claimer that gave up dropped its message, and that job waited 40-80 s
+    # for the reaper while the worker idled.
+    clip = tmp_path / "short.wav"
+    speak("Please review the budget.", clip)
+    auth_header = {"Authorization": f"bearer {key.group(1)}"}
+
+    def sync_request(_: int) -> dict[str, Any]:
+        with clip.open("rb") as f:
+            r = httpx.post(
+                f"http://{api}/v1/inference/openai/whisper-tiny",
+                headers=auth_header,
+                files={"audio": ("short.wav", f)},
+                data={"temperature": "0"},
+                timeout=600,
+            )
+        return dict(r.json())
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(sync_request, range(8)))
+    assert [a["inference_status"]["status"] for a in answers] == ["succeeded"] * 8, answers
+    log = up.log()
+    assert "is not claimable" not in log and "messages were missing" not in log, log
 
     # 4. The browser, at the address the README gives.
     jobs_url = re.search(r"open (http://127\.0\.0\.1:8000/jobs)", README)

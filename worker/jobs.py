@@ -110,19 +110,33 @@ def claim_next(*, queues: Sequence[str], settings: Settings, worker: str = HOST)
             eligible = {k: t for k, t in keys.items() if not cap or running.get(k, 0) < cap}
             capped = capped or len(eligible) < len(keys)
             for key in _fair_order(eligible, running):
-                job_id = session.scalar(
-                    select(Job.id)
-                    .where(QUEUED, Job.queue == queue, Job.api_key_id == key)
-                    .order_by(Job.created_at, Job.id)
-                    .limit(1)
-                    .with_for_update(skip_locked=True)
-                )
-                if job_id is None:
-                    continue  # all of this key's queued jobs are being claimed right now
-                claimed = _start(session, job_id, settings=settings, worker=worker)
+                claimed = _claim_oldest(session, queue, key, settings=settings, worker=worker)
                 if claimed is not None:
                     return ClaimResult(claimed)
     return ClaimResult(None, capped=capped)
+
+
+def _claim_oldest(
+    session: Session, queue: str, key: int, *, settings: Settings, worker: str
+) -> ClaimedJob | None:
+    """The key's oldest queued job, started. On Postgres ``SKIP LOCKED`` steps past jobs
+    being claimed right now; SQLite has no row locks, so two claimers pick the same job and
+    the guarded update lets one win: the other tries the key's next job rather than giving
+    up on the key (which left a message with nothing claimed and a job waiting for the
+    reaper). Each lost race means a job left ``queued``, so the loop ends."""
+    while True:
+        job_id = session.scalar(
+            select(Job.id)
+            .where(QUEUED, Job.queue == queue, Job.api_key_id == key)
+            .order_by(Job.created_at, Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+        if job_id is None:
+            return None  # all of this key's queued jobs are being claimed right now
+        claimed = _start(session, job_id, settings=settings, worker=worker)
+        if claimed is not None:
+            return claimed
 
 
 def _start(session: Session, job_id: str, *, settings: Settings, worker: str) -> ClaimedJob | None:
