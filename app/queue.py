@@ -51,7 +51,9 @@ def get_celery() -> Celery:
 
 
 def send_job(job_id: str, *, queue: str) -> None:
-    get_celery().send_task(RUN_JOB, args=[job_id], queue=queue)
+    # The message's id is its job's, so Flower's task list reads in job ids (a message may
+    # still run another job: the worker claims by policy; its log line names the job run).
+    get_celery().send_task(RUN_JOB, args=[job_id], queue=queue, task_id=job_id or None)
 
 
 def send_delivery(delivery_id: str, *, countdown: float = 0.0) -> None:

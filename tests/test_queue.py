@@ -160,6 +160,57 @@ def test_a_message_between_brpop_and_the_unacked_hash_is_not_lost(
     assert missing_messages(settings, real)[0] == 1
 
 
+def test_a_job_is_started_only_from_queued(database: str, own_stack: Stack) -> None:
+    """The claim's own guard: a job that ended or runs elsewhere is never started again,
+    whatever a stale message or a tool asks for (SQLite has no row locks to stop it)."""
+    from worker import jobs
+
+    (a,) = keys(1)
+    settings = own_stack.settings()
+    done, running = own_stack.enqueue(
+        api_key_id=a.row.id, audio=noise_wav(0.2), n=2, bulk=True, send=False
+    )
+    first = jobs.claim(done, settings=settings)
+    assert first is not None
+    jobs.finish(first, status="succeeded", settings=settings)  # type: ignore[arg-type]
+    assert jobs.claim(running, settings=settings) is not None
+    assert jobs.claim(done, settings=settings) is None
+    assert jobs.claim(running, settings=settings) is None
+    rows = own_stack.jobs([done, running])
+    assert (rows[done].status, rows[done].attempts) == ("succeeded", 1)
+    assert (rows[running].status, rows[running].attempts) == ("running", 1)
+
+
+def test_a_lease_taken_back_by_the_heartbeat_is_a_fresh_one(
+    database: str, own_stack: Stack
+) -> None:
+    """A worker stalled past its lease (Postgres away) takes its job back on the next
+    heartbeat if nobody claimed it since, and with a new lease: keeping the old, expired
+    one would leave a running job that no reaper ever expires again."""
+    from datetime import timedelta
+
+    from app.db import utcnow
+    from worker import jobs
+
+    (a,) = keys(1)
+    settings = own_stack.settings()
+    (job_id,) = own_stack.enqueue(api_key_id=a.row.id, audio=noise_wav(0.2), send=False)
+    claimed = jobs.claim(job_id, settings=settings)
+    assert claimed is not None
+    with Session(own_stack.db()) as session, session.begin():
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=5))
+        )
+    assert jobs.expire_leases(settings).requeued  # the reaper saw the stall: queued again
+    assert jobs.renew_leases([claimed], settings=settings).renewed == {job_id}
+    row = own_stack.jobs([job_id])[job_id]
+    assert row.status == "running" and row.attempts == 1
+    assert row.lease_expires_at is not None and row.lease_expires_at > utcnow()
+    assert not jobs.expire_leases(settings).requeued
+
+
 BACKLOG = 200  # jobs per key, the issue's two 200-job batches
 
 
