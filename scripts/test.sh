@@ -12,8 +12,15 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy
 echo "== compose"
-WHISPERQ_KEY_PEPPER=compose-check docker-compose -f compose.yaml config -q
-echo "compose.yaml ok"
+# Every secret comes from the environment; compose refuses to render without them.
+compose_env=(WHISPERQ_KEY_PEPPER=compose-check WHISPERQ_FLOWER_PASSWORD=compose-check
+  POSTGRES_PASSWORD=compose-check REDIS_PASSWORD=compose-check
+  WHISPERQ_S3_ACCESS_KEY_ID=compose-check WHISPERQ_S3_SECRET_ACCESS_KEY=compose-check
+  WHISPERQ_CONTROL_HOST=10.0.0.2)
+env "${compose_env[@]}" docker-compose -f compose.yaml config -q
+env "${compose_env[@]}" docker-compose -f compose.yaml -f compose.control.yaml config -q
+env "${compose_env[@]}" docker-compose -f compose.gpu-host.yaml config -q
+echo "compose files ok"
 echo "== pytest"
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider "$@"
