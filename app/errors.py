@@ -44,6 +44,7 @@ class ErrorCode(StrEnum):
 
     # Authentication and routing
     unauthorized = ("unauthorized", 401, Fault.caller)
+    cross_origin_request = ("cross_origin_request", 403, Fault.caller)  # a page's CSRF guard
     not_found = ("not_found", 404, Fault.caller)
     method_not_allowed = ("method_not_allowed", 405, Fault.caller)
     http_error = ("http_error", 400, Fault.caller)

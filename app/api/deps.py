@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header
+from fastapi import Depends, FastAPI
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.db import get_sessionmaker
@@ -26,11 +27,18 @@ SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def presented_key(authorization: Annotated[str | None, Header()] = None) -> str:
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+# Declared as a security scheme (not a plain header) so /openapi.json names it and Swagger UI
+# offers "Authorize"; auto_error is off because FastAPI's own refusal is a 403 in its shape.
+bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: bearer <key>`")
+
+
+def presented_key(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    token = credentials.credentials.strip() if credentials is not None else ""
+    if not token:
         raise ApiError(401, "unauthorized", "send 'Authorization: bearer <api key>'")
-    return token.strip()
+    return token
 
 
 def current_key(settings: SettingsDep, token: Annotated[str, Depends(presented_key)]) -> ApiKey:

@@ -121,6 +121,8 @@ async def _read_request(
 
 @router.post(
     "/v1/inference/openai/whisper-tiny",
+    tags=["inference"],
+    summary="Transcribe or translate audio (the hosted whisper-tiny API)",
     response_model=schemas.InferenceResponse,
     responses={
         202: {

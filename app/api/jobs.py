@@ -258,10 +258,13 @@ def export_transcript(
     if job.status != JobStatus.succeeded or job.result is None:
         raise ApiError.of(ErrorCode.job_has_no_transcript, f"the job ended {job.status}")
     doc = transcript_document(job)
+    # Every format downloads as a file named after the job, json too.
+    disposition = {"Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'}
     if fmt == "json":
         return Response(
             schemas.TranscriptDocument.model_validate(doc).model_dump_json(),
             media_type="application/json",
+            headers=disposition,
         )
     segments = doc["segments"]
     body = {
@@ -269,12 +272,7 @@ def export_transcript(
         "srt": lambda: to_srt(segments, line_width=line_width),
         "vtt": lambda: to_vtt(segments, line_width=line_width),
     }[fmt]()
-    filename = f"{job.id}.{fmt}"
-    return PlainTextResponse(
-        body,
-        media_type=EXPORT_TYPES[fmt],
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
+    return PlainTextResponse(body, media_type=EXPORT_TYPES[fmt], headers=disposition)
 
 
 # --- webhook deliveries -----------------------------------------------------------------

@@ -3,9 +3,14 @@ a key's recent batches with their progress and its recent jobs, and one batch's 
 rendered on the server (Jinja2, no build step, no script needed).
 
 Two ways in, neither puts the API key in a URL:
-- a session cookie, set by POST /login with the key; it holds the key's prefix, an expiry
-  and an HMAC over them and the key's stored hash (so revoking or replacing the key ends it);
+- a session cookie, set by POST /login with the key; it holds the key's prefix, an expiry, a
+  random session id and an HMAC over them and the key's stored hash (so revoking or replacing
+  the key ends it). The session id is also kept in Redis until it expires or the person signs
+  out: a signed cookie alone would stay valid after sign-out for anyone who copied it;
 - a signed link to one job (``POST /v1/jobs/{id}/link``), shareable, expiring.
+
+Browsers get security headers on every answer and a cross-origin guard on every form post:
+see :func:`install_browser_guards`.
 """
 
 from __future__ import annotations
@@ -13,24 +18,35 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-from fastapi import APIRouter, Cookie, Form, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+import redis
+from fastapi import APIRouter, Cookie, FastAPI, Form, Query, Request
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import batches, blobs
 from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
 from app.db import utcnow
-from app.errors import ApiError
+from app.errors import ApiError, ErrorCode
 from app.keys import authenticate
 from app.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
 from app.settings import Settings
@@ -57,10 +73,13 @@ def _sign(settings: Settings, *parts: str) -> str:
     return hmac.new(settings.key_pepper.encode(), msg, hashlib.sha256).hexdigest()
 
 
-def job_link_token(settings: Settings, job_id: str, *, now: float | None = None) -> JobLink:
+def job_link_token(
+    settings: Settings, job_id: str, *, now: float | None = None, base_url: str = ""
+) -> JobLink:
     expires = int((time.time() if now is None else now) + settings.page_link_ttl_s)
     sig = _sign(settings, "job-link", job_id, str(expires))
-    return JobLink(url=f"/jobs/{job_id}?token={expires}.{sig}", expires_at=expires)
+    url = f"{base_url.rstrip('/')}/jobs/{job_id}?token={expires}.{sig}"
+    return JobLink(url=url, expires_at=expires)
 
 
 def _link_ok(settings: Settings, job_id: str, token: str | None) -> bool:
@@ -70,23 +89,50 @@ def _link_ok(settings: Settings, job_id: str, token: str | None) -> bool:
     return hmac.compare_digest(sig, _sign(settings, "job-link", job_id, expires))
 
 
-def session_cookie(settings: Settings, key: ApiKey) -> str:
+SESSIONS = "whisperq:page-session"
+
+
+@lru_cache(maxsize=4)
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def _parse_cookie(value: str | None) -> tuple[str, str, str, str] | None:
+    """(prefix, expires, session id, signature) of an unexpired cookie, or None."""
+    parts = (value or "").split(".")
+    if len(parts) != 4 or not all(parts) or not parts[1].isdigit():
+        return None
+    prefix, expires, sid, sig = parts
+    return None if int(expires) < time.time() else (prefix, expires, sid, sig)
+
+
+def start_session(settings: Settings, key: ApiKey) -> str:
+    """A new session for ``key``: kept in Redis (so signing out can end it), and its cookie."""
+    sid = secrets.token_urlsafe(18)
     expires = str(int(time.time()) + SESSION_TTL_S)
-    return (
-        f"{key.prefix}.{expires}.{_sign(settings, 'session', key.prefix, expires, key.secret_hash)}"
-    )
+    _redis(settings.redis_url).set(f"{SESSIONS}:{sid}", key.prefix, ex=SESSION_TTL_S)
+    sig = _sign(settings, "session", key.prefix, expires, sid, key.secret_hash)
+    return f"{key.prefix}.{expires}.{sid}.{sig}"
+
+
+def end_session(settings: Settings, value: str | None) -> None:
+    if (parsed := _parse_cookie(value)) is not None:
+        _redis(settings.redis_url).delete(f"{SESSIONS}:{parsed[2]}")
 
 
 def key_from_cookie(session: Session, settings: Settings, value: str | None) -> ApiKey | None:
-    prefix, _, rest = (value or "").partition(".")
-    expires, _, sig = rest.partition(".")
-    if not prefix or not expires.isdigit() or int(expires) < time.time():
+    if (parsed := _parse_cookie(value)) is None:
         return None
+    prefix, expires, sid, sig = parsed
     key = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
     if key is None or key.revoked_at is not None:
         return None
-    want = _sign(settings, "session", prefix, expires, key.secret_hash)
-    return key if hmac.compare_digest(sig, want) else None
+    want = _sign(settings, "session", prefix, expires, sid, key.secret_hash)
+    if not hmac.compare_digest(sig, want):
+        return None
+    # Fails closed: a session Redis no longer holds (signed out, or Redis emptied) is over.
+    held = _redis(settings.redis_url).get(f"{SESSIONS}:{sid}")
+    return key if held == prefix.encode() else None
 
 
 MAGIC_TYPES = (
@@ -107,8 +153,31 @@ def sniff_audio_type(head: bytes) -> str:
     return "audio/mp4" if head[4:8] == b"ftyp" else "application/octet-stream"
 
 
+# The pages run no script; their one inline <style> carries a per-response nonce, so an
+# injected <style> or <script> (say, through a transcript or a file name) never runs.
+PAGE_CSP = (
+    "default-src 'none'; style-src 'nonce-{nonce}'; img-src 'self'; media-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+# JSON, audio, exports: nothing to load, nothing may frame them.
+DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+# Swagger UI starts itself with an inline script (FastAPI's get_swagger_ui_html).
+DOCS_CSP = "frame-ancestors 'none'"
+SECURITY_HEADERS = (
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    # Same-origin only: a job page's URL may hold a signed link token.
+    ("referrer-policy", "same-origin"),
+)
+
+
 def _html(name: str, status: int = 200, **context: Any) -> HTMLResponse:
-    return HTMLResponse(_env.get_template(name).render(**context), status_code=status)
+    nonce = secrets.token_urlsafe(16)
+    return HTMLResponse(
+        _env.get_template(name).render(csp_nonce=nonce, **context),
+        status_code=status,
+        headers={"content-security-policy": PAGE_CSP.format(nonce=nonce)},
+    )
 
 
 def _fmt_time(value: datetime | None) -> str:
@@ -152,7 +221,7 @@ def login(
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(
         COOKIE,
-        session_cookie(settings, key),
+        start_session(settings, key),
         max_age=SESSION_TTL_S,
         httponly=True,
         samesite="strict",
@@ -162,19 +231,33 @@ def login(
 
 
 @router.post("/logout", include_in_schema=False)
-def logout() -> Response:
+def logout(
+    settings: SettingsDep,
+    request: Request,
+    whisperq_session: Annotated[str | None, Cookie()] = None,
+) -> Response:
+    end_session(settings, whisperq_session)
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(COOKIE)
+    response.delete_cookie(
+        COOKIE, httponly=True, samesite="strict", secure=request.url.scheme == "https"
+    )
     return response
 
 
-@router.post("/v1/jobs/{job_id}/link", response_model=JobLink)
+@router.post(
+    "/v1/jobs/{job_id}/link",
+    response_model=JobLink,
+    tags=["jobs"],
+    summary="A shareable link to the job's page",
+)
 def make_job_link(
-    job_id: str, key: CurrentKey, session: SessionDep, settings: SettingsDep
+    job_id: str, key: CurrentKey, session: SessionDep, settings: SettingsDep, request: Request
 ) -> JobLink:
-    """A link to the job's page that works without the key, until it expires."""
+    """A link to the job's page that works without the key, until it expires. Absolute, on
+    the address this request came to (behind a proxy: run uvicorn with --proxy-headers and
+    have the proxy pass the Host header on)."""
     job = owned_job(session, job_id=job_id, key=key)
-    return job_link_token(settings, job.id)
+    return job_link_token(settings, job.id, base_url=str(request.base_url))
 
 
 def _viewer(
@@ -342,3 +425,72 @@ def _batch_page(
         shown_of=shown_of,
         refresh=row.unfinished,
     )
+
+
+# --- browser guards ------------------------------------------------------------------------
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+API_PREFIX = "/v1/"  # bearer-key routes: a cross-site form can neither set nor send a key
+
+
+def cross_origin_refusal(method: str, path: str, headers: Headers) -> str | None:
+    """Why a state-changing request to a page must be refused as cross-origin, or None.
+
+    The browser says where a request comes from: Sec-Fetch-Site (every current browser), else
+    Origin (sent on every POST since 2020), compared with the Host it was sent to; ``null``
+    (a sandboxed or no-referrer page) never matches. A request with neither is not a browser's
+    (curl, a test client), and a cross-site page cannot make a browser omit both. So a forged
+    sign-in (the attacker's key in the victim's browser) or sign-out is refused, with no token
+    in the forms and no cookie before sign-in. Go's http.CrossOriginProtection checks the same.
+    """
+    if method in SAFE_METHODS or path.startswith(API_PREFIX):
+        return None
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return None if site in ("same-origin", "none") else f"a {site} request"
+    origin = headers.get("origin")
+    if origin is None:
+        return None
+    host = (headers.get("host") or "").lower()
+    if host and urlsplit(origin).netloc.lower() == host:
+        return None
+    return f"a request from origin {origin[:100]!r}"
+
+
+def _headers_for(path: str, headers: MutableHeaders) -> None:
+    for name, value in SECURITY_HEADERS:
+        headers.setdefault(name, value)
+    headers.setdefault("content-security-policy", DOCS_CSP if path == "/docs" else DEFAULT_CSP)
+
+
+class BrowserGuards:
+    """Plain ASGI, so streamed answers (audio, JSONL) pass through untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+
+        async def send_guarded(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                _headers_for(path, MutableHeaders(scope=message))
+            await send(message)
+
+        reason = cross_origin_refusal(scope["method"], path, Headers(scope=scope))
+        if reason is not None:
+            err = ApiError.of(
+                ErrorCode.cross_origin_request,
+                f"refused {reason}: submit this site's forms from its own pages",
+            )
+            response = JSONResponse(err.body(), status_code=err.status)
+            await response(scope, receive, send_guarded)
+            return
+        await self.app(scope, receive, send_guarded)
+
+
+def install_browser_guards(app: FastAPI) -> None:
+    app.add_middleware(BrowserGuards)
