@@ -26,11 +26,12 @@ from sqlalchemy.orm import Session
 
 from app import blobs
 from app.db import get_sessionmaker, session_scope, utcnow
-from app.errors import ApiError
+from app.errors import ApiError, ErrorCode
 from app.models import (
     TERMINAL_STATUSES,
     Batch,
     DeliveryStatus,
+    IdempotencyKey,
     Job,
     JobStatus,
     WebhookDelivery,
@@ -116,46 +117,131 @@ def owned_batch(session: Session, *, batch_id: str, api_key_id: int, lock: bool 
     return batch
 
 
+# Batch keys live in idempotency_keys beside single-job keys, under a prefix with a space: a
+# single submission's key is printable ASCII without spaces, so the two never meet.
+BATCH_KEY_PREFIX = "batch "
+# A batch keeps its key as long as it exists, so its fingerprint must too.
+BATCH_KEY_TTL = timedelta(days=365 * 100)
+
+
+@dataclass(frozen=True)
+class Created:
+    batch: Batch
+    accepted: list[Accepted]
+    created: bool  # False: the batch this idempotency key already made (a replay)
+
+
 def create_batch(
     *,
     api_key_id: int,
     idempotency_key: str | None,
+    fingerprint: str,
     webhook_url: str | None,
     default_options: dict[str, Any],
-) -> tuple[Batch, bool]:
-    """A new open batch, or the one this key already made with this idempotency key."""
+    inputs: Sequence[NewInput],
+    seal: bool,
+    settings: Settings,
+) -> Created:
+    """A new batch with its inputs (sealed unless ``seal`` is false), in one transaction: a
+    refused request leaves no batch behind, and a concurrent create with the same key waits
+    on the unique index and then replays this one whole. The same key with another request
+    (``fingerprint``) is a 409, as on the single-job route."""
     if idempotency_key is not None:
-        with session_scope() as session:
-            found = session.scalars(
-                select(Batch).where(
-                    Batch.api_key_id == api_key_id, Batch.idempotency_key == idempotency_key
-                )
-            ).one_or_none()
-            if found is not None:
-                return found, False
+        replay = _replay(api_key_id, idempotency_key, fingerprint, inputs)
+        if replay is not None:
+            return replay
+    now = utcnow()
     batch = Batch(
         api_key_id=api_key_id,
         idempotency_key=idempotency_key,
         webhook_url=webhook_url,
         default_options=default_options,
+        created_at=now,
     )
     try:
         with session_scope() as session:
             session.add(batch)
+            if idempotency_key is not None:
+                session.add(
+                    IdempotencyKey(
+                        api_key_id=api_key_id,
+                        key=BATCH_KEY_PREFIX + idempotency_key,
+                        fingerprint=fingerprint,
+                        created_at=now,
+                        expires_at=now + BATCH_KEY_TTL,
+                    )
+                )
+            session.flush()  # a concurrent create of the same key fails here, not after
+            added = _add_jobs(session, batch, inputs, settings=settings, now=now)
+            delivery_id = None
+            if seal:
+                batch.sealed_at = now
+                session.flush()
+                delivery_id = _end_if_done(session, batch)
     except IntegrityError:
-        # Lost a race with a concurrent create of the same key: that one is ours.
         if idempotency_key is None:
             raise
-        with session_scope() as session:
-            found = session.scalars(
-                select(Batch).where(
-                    Batch.api_key_id == api_key_id, Batch.idempotency_key == idempotency_key
-                )
-            ).one_or_none()
-        if found is None:
+        replay = _replay(api_key_id, idempotency_key, fingerprint, inputs)
+        if replay is None:
             raise
-        return found, False
-    return batch, True
+        return replay
+    _after_add(added, settings)
+    if delivery_id is not None:
+        send_delivery(delivery_id)
+    return Created(batch, added.accepted, created=True)
+
+
+def _replay(
+    api_key_id: int, idempotency_key: str, fingerprint: str, inputs: Sequence[NewInput]
+) -> Created | None:
+    """The batch this key made, with the jobs the request that made it created (its first
+    ones, in order), or None. Makes nothing: a replay never adds inputs."""
+    with session_scope() as session:
+        found = session.scalars(
+            select(Batch).where(
+                Batch.api_key_id == api_key_id, Batch.idempotency_key == idempotency_key
+            )
+        ).one_or_none()
+        if found is None:
+            return None
+        stored = session.get(IdempotencyKey, (api_key_id, BATCH_KEY_PREFIX + idempotency_key))
+        # A batch made before fingerprints were kept has none: it is taken as the same.
+        if stored is not None and stored.fingerprint != fingerprint:
+            raise ApiError.of(
+                ErrorCode.idempotency_key_reused,
+                "this Idempotency-Key made a batch from a different request",
+                field="Idempotency-Key",
+            )
+        distinct = len({i.idempotency_key or n for n, i in enumerate(inputs)})
+        jobs = list(
+            session.execute(
+                select(Job.id, Job.custom_id, Job.status)
+                .where(Job.batch_id == found.id)
+                .order_by(Job.created_at, Job.id)
+                .limit(distinct)
+            )
+        )
+    accepted: list[Accepted] = []
+    by_key: dict[str, Accepted] = {}
+    rows = iter(jobs)
+    for item in inputs:
+        hit = by_key.get(item.idempotency_key) if item.idempotency_key is not None else None
+        if hit is None:
+            row = next(rows, None)
+            if row is None:
+                break
+            hit = Accepted(row.id, row.custom_id, item.idempotency_key, row.status, True)
+            if item.idempotency_key is not None:
+                by_key[item.idempotency_key] = hit
+        accepted.append(hit)
+    return Created(found, accepted, created=False)
+
+
+@dataclass
+class _Added:
+    accepted: list[Accepted]
+    to_send: list[str]
+    dropped: list[str]
 
 
 def add_inputs(
@@ -165,95 +251,108 @@ def add_inputs(
 
     An input whose idempotency key the batch already holds makes no job (its blob is
     dropped): a client that died after the server accepted a chunk can send it again."""
+    with session_scope() as session:
+        batch = owned_batch(session, batch_id=batch_id, api_key_id=api_key_id, lock=True)
+        added = _add_jobs(session, batch, inputs, settings=settings, now=utcnow())
+    _after_add(added, settings)
+    return added.accepted
+
+
+def _after_add(added: _Added, settings: Settings) -> None:
+    for name in added.dropped:
+        blobs.delete_blob(name)
+    # Only after the commit: a worker must never receive an id it cannot read yet.
+    enqueue_jobs(added.to_send, queue=settings.queue_bulk)
+
+
+def _add_jobs(
+    session: Session,
+    batch: Batch,
+    inputs: Sequence[NewInput],
+    *,
+    settings: Settings,
+    now: datetime,
+) -> _Added:
+    """The caller holds the batch row (locked, or new in this transaction)."""
+    api_key_id = batch.api_key_id
     accepted: list[Accepted] = []
     to_send: list[str] = []
     retry: list[str] = []
     dropped: list[str] = []
-    now = utcnow()
-    with session_scope() as session:
-        batch = owned_batch(session, batch_id=batch_id, api_key_id=api_key_id, lock=True)
-        keys = [i.idempotency_key for i in inputs if i.idempotency_key is not None]
-        known: dict[str, tuple[str, str, str | None]] = {}
-        for start in range(0, len(keys), 500):
-            for row in session.execute(
-                select(
-                    Job.idempotency_key, Job.id, Job.status, Job.custom_id, Job.error_code
-                ).where(
-                    Job.batch_id == batch.id, Job.idempotency_key.in_(keys[start : start + 500])
-                )
-            ):
-                status = row.status
-                if row.error_code == QUEUE_UNAVAILABLE and batch.finished_at is None:
-                    # The broker was down when it was accepted: sent again now, not failed.
-                    status = JobStatus.queued
-                    retry.append(row.id)
-                known[row.idempotency_key] = (row.id, status, row.custom_id)
-        if retry:
-            session.execute(
-                update(Job)
-                .where(Job.id.in_(retry), Job.error_code == QUEUE_UNAVAILABLE)
-                .values(
-                    status=JobStatus.queued,
-                    error_code=None,
-                    error_message=None,
-                    finished_at=None,
-                    enqueued_at=now,
-                )
+    keys = [i.idempotency_key for i in inputs if i.idempotency_key is not None]
+    known: dict[str, tuple[str, str, str | None]] = {}
+    for start in range(0, len(keys), 500):
+        for row in session.execute(
+            select(Job.idempotency_key, Job.id, Job.status, Job.custom_id, Job.error_code).where(
+                Job.batch_id == batch.id, Job.idempotency_key.in_(keys[start : start + 500])
             )
-            to_send.extend(retry)
-        fresh = [i for i in inputs if i.idempotency_key is None or i.idempotency_key not in known]
-        if fresh and (batch.sealed_at is not None or batch.canceled_at is not None):
-            raise ApiError(
-                409,
-                "batch_sealed",
-                f"batch {batch.id} is {status_of(batch)}: it takes no more inputs",
+        ):
+            status = row.status
+            if row.error_code == QUEUE_UNAVAILABLE and batch.finished_at is None:
+                # The broker was down when it was accepted: sent again now, not failed.
+                status = JobStatus.queued
+                retry.append(row.id)
+            known[row.idempotency_key] = (row.id, status, row.custom_id)
+    if retry:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(retry), Job.error_code == QUEUE_UNAVAILABLE)
+            .values(
+                status=JobStatus.queued,
+                error_code=None,
+                error_message=None,
+                finished_at=None,
+                enqueued_at=now,
             )
-        for n, item in enumerate(inputs):
-            hit = known.get(item.idempotency_key) if item.idempotency_key is not None else None
-            if hit is not None:
-                if item.audio_blob is not None:
-                    dropped.append(item.audio_blob)
-                accepted.append(Accepted(hit[0], hit[2], item.idempotency_key, hit[1], True))
-                continue
-            failed = item.error_code is not None
-            session.add(
-                Job(
-                    id=item.job_id,
-                    api_key_id=api_key_id,
-                    batch_id=batch.id,
-                    status=JobStatus.failed if failed else JobStatus.queued,
-                    queue=settings.queue_bulk,
-                    options=item.options,
-                    audio_blob=None if failed else item.audio_blob,
-                    audio_url=item.audio_url,
-                    input_length_ms=item.input_length_ms,
-                    custom_id=item.custom_id,
-                    source_name=item.source_name,
-                    idempotency_key=item.idempotency_key,
-                    content_sha256=item.content_sha256,
-                    # Results list in (created_at, id) order: a microsecond apart keeps a
-                    # request's inputs in the order they were sent.
-                    created_at=now + timedelta(microseconds=n),
-                    enqueued_at=None if failed else now,
-                    finished_at=now if failed else None,
-                    error_code=item.error_code,
-                    error_message=item.error_message,
-                )
+        )
+        to_send.extend(retry)
+    fresh = [i for i in inputs if i.idempotency_key is None or i.idempotency_key not in known]
+    if fresh and (batch.sealed_at is not None or batch.canceled_at is not None):
+        raise ApiError(
+            409,
+            "batch_sealed",
+            f"batch {batch.id} is {status_of(batch)}: it takes no more inputs",
+        )
+    for n, item in enumerate(inputs):
+        hit = known.get(item.idempotency_key) if item.idempotency_key is not None else None
+        if hit is not None:
+            if item.audio_blob is not None:
+                dropped.append(item.audio_blob)
+            accepted.append(Accepted(hit[0], hit[2], item.idempotency_key, hit[1], True))
+            continue
+        failed = item.error_code is not None
+        session.add(
+            Job(
+                id=item.job_id,
+                api_key_id=api_key_id,
+                batch_id=batch.id,
+                status=JobStatus.failed if failed else JobStatus.queued,
+                queue=settings.queue_bulk,
+                options=item.options,
+                audio_blob=None if failed else item.audio_blob,
+                audio_url=item.audio_url,
+                input_length_ms=item.input_length_ms,
+                custom_id=item.custom_id,
+                source_name=item.source_name,
+                idempotency_key=item.idempotency_key,
+                content_sha256=item.content_sha256,
+                # Results list in (created_at, id) order: a microsecond apart keeps a
+                # request's inputs in the order they were sent.
+                created_at=now + timedelta(microseconds=n),
+                enqueued_at=None if failed else now,
+                finished_at=now if failed else None,
+                error_code=item.error_code,
+                error_message=item.error_message,
             )
-            if item.idempotency_key is not None:
-                # A key repeated inside one request is one input too.
-                known[item.idempotency_key] = (item.job_id, JobStatus.queued, item.custom_id)
-            status = JobStatus.failed if failed else JobStatus.queued
-            accepted.append(
-                Accepted(item.job_id, item.custom_id, item.idempotency_key, status, False)
-            )
-            if not failed:
-                to_send.append(item.job_id)
-    for name in dropped:
-        blobs.delete_blob(name)
-    # Only after the commit: a worker must never receive an id it cannot read yet.
-    enqueue_jobs(to_send, queue=settings.queue_bulk)
-    return accepted
+        )
+        if item.idempotency_key is not None:
+            # A key repeated inside one request is one input too.
+            known[item.idempotency_key] = (item.job_id, JobStatus.queued, item.custom_id)
+        status = JobStatus.failed if failed else JobStatus.queued
+        accepted.append(Accepted(item.job_id, item.custom_id, item.idempotency_key, status, False))
+        if not failed:
+            to_send.append(item.job_id)
+    return _Added(accepted, to_send, dropped)
 
 
 def seal(*, batch_id: str, api_key_id: int) -> Batch:
@@ -417,7 +516,7 @@ def batch_event(batch: Batch, s: Stats) -> dict[str, Any]:
 
 def stats(session: Session, batch_id: str) -> Stats:
     counts = {str(s): 0 for s in JobStatus}
-    audio_done = audio_total = with_duration = runtime = 0
+    audio_done = audio_total = without_duration = runtime = 0
     cost = 0.0
     first: datetime | None = None
     rows = session.execute(
@@ -441,17 +540,19 @@ def stats(session: Session, batch_id: str) -> Stats:
             audio_done += int(ms or 0)
         if status != JobStatus.canceled:
             audio_total += int(ms or 0)
-            with_duration += int(known)
+        if status in UNFINISHED:
+            # Only a job still to run can learn its length (a URL, once fetched): a failed
+            # upload that was not audio never will, and must not hold the ETA on job counts.
+            without_duration += int(n) - int(known)
         if started is not None:
             started = _aware(started)
             first = started if first is None else min(first, started)
-    live = sum(n for s, n in counts.items() if s != JobStatus.canceled)
     return Stats(
         counts=counts,
         total=sum(counts.values()),
         audio_ms_done=audio_done,
         audio_ms_total=audio_total,
-        inputs_without_duration=live - with_duration,
+        inputs_without_duration=without_duration,
         cost=cost,
         runtime_ms=runtime,
         first_started_at=first,

@@ -5,6 +5,7 @@ SSRF guard, each manifest line's options over the batch's defaults."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,17 +59,30 @@ def check_options(raw: Mapping[str, str | None], *, prefix: str = "") -> dict[st
         raise ApiError(422, "invalid_option", exc.message, field=prefix + exc.field) from None
 
 
-def parse_manifest(data: bytes) -> list[ManifestLine]:
-    lines: list[ManifestLine] = []
-    for n, raw in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
-        if not raw.strip():
-            continue
+# A non-blank line, as batch_upload counts them while the manifest streams in.
+_LINE = re.compile(rb"[^ \t\n\r\x0b\x0c][^\n]*")
+
+
+def parse_manifest(data: bytes) -> list[tuple[int, ManifestLine]]:
+    """Each non-blank line with its 1-based line number (lines end at ``\\n`` only: JSON may
+    hold a raw U+2028 that ``str.splitlines`` would split on). CPU-bound: run it in a
+    worker thread."""
+    lines: list[tuple[int, ManifestLine]] = []
+    n, pos = 1, 0
+    for m in _LINE.finditer(data):
+        n += data.count(b"\n", pos, m.start())
+        pos = m.start()
         where = f"manifest[{n}]"
+        raw = m.group().decode("utf-8", "replace")
         try:
-            lines.append(ManifestLine.model_validate(json.loads(raw)))
+            line = ManifestLine.model_validate(json.loads(raw))
         except json.JSONDecodeError as exc:
             raise ApiError(
                 422, "invalid_manifest", f"line {n}: not JSON ({exc.msg})", field=where
+            ) from None
+        except RecursionError:
+            raise ApiError(
+                422, "invalid_manifest", f"line {n}: JSON nested too deeply", field=where
             ) from None
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -76,23 +90,26 @@ def parse_manifest(data: bytes) -> list[ManifestLine]:
             raise ApiError(
                 422, "invalid_manifest", f"line {n}: {first['msg']}", field=f"{where}.{loc}"
             ) from None
-        if (lines[-1].file is None) == (lines[-1].url is None):
+        if (line.file is None) == (line.url is None):
             raise ApiError(
                 422, "invalid_manifest", f"line {n}: give one of 'file' or 'url'", field=where
             )
+        lines.append((n, line))
     return lines
 
 
 async def build_inputs(
     *,
     files: Sequence[UploadedFile],
-    lines: Sequence[ManifestLine],
+    lines: Sequence[tuple[int, ManifestLine]],
     urls: Sequence[str],
     defaults: Mapping[str, str],
     settings: Settings,
 ) -> list[NewInput]:
-    """Manifest lines in order, then files no line names, then bare URLs."""
-    count = len(lines) + len(urls) + sum(1 for f in files if not _named(f, lines))
+    """Manifest lines in order, then files no line names, then bare URLs. Each line comes
+    with the number errors name it by (``manifest[n]``)."""
+    named = {line.file for _, line in lines if line.file is not None}
+    count = len(lines) + len(urls) + sum(1 for f in files if f.part_filename not in named)
     if count > settings.batch_max_inputs_per_request:
         raise ApiError(
             413,
@@ -113,7 +130,7 @@ async def build_inputs(
 
     inputs: list[NewInput] = []
     used: set[str] = set()
-    for n, line in enumerate(lines, start=1):
+    for n, line in lines:
         where = f"manifest[{n}]"
         opts = options_for(line.options, f"{where}.options.")
         if line.file is not None:
@@ -141,10 +158,6 @@ async def build_inputs(
     return inputs
 
 
-def _named(f: UploadedFile, lines: Sequence[ManifestLine]) -> bool:
-    return any(line.file == f.part_filename for line in lines)
-
-
 async def _checked_url(value: str, where: str, settings: Settings) -> str:
     text = value.strip()
     try:
@@ -161,7 +174,8 @@ def _file_input(f: UploadedFile, options: dict[str, Any], line: ManifestLine | N
     return NewInput(
         job_id=f.job_id,
         options=options,
-        custom_id=(line.custom_id if line else None) or name,
+        # A part's filename or a line's name may be longer than a custom_id may be.
+        custom_id=(line.custom_id if line else None) or (name[:ID_MAX] if name else None),
         source_name=name,
         idempotency_key=line.idempotency_key if line else None,
         audio_blob=f.job_id,

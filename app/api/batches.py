@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from collections.abc import Iterator
 from datetime import datetime
@@ -37,6 +38,7 @@ from app.api.inference import OPTION_FIELDS
 from app.api.jobs import _delivery as delivery_out
 from app.db import get_sessionmaker, session_scope, utcnow
 from app.errors import ApiError
+from app.limits import LimitError
 from app.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
 from app.ratelimit import check_request_rate
 from app.serialize import iso
@@ -76,7 +78,9 @@ class BatchOut(BaseModel):
     progress: float = Field(description="finished jobs / all jobs, 0..1")
     audio_seconds_done: float = Field(description="audio of succeeded and failed jobs")
     audio_seconds_total: float = Field(description="known audio of all jobs not canceled")
-    inputs_without_duration: int = Field(description="URL inputs not fetched yet")
+    inputs_without_duration: int = Field(
+        description="unfinished inputs whose audio length is not known yet (URLs not fetched)"
+    )
     cost: float
     runtime_ms: int
     rate_audio_seconds_per_second: float | None
@@ -232,7 +236,8 @@ def _urls(form: BatchForm) -> list[str]:
     out: list[str] = []
     for name in ("url", "urls"):
         for value in form.fields.get(name, []):
-            out.extend(u.strip() for u in value.splitlines() if u.strip())
+            # Split as batch_upload counted them while they streamed in.
+            out.extend(u.strip() for u in value.split("\n") if u.strip())
     return out
 
 
@@ -243,13 +248,25 @@ def _check_fields(form: BatchForm, allowed: set[str]) -> None:
 
 
 async def _read_json(request: Request, model: type[BaseModel], settings: Settings) -> Any:
+    cap = settings.batch_max_manifest_bytes
+    # Connection: close, or the server would drain (read and discard) the rest of the body.
+    too_large = LimitError(
+        413,
+        "request_too_large",
+        f"JSON body over {cap} bytes; use a manifest upload",
+        headers={"Connection": "close"},
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise too_large
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
-        if len(body) > settings.batch_max_manifest_bytes:
-            raise ApiError(413, "request_too_large", "JSON body too large; use a manifest upload")
+        if len(body) > cap:
+            raise too_large
     try:
-        return model.model_validate_json(bytes(body))
+        # Megabytes of JSON: parsed off the event loop, which other requests need meanwhile.
+        return await run_in_threadpool(model.model_validate_json, bytes(body))
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or None
@@ -286,7 +303,11 @@ async def _read_inputs(
             check_options(defaults)
             webhook, is_open = body.webhook, body.open
         inputs = await build_inputs(
-            files=[], lines=body.inputs, urls=body.urls, defaults=defaults, settings=settings
+            files=[],
+            lines=list(enumerate(body.inputs, start=1)),
+            urls=body.urls,
+            defaults=defaults,
+            settings=settings,
         )
         return inputs, defaults, webhook, is_open
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -310,7 +331,11 @@ async def _read_inputs(
             if value is not None:
                 defaults[name] = value
         check_options(defaults)
-        lines = parse_manifest(form.manifest) if form.manifest is not None else []
+        # Up to batch_max_manifest_bytes of JSON: parsed in a worker thread, so the event
+        # loop (every other request, /healthz too) is not stopped for it.
+        lines = (
+            [] if form.manifest is None else await run_in_threadpool(parse_manifest, form.manifest)
+        )
         inputs = await build_inputs(
             files=form.files, lines=lines, urls=_urls(form), defaults=defaults, settings=settings
         )
@@ -352,7 +377,8 @@ async def create_batch(
 ) -> BatchAccepted:
     """Create a batch from many inputs at once; one job per input on the bulk queue. With
     ``open=true`` more inputs follow (``/files``) until ``/seal``; otherwise it is sealed now.
-    The same ``Idempotency-Key`` returns the batch already made (200)."""
+    The same ``Idempotency-Key`` with the same request returns the batch already made (200,
+    nothing added); with a different request it is a 409 ``idempotency_key_reused``."""
     batch_key = _idempotency_key(idempotency_key)
     await check_request_rate(key.id, settings)  # before the body: a refusal costs no upload
     inputs, defaults, webhook, is_open = await _read_inputs(request, settings)
@@ -365,29 +391,57 @@ async def create_batch(
             raise ApiError(
                 422, "no_inputs", "a batch needs inputs (or open=true to add them later)"
             )
-        batch, created = await run_in_threadpool(
+        fp = _fingerprint(defaults, webhook, is_open, inputs)
+        made = await run_in_threadpool(
             lambda: batches.create_batch(
                 api_key_id=key.id,
                 idempotency_key=batch_key,
+                fingerprint=fp,
                 webhook_url=webhook,
                 default_options=defaults,
-            )
-        )
-        accepted = await run_in_threadpool(
-            lambda: batches.add_inputs(
-                batch_id=batch.id, api_key_id=key.id, inputs=inputs, settings=settings
+                inputs=inputs,
+                seal=not is_open,
+                settings=settings,
             )
         )
     except BaseException:
-        for item in inputs:
-            if item.audio_blob is not None and item.error_code is None:
-                await run_in_threadpool(_drop_unclaimed, item.audio_blob)
+        await _drop_uploads(inputs)
         raise
-    if not is_open and batch.sealed_at is None:
-        await run_in_threadpool(lambda: batches.seal(batch_id=batch.id, api_key_id=key.id))
-    if not created:
+    if not made.created:
+        await _drop_uploads(inputs)  # a replay: this request's copies of the files make no job
         response.status_code = 200
-    return await run_in_threadpool(_accepted, batch.id, key, accepted)
+    return await run_in_threadpool(_accepted, made.batch.id, key, made.accepted)
+
+
+def _fingerprint(
+    defaults: dict[str, str], webhook: str | None, is_open: bool, inputs: list[batches.NewInput]
+) -> str:
+    """What makes two creates "the same request": what each input is (an upload by its
+    content, not its fresh job id), its options and names, and the batch's own settings."""
+    doc = {
+        "defaults": defaults,
+        "webhook": webhook,
+        "open": is_open,
+        "inputs": [
+            [
+                i.content_sha256 if i.error_code is None else None,
+                i.audio_url,
+                i.error_code,
+                i.custom_id,
+                i.source_name,
+                i.idempotency_key,
+                i.options,
+            ]
+            for i in inputs
+        ],
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+async def _drop_uploads(inputs: list[batches.NewInput]) -> None:
+    for item in inputs:
+        if item.audio_blob is not None and item.error_code is None:
+            await run_in_threadpool(_drop_unclaimed, item.audio_blob)
 
 
 def _drop_unclaimed(name: str) -> None:
