@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -17,6 +18,26 @@ DEFAULT_SECRET = "changethis"
 # production (issue 14): 16 random URL-safe characters are about 96 bits.
 MIN_SECRET_CHARS = 16
 MIN_SECRET_DISTINCT_CHARS = 8
+# Length alone passes "password12345678": a secret must also be worth this many bits once
+# the parts a guesser tries first (below) are counted as guesses, not as random characters.
+MIN_SECRET_BITS = 64
+MAKE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+# Words people build secrets from, matched case-blind and through common digit/symbol swaps
+# (p4ssw0rd). A cracker's dictionary is far larger; these catch the habits, and the bit
+# estimate catches the rest of what is short or repetitive.
+COMMON_SECRET_WORDS = (
+    "password", "passwort", "passwd", "secret", "changeme", "changethis", "letmein",
+    "welcome", "admin", "root", "qwerty", "azerty", "iloveyou", "monkey", "dragon",
+    "master", "login", "whisperq", "whisper", "flower", "pepper", "metrics", "token",
+    "default", "example", "sunshine", "football", "trustno", "hello", "test",
+)  # fmt: skip
+_LEET = str.maketrans("013457@$!", "oieastasi")
+# Keyboard rows and digit/letter runs, forwards; a run read backwards is found reversed.
+_SEQUENCES = ("abcdefghijklmnopqrstuvwxyz", "0123456789", "qwertyuiop", "asdfghjkl", "zxcvbnm")
+# What one guessable part (a listed word, a run, a repeat of earlier text) is worth,
+# whatever its length: about one guess among a few hundred.
+GUESSABLE_PART_BITS = 8.0
+MIN_GUESSABLE_PART = 3
 
 
 # Celery threads beyond the engine's slots when WORKER_CONCURRENCY is unset: webhook
@@ -24,8 +45,61 @@ MIN_SECRET_DISTINCT_CHARS = 8
 WEBHOOK_THREADS = 4
 
 
+def _guessable_part(secret: str, start: int) -> int:
+    """Length of the longest guessable part of ``secret`` at ``start`` (0: none)."""
+    lowered = secret.lower()
+    plain = lowered.translate(_LEET)
+    best = 0
+    for word in COMMON_SECRET_WORDS:
+        if lowered.startswith(word, start) or plain.startswith(word, start):
+            best = max(best, len(word))
+    for run in _SEQUENCES:
+        for line in (run, run[::-1]):
+            length = 0
+            while start + length < len(lowered) and lowered[start : start + length + 1] in line:
+                length += 1
+            if length >= MIN_GUESSABLE_PART:
+                best = max(best, length)
+    # A repeat: text that already began earlier in the secret (abcabcabc, aXyzaXyz).
+    length = 0
+    while (
+        start + length < len(secret)
+        and secret.find(secret[start : start + length + 1], 0, start + length) >= 0
+    ):
+        length += 1
+    if length >= MIN_GUESSABLE_PART:
+        best = max(best, length)
+    same = len(secret[start:]) - len(secret[start:].lstrip(secret[start]))
+    if same >= MIN_GUESSABLE_PART:
+        best = max(best, same)
+    return best
+
+
+def estimated_secret_bits(secret: str) -> float:
+    """A rough guessing cost in bits: each character is worth the alphabet it is drawn from
+    (lower, upper, digits, symbols present), except guessable parts, worth a few bits each."""
+    alphabet = (
+        26 * any(c.islower() for c in secret)
+        + 26 * any(c.isupper() for c in secret)
+        + 10 * any(c.isdigit() for c in secret)
+        + 33 * any(not c.isalnum() for c in secret)
+    )
+    per_char = math.log2(max(alphabet, 2))
+    bits, at = 0.0, 0
+    while at < len(secret):
+        part = _guessable_part(secret, at)
+        if part:
+            bits += GUESSABLE_PART_BITS
+            at += part
+        else:
+            bits += per_char
+            at += 1
+    return bits
+
+
 def weak_secret_reason(secret: str) -> str | None:
-    """Why ``secret`` is too weak to protect production data, or None when it is not."""
+    """Why ``secret`` is too weak to protect production data, or None when it is not. Never
+    quotes the secret: the reason ends up in logs."""
     if secret == DEFAULT_SECRET:
         return f'the default "{DEFAULT_SECRET}"'
     if not secret.strip():
@@ -34,7 +108,17 @@ def weak_secret_reason(secret: str) -> str | None:
         return f"shorter than {MIN_SECRET_CHARS} characters"
     if len(set(secret)) < MIN_SECRET_DISTINCT_CHARS:
         return f"made of fewer than {MIN_SECRET_DISTINCT_CHARS} distinct characters"
+    bits = estimated_secret_bits(secret)
+    if bits < MIN_SECRET_BITS:
+        return (
+            f"predictable (common words, keyboard or number runs, repeats: about {bits:.0f} "
+            f"bits, {MIN_SECRET_BITS} needed)"
+        )
     return None
+
+
+def weak_secret_message(name: str, problem: str) -> str:
+    return f"{name} is {problem}; set it to a long random value ({MAKE_SECRET})"
 
 
 # The Standard Webhooks schedule (5 s, 5 min, 30 min, 2 h, 5 h, 10 h...), stretched to about
@@ -81,6 +165,8 @@ class Settings(BaseSettings):
     key_pepper: str = DEFAULT_SECRET
 
     # Engine
+    # "null": no model, every job succeeds at once, empty (load-tests the control plane alone).
+    engine: Literal["whisper", "null"] = "whisper"
     model: str = "tiny"  # an openai-whisper model name, or a path to a local checkpoint
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_download_root: Path | None = None
@@ -213,6 +299,8 @@ class Settings(BaseSettings):
     # unless bound to loopback.
     flower_user: str = ""
     flower_password: SecretStr | None = None
+    # The bearer token the API's /metrics asks for. Unset in production: /metrics is off.
+    metrics_token: SecretStr | None = None
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
     # The job page's cookie / signed links are signed with this (defaults to KEY_PEPPER).
@@ -250,14 +338,23 @@ class Settings(BaseSettings):
     def _refuse_weak_secrets(self) -> Self:
         problem = weak_secret_reason(self.key_pepper)
         if problem is not None:
-            message = (
-                f"WHISPERQ_KEY_PEPPER is {problem}; set it to a long random value "
-                "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
-            )
+            message = weak_secret_message("WHISPERQ_KEY_PEPPER", problem)
             if self.environment == "production":
                 raise ValueError(message)
             if self.key_pepper == DEFAULT_SECRET:
                 warnings.warn(message, stacklevel=1)
+        if self.environment != "production":
+            return self
+        # Logins anyone who reaches the port can try. An empty value counts as unset (compose
+        # passes variables the shell left empty); unset, Flower stays on loopback and
+        # /metrics is off.
+        for name, secret in (
+            ("WHISPERQ_FLOWER_PASSWORD", self.flower_password),
+            ("WHISPERQ_METRICS_TOKEN", self.metrics_token),
+        ):
+            value = secret.get_secret_value() if secret is not None else ""
+            if value and (problem := weak_secret_reason(value)) is not None:
+                raise ValueError(weak_secret_message(name, problem))
         return self
 
     @property

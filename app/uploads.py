@@ -31,7 +31,6 @@ from starlette.requests import Request
 from starlette.types import Message
 
 from app.errors import ApiError
-from app.limits import LimitError
 from app.settings import Settings
 from app.submission import probe_and_store
 
@@ -54,7 +53,9 @@ def body_cap(settings: Settings) -> int:
 
 def too_large(settings: Settings) -> ApiError:
     # Connection: close, or the server would drain (read and discard) the rest of the body.
-    return LimitError(
+    # A plain ApiError, not a LimitError: the shared handler answers the OpenAI routes in
+    # OpenAI's error shape, the limit handler only knows the native one.
+    return ApiError(
         413,
         "audio_too_large",
         f"the request body is over the {settings.max_upload_bytes} byte upload limit",

@@ -3,21 +3,24 @@ lines carry the request id (the caller's X-Request-ID, or a fresh one)."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.errors import ApiError, ErrorCode
 from app.logging import request_id_var
 from app.metrics import api_registry
 from app.settings import Settings, get_settings
@@ -76,8 +79,33 @@ async def readyz() -> JSONResponse:
 _registry: CollectorRegistry | None = None
 
 
+def _check_metrics_access(request: Request, settings: Settings) -> None:
+    """/metrics tells anyone the service's load, queues and failure rates: with
+    WHISPERQ_METRICS_TOKEN set it answers only that bearer token; unset, only outside
+    production."""
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
+    if not token:
+        if settings.environment == "production":
+            # Off, not "loopback only": behind a reverse proxy on the same host every caller
+            # comes from loopback, and behind Docker's port publishing none does, so the
+            # peer address would either let everyone in or no one. A 404 fails closed and
+            # looks like any unknown path.
+            raise StarletteHTTPException(404)
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise ApiError.of(
+            ErrorCode.unauthorized, "/metrics needs Authorization: Bearer <WHISPERQ_METRICS_TOKEN>"
+        )
+
+
 @router.get("/metrics", response_class=Response, include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(
+    request: Request, settings: Annotated[Settings, Depends(get_settings)]
+) -> Response:
+    _check_metrics_access(request, settings)
     global _registry
     if _registry is None:
         _registry = api_registry(get_settings())
