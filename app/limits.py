@@ -4,28 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-
 from app.errors import ApiError
 from app.settings import Settings
 
 
 class LimitError(ApiError):
     """An ApiError for a limit, answered with extra headers (Retry-After; Connection: close
-    so a server stops reading an oversized body instead of draining it)."""
+    so a server stops reading an oversized body instead of draining it). app.errors answers
+    it like any ApiError: in OpenAI's shape on the OpenAI routes."""
 
     def __init__(
         self, status: int, code: str, message: str, *, headers: dict[str, str], **kw: Any
     ) -> None:
         super().__init__(status, code, message, **kw)
         self.headers = headers
-
-
-def install_limit_handler(app: FastAPI) -> None:
-    @app.exception_handler(LimitError)
-    async def _limit(_: Request, exc: LimitError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def job_time_limit_s(input_length_ms: int | None, settings: Settings) -> float:

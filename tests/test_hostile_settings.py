@@ -71,6 +71,21 @@ def test_submission_rate_limit_is_a_429_with_retry_after(api: TestClient) -> Non
     assert fine.status_code == 422  # another key has its own budget
 
 
+def test_the_openai_routes_answer_a_limit_in_openais_shape(api: TestClient) -> None:
+    """A 429 there is what OpenAI's client expects: its error shape and Retry-After (the
+    client maps 429 to RateLimitError and honours Retry-After)."""
+    key = new_key("rate-openai")
+    with settings_override(submit_rate_per_minute=1, sync_wait_s=0):
+        for _ in range(2):
+            limited = api.post(
+                "/v1/audio/transcriptions", headers=auth(key), data={"model": "whisper-1"}
+            )
+    assert limited.status_code == 429
+    error = limited.json()["error"]
+    assert error["code"] == "rate_limited" and error["type"] and "message" in error, error
+    assert int(limited.headers["retry-after"]) >= 1
+
+
 def test_active_jobs_cap_is_a_429(api: TestClient) -> None:
     key = new_key("active-cap")
     files = {"audio": ("a.wav", noise_wav(0.5))}

@@ -15,7 +15,6 @@ from app.api.deps import completion_listener
 from app.api.ops import install_ops
 from app.api.outages import install_outage_handlers
 from app.errors import OPENAI_PATH_PREFIX, install_error_handlers
-from app.limits import install_limit_handler
 from app.logging import configure_logging
 from app.settings import settings_or_exit
 
@@ -127,7 +126,6 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(api)
     install_outage_handlers(api)
-    install_limit_handler(api)  # 413/429 with Connection: close / Retry-After (issue 14)
     install_ops(api)  # /healthz, /readyz, /metrics, /docs, access log (issue 16)
     api.include_router(inference.router)
     api.include_router(jobs.router)
