@@ -1,4 +1,5 @@
-"""An HTTP client of whisperq's batch API (what ``whisperq submit`` and ``fetch`` use).
+"""An HTTP client of whisperq's batch and job API (what ``whisperq submit``, ``fetch``,
+``transcribe`` and ``job`` use).
 
 It talks to a remote server only over HTTP: no database, no settings of the server. Every
 call it retries is safe to repeat: batch creation carries an ``Idempotency-Key``, every
@@ -164,13 +165,18 @@ class Client:
 
     def accepted_keys(self, batch_id: str) -> set[str]:
         return {
-            line["idempotency_key"]
-            for line in self.iter_jsonl(f"/v1/batches/{batch_id}/inputs")
-            if line.get("idempotency_key")
+            line["idempotency_key"] for line in self.inputs(batch_id) if line.get("idempotency_key")
         }
 
     def results(self, batch_id: str) -> Iterator[dict[str, Any]]:
         return self.iter_jsonl(f"/v1/batches/{batch_id}/results")
+
+    def inputs(self, batch_id: str) -> Iterator[dict[str, Any]]:
+        return self.iter_jsonl(f"/v1/batches/{batch_id}/inputs")
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", f"/v1/jobs/{job_id}")
+        return result
 
 
 def _checked(response: httpx.Response) -> httpx.Response:

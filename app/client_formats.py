@@ -10,6 +10,9 @@ from typing import Any
 from app.transcripts import to_srt, to_txt, to_vtt
 
 FORMATS = ("srt", "vtt", "txt", "json")
+# `whisperq transcribe` prints what OpenAI's transcription API answers for the same
+# response_format, so scripts written against either read the same thing.
+TRANSCRIBE_FORMATS = ("text", "json", "verbose_json", "srt", "vtt")
 
 
 def render(fmt: str, line: dict[str, Any]) -> str:
@@ -23,4 +26,26 @@ def render(fmt: str, line: dict[str, Any]) -> str:
     if fmt == "json":
         keep = ("custom_id", "job_id", "text", "segments", "language", "input_length_ms")
         return json.dumps({k: line.get(k) for k in keep}, indent=2, ensure_ascii=False) + "\n"
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def render_transcript(fmt: str, line: dict[str, Any]) -> str:
+    """One transcript (a results line, or a job's ``results``) as ``transcribe`` prints it."""
+    text = str(line.get("text") or "").strip()
+    if fmt == "text":
+        return text + "\n"
+    if fmt == "json":
+        return json.dumps({"text": text}, ensure_ascii=False) + "\n"
+    if fmt == "verbose_json":
+        ms = line.get("input_length_ms")
+        body = {
+            "task": line.get("task") or "transcribe",
+            "language": line.get("language"),
+            "duration": None if ms is None else ms / 1000,
+            "text": text,
+            "segments": line.get("segments") or [],
+        }
+        return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
+    if fmt in ("srt", "vtt"):
+        return render(fmt, line)
     raise ValueError(f"unknown format {fmt!r}")

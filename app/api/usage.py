@@ -27,9 +27,13 @@ class UsageRow(BaseModel):
     jobs: int = Field(description="jobs that finished (succeeded, failed or canceled)")
     succeeded: int
     failed: int
+    canceled: int = Field(description="jobs canceled (queued ones cost nothing)")
     audio_seconds: float = Field(description="audio length of succeeded jobs")
     runtime_ms: int = Field(description="model time billed")
-    cost: float = Field(description="USD")
+    cost: float = Field(description="USD, canceled jobs' model time included")
+    canceled_cost: float = Field(
+        description="USD: the part of cost spent on jobs canceled while they ran"
+    )
 
 
 class Usage(BaseModel):
@@ -74,10 +78,13 @@ def window(start: str | None, end: str | None, *, now: datetime) -> Window:
 
 def _measures() -> list[Any]:
     ok = Job.status == JobStatus.succeeded
+    canceled = Job.status == JobStatus.canceled
     return [
         func.count().label("jobs"),
         func.sum(case((ok, 1), else_=0)).label("succeeded"),
         func.sum(case((Job.status == JobStatus.failed, 1), else_=0)).label("failed"),
+        func.sum(case((canceled, 1), else_=0)).label("canceled"),
+        func.sum(case((canceled, Job.cost), else_=0.0)).label("canceled_cost"),
         func.sum(case((ok, Job.input_length_ms), else_=0)).label("audio_ms"),
         func.sum(Job.runtime_ms).label("runtime_ms"),
         func.sum(Job.cost).label("cost"),
@@ -90,9 +97,11 @@ def _row(r: Any, day: str | None = None) -> UsageRow:
         jobs=int(r.jobs or 0),
         succeeded=int(r.succeeded or 0),
         failed=int(r.failed or 0),
+        canceled=int(r.canceled or 0),
         audio_seconds=round((r.audio_ms or 0) / 1000, 3),
         runtime_ms=int(r.runtime_ms or 0),
         cost=round(float(r.cost or 0.0), 10),
+        canceled_cost=round(float(r.canceled_cost or 0.0), 10),
     )
 
 
@@ -132,7 +141,16 @@ def usage_by_key(session: Session, *, w: Window) -> list[tuple[ApiKey, UsageRow]
         ).all()
     }
     keys = session.scalars(select(ApiKey).order_by(ApiKey.created_at)).all()
-    empty = UsageRow(jobs=0, succeeded=0, failed=0, audio_seconds=0, runtime_ms=0, cost=0)
+    empty = UsageRow(
+        jobs=0,
+        succeeded=0,
+        failed=0,
+        canceled=0,
+        audio_seconds=0,
+        runtime_ms=0,
+        cost=0,
+        canceled_cost=0,
+    )
     out = [(k, found.get(k.id, empty)) for k in keys]
     return sorted(out, key=lambda kv: -kv[1].runtime_ms)
 
