@@ -19,11 +19,12 @@ from app.settings import Settings, get_settings
 from worker import jobs
 from worker.engine import Engine
 from worker.model_loading import load_model_or_fallback, pick_device
+from worker.null_engine import NullEngine
 from worker.observability import observe_batch
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_engine: Engine | None = None
+_engine: Engine | NullEngine | None = None
 _slots: threading.BoundedSemaphore | None = None
 
 # Set by SIGTERM (Celery's warm shutdown): tasks waiting for a slot give their message back,
@@ -36,11 +37,21 @@ STOP_SHUTDOWN = "shutdown"
 STOP_LEASE_LOST = "lease_lost"
 
 
-def get_engine() -> Engine:
+def get_engine() -> Engine | NullEngine:
     global _engine
     with _lock:
         if _engine is None:
             settings = get_settings()
+            if settings.engine == "null":
+                # No model at all: the control plane is what a null worker measures.
+                _engine = NullEngine()
+                log.warning(
+                    "engine: null engine (WHISPERQ_ENGINE=null): no model loaded, every job"
+                    " succeeds at once with an empty transcript; a capacity test of the"
+                    " control plane, never for real traffic (%d jobs in flight)",
+                    _engine.max_in_flight,
+                )
+                return _engine
             device = pick_device(settings.device)
             model, _served = load_model_or_fallback(
                 settings.model, device=device, download_root=settings.model_download_root
