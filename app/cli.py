@@ -1,4 +1,5 @@
-"""``whisperq``: keys, migrations, and the processes of the stack (api, worker, flower, up)."""
+"""``whisperq``: keys, migrations, usage, and the processes of the stack (api, worker,
+flower, up); and the HTTP clients of a server (transcribe, job, submit, fetch)."""
 
 from __future__ import annotations
 
@@ -151,9 +152,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
                 str(u.jobs),
                 str(u.succeeded),
                 str(u.failed),
+                str(u.canceled),
                 f"{u.audio_seconds:.1f}",
                 str(u.runtime_ms),
                 f"{u.cost:.6f}",
+                f"{u.canceled_cost:.6f}",
             ]
             for k, u in found
         ]
@@ -162,13 +165,27 @@ def cmd_usage(args: argparse.Namespace) -> int:
         total = [
             "total",
             "",
-            *(str(sum(int(r[i]) for r in rows)) for i in (2, 3, 4)),
-            f"{sum(float(r[5]) for r in rows):.1f}",
-            str(sum(int(r[6]) for r in rows)),
-            f"{sum(float(r[7]) for r in rows):.6f}",
+            *(str(sum(int(r[i]) for r in rows)) for i in (2, 3, 4, 5)),
+            f"{sum(float(r[6]) for r in rows):.1f}",
+            str(sum(int(r[7]) for r in rows)),
+            f"{sum(float(r[8]) for r in rows):.6f}",
+            f"{sum(float(r[9]) for r in rows):.6f}",
         ]
         rows.append(total)
-    headers = ["key", "name", "jobs", "ok", "failed", "audio_s", "runtime_ms", "cost_usd"]
+    # Canceled jobs are billed for the model time they ran before they stopped: cost_usd
+    # includes it, canceled_usd says how much of it that was.
+    headers = [
+        "key",
+        "name",
+        "jobs",
+        "ok",
+        "failed",
+        "canceled",
+        "audio_s",
+        "runtime_ms",
+        "cost_usd",
+        "canceled_usd",
+    ]
     print(_table(headers, rows) if rows else "no API keys")
     return 0
 
@@ -219,7 +236,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queues = args.queues or ",".join(
         [settings.queue_interactive, settings.queue_bulk, settings.queue_webhooks]
     )
-    celery.worker_main(
+    # Not worker_main(): it drops the worker's exit status, so a worker that stopped on an
+    # unrecoverable error exited 0 and no restart policy (compose, systemd) brought it back.
+    status = celery.start(
         [
             "worker",
             "--pool=threads",
@@ -234,7 +253,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "--without-gossip",
         ]
     )
-    return 0
+    return int(status or 0)
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -244,8 +263,11 @@ def flower_argv(settings: Settings, *, host: str, port: int) -> list[str]:
     """Flower's arguments: basic auth from WHISPERQ_FLOWER_USER / _PASSWORD. Without them
     Flower may only listen on loopback (it shows every worker and lets you stop them)."""
     argv = ["flower", f"--port={port}", f"--address={host}"]
-    password = settings.flower_password.get_secret_value() if settings.flower_password else ""
-    if settings.flower_user and password:
+    password = flower_password(settings)
+    if password and not settings.flower_user:
+        # Else the password would be silently unused and Flower open on loopback.
+        raise UserError("WHISPERQ_FLOWER_PASSWORD is set: set WHISPERQ_FLOWER_USER too")
+    if password:
         argv.append(f"--basic-auth={settings.flower_user}:{password}")
     elif host not in LOOPBACK_HOSTS:
         raise UserError(
@@ -255,8 +277,63 @@ def flower_argv(settings: Settings, *, host: str, port: int) -> list[str]:
     return argv
 
 
+def flower_password(settings: Settings) -> str:
+    return settings.flower_password.get_secret_value() if settings.flower_password else ""
+
+
+def require_flower_login(user: str, password: str) -> None:
+    """Make every request to the Flower this process starts present the login.
+
+    Flower's --basic-auth guards its pages and API but not /metrics, /healthcheck, its
+    static files or its 404 page (flower 2.2). The login is checked here before Flower
+    routes a request at all, so no handler, this version's or a later one's, answers
+    without it; one process and one port, no proxy in between.
+    """
+    import base64
+    import binascii
+    import hmac
+
+    import flower.command  # type: ignore[import-untyped]
+    from tornado.httputil import HTTPMessageDelegate, HTTPServerRequest
+    from tornado.web import Application, RequestHandler
+
+    base = getattr(flower.command, "Flower", None)
+    if not (isinstance(base, type) and issubclass(base, Application)):
+        # Patching a name Flower no longer uses would leave it open: refuse instead.
+        raise UserError("this Flower version cannot be guarded; pin flower 2.x")
+    expected = f"{user}:{password}".encode()
+
+    def logged_in(request: HTTPServerRequest) -> bool:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        try:
+            given = base64.b64decode(value.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return scheme.lower() == "basic" and hmac.compare_digest(given, expected)
+
+    class LoginRequired(RequestHandler):
+        def check_xsrf_cookie(self) -> None:
+            pass  # nothing here changes state, and a stranger's POST should read 401, not 403
+
+        def prepare(self) -> None:
+            self.set_status(401)
+            self.set_header("WWW-Authenticate", 'Basic realm="flower"')
+            self.finish("login required\n")
+
+    class GuardedFlower(base):  # type: ignore[misc,valid-type]
+        def find_handler(self, request: HTTPServerRequest, **kwargs: object) -> HTTPMessageDelegate:
+            if logged_in(request):
+                return super().find_handler(request, **kwargs)  # type: ignore[no-any-return]
+            return self.get_handler_delegate(request, LoginRequired)  # type: ignore[no-any-return]
+
+    flower.command.Flower = GuardedFlower
+
+
 def cmd_flower(args: argparse.Namespace) -> int:
-    argv = flower_argv(_settings(), host=args.host, port=args.port)
+    settings = _settings()
+    argv = flower_argv(settings, host=args.host, port=args.port)
+    if password := flower_password(settings):
+        require_flower_login(settings.flower_user, password)
     from worker.celery_app import celery
 
     # In-process: the password is in no process's command line.
@@ -315,7 +392,11 @@ def _own_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     folder = data_dir / "redis"
     folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(redis_server_argv(port, folder), stdout=subprocess.DEVNULL)
+    # Its own session, like the stack's other processes: Ctrl-C must not stop the broker
+    # before the worker and Flower have let go of it.
+    proc = subprocess.Popen(
+        redis_server_argv(port, folder), stdout=subprocess.DEVNULL, start_new_session=True
+    )
     url = f"redis://127.0.0.1:{port}/0"
     for _ in range(100):
         if _redis_up(url):
@@ -332,6 +413,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     children: list[subprocess.Popen[bytes]] = []
     exe = [sys.executable, "-m", "app.cli"]
     env = {**os.environ, "WHISPERQ_DATA_DIR": str(settings.data_dir)}
+    local_defaults = {
+        # A local stack: its user's webhook receiver (whisperq listen) runs on this machine.
+        # Production refuses loopback targets unless allow-listed.
+        "webhook_allowlist": "127.0.0.1,::1,localhost",
+        "worker_metrics_host": "127.0.0.1",
+        "worker_metrics_port": str(_free_port()),
+    }
+    for name, value in local_defaults.items():
+        if name not in settings.model_fields_set:
+            env[f"WHISPERQ_{name.upper()}"] = value
     try:
         if "redis_url" in settings.model_fields_set:
             if not _redis_up(settings.redis_url):
@@ -346,16 +437,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"whisperq up: Redis: {redis_line}", flush=True)
         if cmd_migrate(args) != 0:
             return 1
-        children.append(subprocess.Popen([*exe, "worker"], env=env))
-        children.append(
-            subprocess.Popen([*exe, "flower", "--port", str(args.flower_port)], env=env)
-        )
-        children.append(
-            subprocess.Popen([*exe, "api", "--host", args.host, "--port", str(args.port)], env=env)
-        )
+        # Each in its own session: Ctrl-C reaches this process alone, which stops them in
+        # order (API and Flower, the worker, then Redis), so none of them sees its broker
+        # vanish or prints a KeyboardInterrupt traceback.
+        for argv in (
+            ["worker"],
+            ["flower", "--port", str(args.flower_port)],
+            ["api", "--host", args.host, "--port", str(args.port)],
+        ):
+            children.append(subprocess.Popen([*exe, *argv], env=env, start_new_session=True))
         print(
             f"whisperq: API http://{args.host}:{args.port} (jobs page: /jobs, docs: /docs)  "
-            f"Flower http://127.0.0.1:{args.flower_port}  (Ctrl-C stops)",
+            f"Flower http://127.0.0.1:{args.flower_port}  "
+            f"worker metrics http://127.0.0.1:{env.get('WHISPERQ_WORKER_METRICS_PORT', '-')}"
+            "/metrics  (Ctrl-C stops)",
             flush=True,
         )
         while all(c.poll() is None for c in children):
@@ -366,18 +461,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        for child in reversed(children):
+        _stop_in_order(children, worker_grace_s=settings.worker_stop_grace_s)
+
+
+def _stop_in_order(children: list[subprocess.Popen[bytes]], *, worker_grace_s: float) -> None:
+    """API and Flower first, then the worker (it hands its running jobs back), then Redis:
+    started as [redis?, worker, flower, api]."""
+    groups = [children[-2:], children[-3:-2], children[:-3]]
+    for group, wait_s in zip(groups, (15.0, worker_grace_s + 15.0, 15.0), strict=True):
+        for child in group:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        for child in children:
+        for child in group:
             try:
-                child.wait(15)
+                child.wait(wait_s)
             except subprocess.TimeoutExpired:
                 child.kill()
+                child.wait(5)
+
+
+def plain_help(doc: str) -> str:
+    """A docstring as help text: its RST literals (double backticks) read as plain words in
+    a terminal, and its lines are joined (argparse re-wraps them anyway)."""
+    return " ".join(doc.replace("``", "").split())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="whisperq", description=__doc__)
+    parser = argparse.ArgumentParser(prog="whisperq", description=plain_help(__doc__ or ""))
     parser.add_argument("--version", action="version", version=f"whisperq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -455,7 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from app.client_cli import add_client_commands
 
-    add_client_commands(sub)  # submit, fetch: HTTP clients of a (remote) server (issue 13)
+    add_client_commands(sub)  # submit, fetch, transcribe, job: HTTP clients of a server
+    from app.webhook_listen import add_parser as add_listen
+
+    add_listen(sub)
     return parser
 
 
@@ -464,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     from app.client_cli import CLIENT_COMMANDS
     from app.settings import settings_or_exit
 
-    if args.command not in CLIENT_COMMANDS:  # clients run where no server settings exist
+    # Clients (and the webhook receiver) run where no server settings exist.
+    if args.command not in CLIENT_COMMANDS and args.command != "listen":
         settings_or_exit()  # weak secrets or bad settings: one line and exit, before any work
     try:
         return int(args.func(args))

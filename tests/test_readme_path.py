@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -132,6 +133,10 @@ def stack(tmp_path: Path) -> Iterator[tuple[Stack, dict[str, str]]]:
     finally:
         stopped = up.interrupt()
     assert stopped, f"Ctrl-C left processes of `make up` running:\n{up.log()}"
+    # Stopped in order: nothing lost its broker on the way out or printed a traceback.
+    after = up.log().split("Ctrl-C stops", 1)[-1]
+    for noise in ("Traceback", "KeyboardInterrupt", "Cannot connect to redis", "lost Redis"):
+        assert noise not in after, after
 
 
 def test_a_new_user_follows_the_readme_to_a_transcript_in_the_browser(
@@ -196,6 +201,56 @@ def test_a_new_user_follows_the_readme_to_a_transcript_in_the_browser(
     # The worker ran it, so its model is loaded: "one log line says which model it serves"
     assert f"serving Whisper model {env['WHISPERQ_MODEL']!r}" in up.log()
 
+    # 3a. The README's asynchronous example, as written: a webhook receiver in another
+    # terminal, a submission that keeps its request id, then the job polled.
+    secret = re.search(r"webhook secret:\s+(whsec_\S+)", out.stdout)
+    assert secret is not None, out.stdout
+    hook_port = free_port()
+    listen = readme_command(".venv/bin/whisperq listen").replace("9000", str(hook_port))
+    listener = subprocess.Popen(
+        ["bash", "-c", listen.replace("whsec_...", secret.group(1))],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    heard: list[str] = []
+    reader = threading.Thread(target=lambda: heard.extend(listener.stdout or []), daemon=True)
+    reader.start()
+    try:
+        submit = readme_command("REQUEST_ID=$(curl").replace("9000", str(hook_port))
+        poll = readme_command("curl -s http://127.0.0.1:8000/v1/jobs/$REQUEST_ID ")
+
+        def run(script: str) -> str:
+            done = subprocess.run(
+                ["bash", "-c", script.replace(README_PORT, api)],
+                cwd=tmp_path,
+                env={**env, "KEY": key.group(1)},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        request_id = run(f"{submit}\necho $REQUEST_ID").strip()
+
+        def ended() -> dict[str, Any] | None:
+            job: dict[str, Any] = json.loads(run(f"REQUEST_ID={request_id}\n{poll}"))
+            return None if job["status"] in ("queued", "running") else job
+
+        assert wait_for(ended, what="the job to end")["status"] == "succeeded"
+        wait_for(lambda: any(f"request_id={request_id}" in line for line in heard), what="hook")
+    finally:
+        listener.terminate()
+        listener.wait(30)
+        reader.join(30)
+        if listener.stdout is not None:
+            listener.stdout.close()
+    event = next(line for line in heard if f"request_id={request_id}" in line)
+    assert "signature: verified" in event, heard
+
     # 3b. Eight people at once, each with a short clip: every one is answered by the idle
     # worker. SQLite has no row locks, so claimers that race for one job must each go on to
     # the next job: a claimer that gave up dropped its message, and that job waited 40-80 s
@@ -248,5 +303,12 @@ def test_a_new_user_follows_the_readme_to_a_transcript_in_the_browser(
         what="Flower to show the worker",
     )
     assert len(set(re.findall(r"whisperq-\d+@[\w.-]+", page))) == 1, page
+
+    # Its tasks are named by job id: the README's job has its page under its request id.
+    def task_page() -> str:
+        r = httpx.get(f"{flower}/task/{job_id}", timeout=20)
+        return r.text if r.status_code == 200 else ""
+
+    assert "whisperq.run_job" in wait_for(task_page, what="Flower's page of the job")
     for name in ("login.png", "jobs.png", "job.png"):
         assert (tmp_path / name).stat().st_size > 5000

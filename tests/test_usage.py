@@ -117,10 +117,10 @@ def test_cli_usage_keys_list_and_revoke(
     lines = capsys.readouterr().out.splitlines()
     row_a = next(line.split() for line in lines if line.startswith(a.row.prefix))
     row_b = next(line.split() for line in lines if line.startswith(b.row.prefix))
-    assert row_a[2:] == ["1", "1", "0", "4.0", "400", "0.000200"]
-    assert row_b[2:] == ["1", "1", "0", "1.0", "100", "0.000050"]
+    assert row_a[2:] == ["1", "1", "0", "0", "4.0", "400", "0.000200", "0.000000"]
+    assert row_b[2:] == ["1", "1", "0", "0", "1.0", "100", "0.000050", "0.000000"]
     total = next(line.split() for line in lines if line.startswith("total"))
-    assert total[1:] == ["2", "2", "0", "5.0", "500", "0.000250"]
+    assert total[1:] == ["2", "2", "0", "0", "5.0", "500", "0.000250", "0.000000"]
 
     assert main(["keys", "list"]) == 0
     listed = capsys.readouterr().out
