@@ -12,7 +12,7 @@ from urllib.parse import unquote_to_bytes
 
 from sqlalchemy import update
 
-from app import blobs
+from app import blobs, served_model
 from app.audio_probe import AudioError, probe_duration_s
 from app.db import session_scope, utcnow
 from app.errors import ApiError
@@ -105,6 +105,12 @@ def submit_job(
     queue: str,
     settings: Settings,
 ) -> Job:
+    try:
+        served_model.check_options(options, settings=settings)
+    except ApiError:
+        if audio.blob is not None:  # an upload that never becomes a job is not kept
+            blobs.delete_blob(audio.blob)
+        raise
     job_id = new_job_id()
     input_length_ms = audio.input_length_ms
     audio_blob = audio.blob

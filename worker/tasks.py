@@ -81,7 +81,8 @@ def _store(claimed: jobs.ClaimedJob, settings: Settings, **outcome: Any) -> bool
 
 def _fail(claimed: jobs.ClaimedJob, settings: Settings, code: str, message: str) -> str:
     if _store(claimed, settings, status=JobStatus.failed, error_code=code, error_message=message):
-        raise JobFailed(f"job {claimed.id} failed: {code}: {message}")
+        # The failure is stored and says why; the exception that led here is no news.
+        raise JobFailed(f"job {claimed.id} failed: {code}: {message}") from None
     return "dropped"
 
 
@@ -224,7 +225,9 @@ def _claim(settings: Settings) -> jobs.ClaimResult:
     return result
 
 
-@celery.task(name=RUN_JOB)  # type: ignore[untyped-decorator]
+# A JobFailed is an outcome already stored, not a crash: Celery logs it in one line without a
+# traceback (a server fault logged its own above) and Flower still counts a failed task.
+@celery.task(name=RUN_JOB, throws=(JobFailed,))  # type: ignore[untyped-decorator]
 def run_job(job_id: str | None = None) -> str:
     """``job_id`` is the job whose submission sent this message; the task may run another."""
     settings = get_settings()

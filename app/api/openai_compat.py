@@ -1,4 +1,5 @@
-"""OpenAI's audio API: ``POST /v1/audio/transcriptions`` and ``/v1/audio/translations``.
+"""OpenAI's audio API: ``POST /v1/audio/transcriptions`` and ``/v1/audio/translations``, and
+``GET /v1/models`` listing the model names they accept.
 
 Code written against OpenAI (the official client included) works unchanged once pointed at
 whisperq: same form fields, same response formats, errors in OpenAI's shape (app/errors.py
@@ -16,9 +17,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 from starlette.datastructures import FormData, UploadFile
 
-from app import blobs, idempotency, schemas
+from app import blobs, idempotency, schemas, served_model
 from app.api import inference
 from app.api.deps import CurrentKey, SettingsDep, completion_listener
 from app.errors import ApiError, ErrorCode, is_caller_fault
@@ -27,6 +29,7 @@ from app.models import Job, JobStatus
 from app.options import OptionError, TranscribeOptions, parse_options
 from app.ratelimit import check_submission_limits
 from app.serialize import detailed_segment
+from app.served_model import ServedModel
 from app.settings import Settings
 from app.submission import AudioInput, submit_job
 from app.transcripts import to_srt, to_vtt
@@ -36,6 +39,10 @@ router = APIRouter(tags=["OpenAI-compatible"])
 
 TRANSCRIPTIONS = "/v1/audio/transcriptions"
 TRANSLATIONS = "/v1/audio/translations"
+MODELS = "/v1/models"
+# ``created`` of a name no worker has published yet: Whisper's release (2022-09-21).
+WHISPER_RELEASED = 1663718400
+OWNED_BY = "whisperq"
 GRANULARITIES = frozenset({"segment", "word"})
 # Our option names where OpenAI's differ, for error messages that name the caller's field.
 OPENAI_FIELD = {
@@ -81,14 +88,20 @@ def _text_field(form: FormData, name: str) -> str | None:
     return raw
 
 
-def _check_model(model: str | None, settings: Settings) -> None:
+def _check_model(model: str | None, settings: Settings, served: ServedModel | None) -> None:
     if not model or not model.strip():
         raise _invalid("model", "model is required (e.g. whisper-1)")
-    accepted = {*settings.openai_model_aliases, settings.model}
+    accepted = served_model.public_names(settings, served)
     if model.strip() not in accepted:
         raise _invalid(
-            "model", f"model {model!r} is not served here; use one of {sorted(accepted)}"
+            "model",
+            f"model {_excerpt(model)} is not served here; use one of {accepted}",
         )
+
+
+def _excerpt(raw: str, limit: int = 40) -> str:
+    """The caller's value echoed back, cut short: a 5 kB field is not worth repeating."""
+    return repr(raw if len(raw) <= limit else raw[:limit] + "...")
 
 
 async def _read(form: FormData, settings: Settings, *, task: str) -> CompatRequest:
@@ -97,7 +110,8 @@ async def _read(form: FormData, settings: Settings, *, task: str) -> CompatReque
         raise ApiError.of(
             ErrorCode.missing_audio, "send the audio as a multipart file named 'file'", field="file"
         )
-    _check_model(_text_field(form, "model"), settings)
+    served = await run_in_threadpool(served_model.current, settings.redis_url)
+    _check_model(_text_field(form, "model"), settings, served)
     response_format = (_text_field(form, "response_format") or "json").strip()
     if response_format not in schemas.OPENAI_RESPONSE_FORMATS:
         raise _invalid(
@@ -127,6 +141,9 @@ async def _read(form: FormData, settings: Settings, *, task: str) -> CompatReque
         options = parse_options(fields)
     except OptionError as exc:
         raise _invalid(OPENAI_FIELD.get(exc.field, exc.field), exc.message) from None
+    # Before the upload is streamed in (submit_job checks again, for the native route too).
+    if served is not None and (refused := served.refusal(options)) is not None:
+        raise refused
     with _openai_fields():
         audio = await inference._read_audio(upload, settings)
     return CompatRequest(options, response_format, frozenset(granularities), audio)
@@ -278,3 +295,47 @@ async def translations(
     idempotency_key: IdempotencyHeader = None,
 ) -> Response:
     return await _serve(request, key, settings, idempotency_key, task="translate")
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+async def _models(settings: Settings) -> list[OpenAIModel]:
+    served = await run_in_threadpool(served_model.current, settings.redis_url)
+    created = int(served.published_at) if served is not None else WHISPER_RELEASED
+    return [
+        OpenAIModel(id=name, created=created, owned_by=OWNED_BY)
+        for name in served_model.public_names(settings, served)
+    ]
+
+
+@router.get(
+    MODELS,
+    response_model=OpenAIModelList,
+    responses=schemas.error_responses(401),
+    summary="The model names the audio routes accept (OpenAI-compatible)",
+)
+async def list_models(key: CurrentKey, settings: SettingsDep) -> OpenAIModelList:
+    return OpenAIModelList(data=await _models(settings))
+
+
+@router.get(
+    MODELS + "/{model_id}",
+    response_model=OpenAIModel,
+    responses=schemas.error_responses(401, 404),
+    summary="One model name the audio routes accept (OpenAI-compatible)",
+)
+async def get_model(model_id: str, key: CurrentKey, settings: SettingsDep) -> OpenAIModel:
+    for model in await _models(settings):
+        if model.id == model_id:
+            return model
+    raise ApiError.of(ErrorCode.not_found, f"model {_excerpt(model_id)} is not served here")
