@@ -103,6 +103,16 @@ def test_a_person_reads_the_transcript_and_sees_the_worker_in_flower(
     wait_for(lambda: f"batch={batch_id}" in driver.current_url, what="the batch's page")
     driver.save_screenshot(str(tmp_path / "batch.png"))
     assert all(driver.find_elements(By.LINK_TEXT, j) for j in batch_jobs)
+    # Each input under its file's name, and the finished batch downloads from its page with
+    # the browser's own session (no key): every transcript under its input's name.
+    assert "part-0.wav" in driver.find_element(By.ID, "jobs").text
+    link = driver.find_element(By.PARTIAL_LINK_TEXT, "transcripts (.txt)")
+    cookies = {c["name"]: c["value"] for c in driver.get_cookies()}
+    got = httpx.get(link.get_attribute("href"), cookies=cookies, timeout=30)
+    assert got.status_code == 200, got.text
+    assert f'filename="batch-{batch_id}.txt"' in got.headers["content-disposition"]
+    assert "== part-0.wav" in got.text and "friday" in got.text.lower(), got.text
+    assert httpx.get(link.get_attribute("href"), timeout=30).status_code in (303, 307)
     driver.find_element(By.LINK_TEXT, batch_jobs[1]).click()
     wait_for(lambda: batch_jobs[1] in driver.current_url, what="a batch job's page")
     assert "friday" in driver.find_element(By.ID, "transcript").text.lower()

@@ -580,6 +580,24 @@ def _input_line(job: Job) -> dict[str, Any]:
     ).model_dump()
 
 
+def results_jsonl(batch_id: str, settings: Settings, status: str | None = None) -> Iterator[bytes]:
+    """The batch's results as ``GET /v1/batches/{id}/results`` streams them (the pages'
+    download too)."""
+    return _stream(batch_id, _result_line, settings, status)
+
+
+def results_text(batch_id: str, settings: Settings) -> Iterator[bytes]:
+    """Each input's name and transcript (or why it has none), in submission order."""
+    for page in batches.iter_jobs(batch_id, page_size=settings.batch_results_page_size):
+        for job in page:
+            name = job.custom_id or job.source_name or job.id
+            if job.status == JobStatus.succeeded and job.result:
+                body = str(job.result.get("text", "")).strip()
+            else:
+                body = f"({job.status}{': ' + job.error_code if job.error_code else ''})"
+            yield f"== {name}\n{body}\n\n".encode()
+
+
 def _stream(batch_id: str, line: Any, settings: Settings, status: str | None) -> Iterator[bytes]:
     for page in batches.iter_jobs(
         batch_id, page_size=settings.batch_results_page_size, status=status

@@ -44,6 +44,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import batches, blobs
+from app.api.batches import results_jsonl, results_text
 from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
 from app.db import utcnow
 from app.errors import ApiError, ErrorCode
@@ -327,6 +328,33 @@ def job_audio(
         itertools.chain([first], chunks),
         media_type=sniff_audio_type(first),
         headers={"content-length": str(size), "cache-control": "private, max-age=300"},
+    )
+
+
+@router.get("/jobs/batches/{batch_id}/results.{fmt}", include_in_schema=False)
+def batch_download(
+    batch_id: str,
+    fmt: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    whisperq_session: Annotated[str | None, Cookie()] = None,
+) -> Response:
+    """A finished (or running) batch from its page: every result as JSON lines, or every
+    transcript as text, under the batch's name."""
+    key = key_from_cookie(session, settings, whisperq_session)
+    if key is None:
+        return RedirectResponse(f"/login?next={quote('/jobs?batch=' + batch_id)}", 303)
+    if fmt not in ("jsonl", "txt"):
+        raise ApiError.of(ErrorCode.not_found, "results come as .jsonl or .txt")
+    try:
+        batches.owned_batch(session, batch_id=batch_id, api_key_id=key.id)
+    except ApiError:
+        return _html("missing.html", 404, job_id=batch_id, what="batch")
+    body = results_jsonl(batch_id, settings) if fmt == "jsonl" else results_text(batch_id, settings)
+    return StreamingResponse(
+        body,
+        media_type="application/jsonl" if fmt == "jsonl" else "text/plain; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="batch-{batch_id}.{fmt}"'},
     )
 
 
