@@ -33,6 +33,15 @@ class AudioInput:
     blob: str | None = None
     input_length_ms: int | None = None
     sha256: str | None = None  # of the upload's bytes, for idempotency
+    # The uploaded file's name, so people find their job by it (/jobs); never a path.
+    source_name: str | None = None
+
+
+def upload_name(filename: str | None) -> str | None:
+    """The last part of a client's file name, cut to what a page shows (no folders: a name
+    like ``../../etc/passwd`` or ``C:\\x\\a.wav`` is only ever its last part)."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return name[:200] or None
 
 
 def decode_data_url(value: str, *, max_bytes: int) -> bytes:
@@ -127,6 +136,7 @@ def submit_job(
         audio_url=audio.url,
         webhook_url=webhook_url,
         input_length_ms=input_length_ms,
+        source_name=audio.source_name,
         enqueued_at=utcnow(),
     )
     try:

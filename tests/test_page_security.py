@@ -9,13 +9,14 @@ from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from app import blobs
 from app.api.pages import COOKIE
 from app.db import session_scope
 from app.keys import CreatedKey
 from app.models import Batch, Job, JobStatus
-from tests.support.api import auth, client, new_key, noise_wav
+from tests.support.api import auth, client, new_key, noise_wav, settings_override
 
 SEGMENTS = [{"id": 0, "text": " Hello.", "start": 0.0, "end": 1.5}]
 EVIL = "https://evil.example"
@@ -200,3 +201,30 @@ def test_jobs_list_names_the_uploaded_file(browser: TestClient) -> None:
     assert named in listing and unnamed in listing
     assert "&lt;i&gt;meeting&lt;/i&gt;.wav" in listing and "<i>" not in listing
     assert "&lt;i&gt;meeting&lt;/i&gt;.wav" in browser.get(f"/jobs/{named}").text
+
+
+@pytest.mark.parametrize(
+    ("sent", "shown"),
+    [("meeting notes.wav", "meeting notes.wav"), ("../../etc/passwd.wav", "passwd.wav")],
+)
+def test_a_single_upload_is_listed_under_its_file_name(
+    browser: TestClient, sent: str, shown: str
+) -> None:
+    """Both upload routes keep the file's own name (its last part: never a path)."""
+    key = new_key("upload-names")
+    # No worker here: the sync answers come back at once as still queued (202 / 504).
+    with settings_override(sync_wait_s=0):
+        for route, field in (
+            ("/v1/inference/openai/whisper-tiny", "audio"),
+            ("/v1/audio/transcriptions", "file"),
+        ):
+            r = browser.post(
+                route,
+                headers=auth(key),
+                files={field: (sent, noise_wav(0.3))},
+                data={"model": "whisper-1"} if field == "file" else {},
+            )
+            assert r.status_code in (202, 504), r.text
+    with session_scope() as session:
+        names = session.scalars(select(Job.source_name).where(Job.api_key_id == key.row.id)).all()
+    assert names == [shown, shown]

@@ -22,7 +22,7 @@ from app.options import OptionError, TranscribeOptions, parse_options
 from app.ratelimit import check_submission_limits
 from app.serialize import inference_response
 from app.settings import Settings
-from app.submission import AudioInput, check_url, decode_data_url, submit_job
+from app.submission import AudioInput, check_url, decode_data_url, submit_job, upload_name
 from app.uploads import read_form, store_upload
 
 router = APIRouter()
@@ -52,7 +52,12 @@ async def _read_audio(value: Any, settings: Settings) -> AudioInput:
         )
     if isinstance(value, UploadFile):
         blob, claimed_ms, sha256 = await store_upload(value, settings)  # streamed, not whole
-        return AudioInput(blob=blob, input_length_ms=claimed_ms, sha256=sha256)
+        return AudioInput(
+            blob=blob,
+            input_length_ms=claimed_ms,
+            sha256=sha256,
+            source_name=upload_name(value.filename),
+        )
     text = str(value).strip()
     if text.startswith("data:"):
         return AudioInput(data=decode_data_url(text, max_bytes=settings.max_upload_bytes))
