@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from app import blobs
 from app.db import get_sessionmaker, session_scope, utcnow
 from app.errors import ApiError, ErrorCode
+from app.lifecycle import drop_ended_audio
 from app.models import (
     TERMINAL_STATUSES,
     Batch,
@@ -262,7 +263,7 @@ def _after_add(added: _Added, settings: Settings) -> None:
     for name in added.dropped:
         blobs.delete_blob(name)
     # Only after the commit: a worker must never receive an id it cannot read yet.
-    enqueue_jobs(added.to_send, queue=settings.queue_bulk)
+    enqueue_jobs(added.to_send, queue=settings.queue_bulk, settings=settings)
 
 
 def _add_jobs(
@@ -278,20 +279,31 @@ def _add_jobs(
     accepted: list[Accepted] = []
     to_send: list[str] = []
     retry: list[str] = []
+    # Retried jobs whose audio went when the broker refused them (keep_audio_days 0): the
+    # resent upload becomes their audio instead of being dropped as a duplicate.
+    no_audio: set[str] = set()
     dropped: list[str] = []
     keys = [i.idempotency_key for i in inputs if i.idempotency_key is not None]
     known: dict[str, tuple[str, str, str | None]] = {}
     for start in range(0, len(keys), 500):
         for row in session.execute(
-            select(Job.idempotency_key, Job.id, Job.status, Job.custom_id, Job.error_code).where(
-                Job.batch_id == batch.id, Job.idempotency_key.in_(keys[start : start + 500])
-            )
+            select(
+                Job.idempotency_key,
+                Job.id,
+                Job.status,
+                Job.custom_id,
+                Job.error_code,
+                Job.audio_blob,
+                Job.audio_url,
+            ).where(Job.batch_id == batch.id, Job.idempotency_key.in_(keys[start : start + 500]))
         ):
             status = row.status
             if row.error_code == QUEUE_UNAVAILABLE and batch.finished_at is None:
                 # The broker was down when it was accepted: sent again now, not failed.
                 status = JobStatus.queued
                 retry.append(row.id)
+                if row.audio_blob is None and row.audio_url is None:
+                    no_audio.add(row.id)
             known[row.idempotency_key] = (row.id, status, row.custom_id)
     if retry:
         session.execute(
@@ -316,7 +328,12 @@ def _add_jobs(
     for n, item in enumerate(inputs):
         hit = known.get(item.idempotency_key) if item.idempotency_key is not None else None
         if hit is not None:
-            if item.audio_blob is not None:
+            if item.audio_blob is not None and item.error_code is None and hit[0] in no_audio:
+                no_audio.discard(hit[0])
+                session.execute(
+                    update(Job).where(Job.id == hit[0]).values(audio_blob=item.audio_blob)
+                )
+            elif item.audio_blob is not None:
                 dropped.append(item.audio_blob)
             accepted.append(Accepted(hit[0], hit[2], item.idempotency_key, hit[1], True))
             continue
@@ -421,8 +438,8 @@ def cancel(*, batch_id: str, api_key_id: int, settings: Settings) -> Canceled:
     publish_cancel(asked, redis_url=settings.redis_url)
     if delivery_id is not None:
         send_delivery(delivery_id)
-    for job_id in canceled:
-        blobs.delete_blob(job_id)  # canceled jobs never run: their audio goes now
+    # Canceled batch jobs never run: their audio goes now, whatever retention keeps.
+    drop_ended_audio(canceled, settings=settings, even_if_kept=True)
     return Canceled(batch, len(canceled), len(asked))
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +51,11 @@ class BlobStore(Protocol):
     def delete(self, name: str) -> None:
         """Remove the blob; absent is fine."""
 
+    def iter_stored(self) -> Iterator[tuple[str, datetime]]:
+        """Every blob's name with when it was stored (aware UTC), for the purge to find
+        blobs no job names. Anything else in the directory or under the prefix (a file
+        that is not a blob name, an upload cut off mid-copy) is not listed."""
+
 
 class LocalBlobStore:
     def __init__(self, root: Path) -> None:
@@ -83,6 +89,20 @@ class LocalBlobStore:
 
     def delete(self, name: str) -> None:
         self._path(name).unlink(missing_ok=True)
+
+    def iter_stored(self) -> Iterator[tuple[str, datetime]]:
+        if not self.root.is_dir():
+            return
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if not entry.name.isalnum():
+                    continue
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # deleted while we listed
+                    continue
+                if entry.is_file(follow_symlinks=False):
+                    yield entry.name, datetime.fromtimestamp(stat.st_mtime, UTC)
 
 
 class S3BlobStore:
@@ -140,6 +160,16 @@ class S3BlobStore:
 
     def delete(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+    def iter_stored(self) -> Iterator[tuple[str, datetime]]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix
+        )
+        for page in pages:
+            for obj in page.get("Contents", ()):
+                name = str(obj["Key"])[len(self.prefix) :]
+                if name.isalnum():  # a "folder" below the prefix is someone else's
+                    yield name, obj["LastModified"].astimezone(UTC)
 
 
 def s3_client(settings: Settings) -> S3Client:

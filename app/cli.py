@@ -199,7 +199,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     print(
         f"{verb}: audio of {report.audio_deleted} jobs, transcripts of "
-        f"{report.transcripts_deleted} jobs (keep_audio_days={settings.keep_audio_days:g}, "
+        f"{report.transcripts_deleted} jobs, {report.orphans_deleted} blobs no job names "
+        f"(keep_audio_days={settings.keep_audio_days:g}, "
         f"retention_days={settings.retention_days:g}; 0 keeps transcripts)"
     )
     return 0

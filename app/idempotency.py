@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 
+from app import blobs
 from app.db import session_scope, utcnow
 from app.errors import ApiError, ErrorCode
 from app.models import IdempotencyKey, Job
@@ -137,12 +138,21 @@ def submit_once(
     fingerprint: str,
     submit: Callable[[], Job],
     ttl_s: float,
+    upload: str | None = None,
 ) -> Submitted:
-    """Run ``submit`` at most once per (API key, idempotency key). Blocking: call it from a
+    """Run ``submit`` at most once per (API key, idempotency key). ``key`` is the header as
+    sent (checked here). ``upload``, the blob this request already streamed in, is deleted
+    if the key refuses the request: no job will ever name it. Blocking: call it from a
     worker thread."""
+    try:
+        key = check_key(key)
+        existing = None if key is None else _reserve(api_key_id, key, fingerprint, ttl_s)
+    except ApiError:
+        if upload is not None:
+            blobs.delete_blob(upload)
+        raise
     if key is None:
         return Submitted(submit(), replayed=False)
-    existing = _reserve(api_key_id, key, fingerprint, ttl_s)
     if existing is not None:
         return Submitted(existing, replayed=True)
     try:

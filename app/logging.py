@@ -37,10 +37,19 @@ def mask(text: str) -> str:
     return SECRET_PATTERN.sub("[redacted]", text)
 
 
+# Celery's own lines about a job's message ("received", "succeeded in"): a message's task id
+# is its job's id (app.queue.send_job), given in the line's arguments.
+JOB_TASK = "whisperq.run_job"
+
+
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
-            record.request_id = request_id_var.get()
+            rid = request_id_var.get()
+            args = record.args
+            if rid is None and isinstance(args, dict) and args.get("name") == JOB_TASK:
+                rid = args.get("id")
+            record.request_id = rid
         return True
 
 

@@ -128,6 +128,14 @@ class Job(Base):
             sqlite_where=text("started_at IS NOT NULL"),
         ),
         Index("ix_jobs_batch_id_status", "batch_id", "status"),
+        # Who still needs a blob (jobs may share one), asked at every job end and by the
+        # orphan purge: without it, each ask read the whole backlog.
+        Index(
+            "ix_jobs_audio_blob",
+            "audio_blob",
+            postgresql_where=text("audio_blob IS NOT NULL"),
+            sqlite_where=text("audio_blob IS NOT NULL"),
+        ),
         # "Is anything of this batch left?", asked at every finish of a batch job: the
         # unfinished jobs only, each entry distinct (see ix_jobs_queued_claim).
         Index(

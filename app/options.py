@@ -6,6 +6,7 @@ keyword arguments with :meth:`TranscribeOptions.transcribe_kwargs`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -40,10 +41,29 @@ COMPRESSION_RATIO_RANGE = (2.0, 10.0)
 PATIENCE_RANGE = (0.5, 3.0)
 MAX_SUPPRESS_TOKENS = 1000
 MAX_TOKEN_ID = 1_000_000  # any vocabulary is smaller; the engine checks its own exactly
+# Each of best_of samples is a full decode of the window at that temperature: it multiplies
+# the cost of every sampled rung, so it is capped at whisper's CLI default.
+MAX_BEST_OF = 5
+# whisper's ranker raises outside [0, 1] (the alpha of Google NMT's length penalty).
+LENGTH_PENALTY_RANGE = (0.0, 1.0)
+# A caller's clip list is host work per window and a list of windows to decode: bounded.
+MAX_CLIP_TIMESTAMPS = 200
+MAX_CLIP_SECONDS = 86_400.0
+# Longer than a 30 s window it could never be exceeded by a gap inside one.
+HALLUCINATION_SILENCE_RANGE = (0.0, 30.0)
 # Whisper's tokenizer refuses text that spells a special token (<|endoftext|>, <|en|>,
 # <|0.00|>...), so such a prompt is the caller's error, said before any work.
 _HUGE_LADDER = 10**9
 _SPECIAL_TOKEN_RE = re.compile(r"<\|[^<>|]*\|>")
+
+
+_LATER_DEFAULTS: dict[str, Any] = {
+    "best_of": None,
+    "length_penalty": None,
+    "clip_timestamps": "0",
+    "hallucination_silence_threshold": None,
+    "carry_initial_prompt": False,
+}
 
 
 class OptionError(ValueError):
@@ -69,9 +89,22 @@ class TranscribeOptions:
     word_timestamps: bool = False
     prepend_punctuations: str = PREPEND_PUNCTUATIONS
     append_punctuations: str = APPEND_PUNCTUATIONS
+    # Added later: defaults that are whisper's, so jobs stored before them load unchanged.
+    best_of: int | None = None  # samples per window at t > 0, the best kept
+    length_penalty: float | None = None  # None: rank by log-probability per token
+    clip_timestamps: str = "0"  # "start,end,...", seconds; "0": the whole file
+    hallucination_silence_threshold: float | None = None  # only with word_timestamps
+    carry_initial_prompt: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        # Options added after jobs were stored are left out at their defaults, so the JSON
+        # (and the idempotency and batch fingerprints made of it) of a request that does not
+        # use them stays what it was; from_json fills them back in.
+        for name, default in _LATER_DEFAULTS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TranscribeOptions:
@@ -86,6 +119,9 @@ class TranscribeOptions:
         # from an unchecked increment (1e-300 would be a MemoryError).
         steps = min(ladder_length(self.temperature, inc), MAX_TEMPERATURES)
         return tuple(round(self.temperature + i * inc, 6) for i in range(steps))
+
+    def clip_seconds(self) -> list[float]:
+        return [float(t) for t in self.clip_timestamps.split(",") if t.strip()]
 
     def suppress_token_ids(self) -> list[int]:
         return [int(t) for t in self.suppress_tokens.split(",") if t.strip()]
@@ -106,7 +142,16 @@ class TranscribeOptions:
             "word_timestamps": self.word_timestamps,
             "prepend_punctuations": self.prepend_punctuations,
             "append_punctuations": self.append_punctuations,
+            "carry_initial_prompt": self.carry_initial_prompt,
+            "clip_timestamps": self.clip_timestamps,
+            "hallucination_silence_threshold": self.hallucination_silence_threshold,
         }
+        # Left out unless given (None is whisper's own default for both): the keyword
+        # arguments of a job that does not use them stay what they were.
+        if self.best_of is not None:
+            kwargs["best_of"] = self.best_of
+        if self.length_penalty is not None:
+            kwargs["length_penalty"] = self.length_penalty
         if self.patience is not None:
             # whisper drops beam_size/patience for sampled (t > 0) fallbacks by itself.
             kwargs["beam_size"] = BEAM_SIZE
@@ -176,6 +221,56 @@ def _punctuation(name: str, raw: str | None, default: str) -> str:
     return raw
 
 
+def _int(name: str, raw: str | None, *, lo: int, hi: int) -> int | None:
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise OptionError(name, f"{name} must be a whole number, got {_excerpt(raw)}") from None
+    if not lo <= value <= hi:
+        raise OptionError(name, f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def parse_clip_timestamps(raw: str | list[float] | None) -> str:
+    """whisper's clip_timestamps ("start,end,start,end,..." seconds, or a list; a last start
+    without an end runs to the end of the file), checked and kept as whisper's string."""
+    name = "clip_timestamps"
+    if raw is None:
+        return "0"
+    if isinstance(raw, str):
+        text = raw.strip().removeprefix("[").removesuffix("]")
+        parts = [p.strip() for p in text.split(",")] if text.strip() else []
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise OptionError(
+                name,
+                f"{name} must be comma-separated seconds start,end,..., got {_excerpt(raw)}",
+            ) from None
+    else:
+        values = [float(v) for v in raw]
+    if len(values) > MAX_CLIP_TIMESTAMPS:
+        raise OptionError(name, f"{name}: at most {MAX_CLIP_TIMESTAMPS} timestamps")
+    if any(not math.isfinite(v) or v < 0 or v > MAX_CLIP_SECONDS for v in values):
+        raise OptionError(
+            name, f"{name}: timestamps must be seconds from 0 to {MAX_CLIP_SECONDS:g}"
+        )
+    # whisper walks the clips in the order given and seeks forward only: overlapping or
+    # backward clips would decode the same audio again, and an empty clip nothing.
+    for i, (before, after) in enumerate(itertools.pairwise(values)):
+        if after < before or (i % 2 == 0 and after == before):
+            raise OptionError(
+                name,
+                f"{name} must increase: each clip's end after its start, and each start at or "
+                f"after the previous clip's end (got {before:g} then {after:g})",
+            )
+    if values in ([], [0.0]):
+        return "0"
+    return ",".join(repr(v) for v in values)
+
+
 def parse_suppress_tokens(raw: str | None) -> str:
     if raw is None or raw.strip() == "":
         return "-1"
@@ -231,13 +326,56 @@ def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
             f"at most {MAX_TEMPERATURES} are allowed "
             f"(increment >= {(1.0 - temperature) / (MAX_TEMPERATURES - 1):.3g}, or 0 for none)",
         )
+    patience = _float(
+        "patience", form.get("patience"), None, lo=PATIENCE_RANGE[0], hi=PATIENCE_RANGE[1]
+    )
+    word_timestamps = _bool("word_timestamps", form.get("word_timestamps"), False)
+    best_of = _int("best_of", form.get("best_of"), lo=1, hi=MAX_BEST_OF)
+    if best_of is not None and temperature == 0 and not increment:
+        # whisper drops best_of at t = 0 (greedy or beam search): without a rung above 0 it
+        # would be silently ignored
+        raise OptionError(
+            "best_of",
+            "best_of is the number of samples at temperature > 0: give a temperature > 0 or "
+            "keep the fallbacks (temperature_increment_on_fallback)",
+        )
+    length_penalty = _float(
+        "length_penalty",
+        form.get("length_penalty"),
+        None,
+        lo=LENGTH_PENALTY_RANGE[0],
+        hi=LENGTH_PENALTY_RANGE[1],
+        nullable=True,
+    )
+    if length_penalty is not None and patience is None and (best_of or 1) < 2:
+        raise OptionError(
+            "length_penalty",
+            "length_penalty ranks several candidates: it needs beam search (patience) or "
+            "best_of >= 2",
+        )
+    silence = _float(
+        "hallucination_silence_threshold",
+        form.get("hallucination_silence_threshold"),
+        None,
+        lo=HALLUCINATION_SILENCE_RANGE[0],
+        hi=HALLUCINATION_SILENCE_RANGE[1],
+        lo_open=True,
+        nullable=True,
+    )
+    if silence is not None and not word_timestamps:
+        raise OptionError(
+            "hallucination_silence_threshold",
+            "hallucination_silence_threshold works on word timestamps: it needs "
+            "word_timestamps=true",
+        )
+    carry = _bool("carry_initial_prompt", form.get("carry_initial_prompt"), False)
+    if carry and prompt is None:
+        raise OptionError("carry_initial_prompt", "carry_initial_prompt needs an initial_prompt")
     return TranscribeOptions(
         task=task,  # type: ignore[arg-type]
         language=language,
         temperature=temperature,
-        patience=_float(
-            "patience", form.get("patience"), None, lo=PATIENCE_RANGE[0], hi=PATIENCE_RANGE[1]
-        ),
+        patience=patience,
         suppress_tokens=parse_suppress_tokens(form.get("suppress_tokens")),
         initial_prompt=prompt,
         condition_on_previous_text=_bool(
@@ -268,11 +406,16 @@ def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
             hi=1.0,
             nullable=True,
         ),
-        word_timestamps=_bool("word_timestamps", form.get("word_timestamps"), False),
+        word_timestamps=word_timestamps,
         prepend_punctuations=_punctuation(
             "prepend_punctuations", form.get("prepend_punctuations"), PREPEND_PUNCTUATIONS
         ),
         append_punctuations=_punctuation(
             "append_punctuations", form.get("append_punctuations"), APPEND_PUNCTUATIONS
         ),
+        best_of=best_of,
+        length_penalty=length_penalty,
+        clip_timestamps=parse_clip_timestamps(form.get("clip_timestamps")),
+        hallucination_silence_threshold=silence,
+        carry_initial_prompt=carry,
     )

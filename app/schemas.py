@@ -274,6 +274,33 @@ INFERENCE_FORM = form_body(
         },
         "prepend_punctuations": {"type": "string", "default": "\"'“¿([{-"},
         "append_punctuations": {"type": "string", "default": "\"'.。,，!！?？:：”)]}、"},
+        "best_of": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 5,
+            "description": "samples per window at temperature > 0, the best kept",
+        },
+        "length_penalty": _num(
+            "alpha of the length penalty ranking beams or best_of samples",
+            None,
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        "clip_timestamps": {
+            "type": "string",
+            "default": "0",
+            "description": "seconds start,end,start,end,... of the clips to transcribe",
+        },
+        "hallucination_silence_threshold": _num(
+            "with word_timestamps: skip silences longer than this around likely hallucinations (s)",
+            None,
+            maximum=30.0,
+        ),
+        "carry_initial_prompt": {
+            "type": "boolean",
+            "default": False,
+            "description": "prepend initial_prompt to the prompt of every window",
+        },
         "webhook": {
             "type": "string",
             "format": "uri",

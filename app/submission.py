@@ -16,6 +16,7 @@ from app import blobs, served_model
 from app.audio_probe import AudioError, probe_duration_s
 from app.db import session_scope, utcnow
 from app.errors import ApiError
+from app.lifecycle import drop_ended_audio
 from app.models import Job, JobStatus, new_job_id
 from app.options import TranscribeOptions
 from app.queue import send_job
@@ -148,11 +149,11 @@ def submit_job(
         raise
     log.info("job accepted", extra={"request_id": job_id, "queue": queue})
     # Only after the commit: a worker must never receive an id it cannot read yet.
-    enqueue_jobs([job_id], queue=queue)
+    enqueue_jobs([job_id], queue=queue, settings=settings)
     return job
 
 
-def enqueue_jobs(job_ids: list[str], *, queue: str) -> None:
+def enqueue_jobs(job_ids: list[str], *, queue: str, settings: Settings) -> None:
     """Send committed jobs to the broker; if it is down, fail the ones not sent (a job must
     not be left queued forever in silence) and answer 503."""
     for sent, job_id in enumerate(job_ids):
@@ -161,6 +162,7 @@ def enqueue_jobs(job_ids: list[str], *, queue: str) -> None:
         except Exception as exc:
             log.exception("enqueue failed for job %s", job_id)
             _fail_unsent(job_ids[sent:], exc)
+            drop_ended_audio(job_ids[sent:], settings=settings)
             raise ApiError(
                 503,
                 "queue_unavailable",

@@ -509,6 +509,7 @@ class BatchDecoder(nn.Module):
         sample_len: int,
         beam_size: int,
         patience: list[float],  # per job
+        length_penalty: list[float | None] | None = None,  # per job; None: per token
     ) -> list[RowResult]:
         """openai-whisper's BeamSearchDecoder + MaximumLikelihoodRanker for many jobs at once:
         each job's ``beam_size`` beams are consecutive rows of one batch, and the candidate
@@ -661,12 +662,14 @@ class BatchDecoder(nn.Module):
                         for k, vv in cross
                     ]
                     jobs_now = n_live
-        # MaximumLikelihoodRanker (no length penalty): the best sum of log-probabilities per
-        # sampled token, in float64 as whisper divides; the first of equals wins (np.argmax).
+        # MaximumLikelihoodRanker: the best sum of log-probabilities per sampled token, or
+        # over Google NMT's length penalty ((5 + length) / 6) ** alpha, in float64 as whisper
+        # divides; the first of equals wins (np.argmax).
         lens, lps = fin_len.tolist(), fin_lp.double().tolist()
+        alphas = length_penalty or [None] * n
         results = []
         for j, (n_j, lens_j, lps_j) in enumerate(zip(n_fin.tolist(), lens, lps, strict=True)):
-            best = max(range(n_j), key=lambda c: (lps_j[c] / max(lens_j[c], 1), -c))
+            best = max(range(n_j), key=lambda c: (_ranked(lps_j[c], lens_j[c], alphas[j]), -c))
             results.append(
                 RowResult(
                     tokens=fin_tok[j, best, : lens_j[best]].tolist(),
@@ -676,3 +679,10 @@ class BatchDecoder(nn.Module):
                 )
             )
         return results
+
+
+def _ranked(sum_logprob: float, length: int, alpha: float | None) -> float:
+    """MaximumLikelihoodRanker's score of one finished sequence."""
+    if alpha is None:
+        return sum_logprob / max(length, 1)
+    return float(sum_logprob / ((5 + length) / 6) ** alpha)

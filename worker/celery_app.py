@@ -1,6 +1,11 @@
-"""The worker's Celery app: the API's producer app plus the tasks and worker-side settings.
+"""The worker's Celery app: the API's producer app plus the tasks and worker-side settings,
+and where the worker's parts are wired together (Celery signals, metrics).
 
-Run it with ``whisperq worker`` (threads pool: several jobs in flight feed one engine)."""
+Run it with ``whisperq worker`` (threads pool: several jobs in flight feed one engine).
+
+Imports run one way: worker/tasks.py imports this module for the app its tasks register on,
+and this module imports the runtime, the reaper and observability, none of which imports it
+or the tasks back (tests/test_imports.py fails on a cycle)."""
 
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 
 from app.queue import get_celery
 from app.settings import get_settings, settings_or_exit
+from worker import reaper, runtime
 from worker.observability import install as install_observability
+from worker.observability import observe_batch
 
 settings_or_exit()  # `celery -A worker.celery_app` too refuses weak secrets at start
 
@@ -61,28 +68,26 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
 celery = get_celery()
 celery.conf.update(include=["worker.tasks"], worker_consumer=f"{__name__}:Consumer")
 install_observability(celery)  # metrics, /readyz, request-id logs, audio cleanup (issue 16)
+# The engine's batch sizes on the worker's /metrics: runtime cannot import observability,
+# which reads it.
+runtime.observe_batches(observe_batch)
 
 _stop_loops = threading.Event()
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def _start_loops(sender: Any = None, **_: Any) -> None:
-    from worker import runtime
-    from worker.reaper import start_reaper
-
     settings = get_settings()
     consumer = getattr(sender, "app", None)
     if consumer is not None:
         runtime.set_consumed_queues(list(consumer.amqp.queues.consume_from or []))
     runtime.start_heartbeat(settings, _stop_loops)
     runtime.start_cancel_listener(settings, _stop_loops)
-    start_reaper(settings, _stop_loops)
+    reaper.start_reaper(settings, _stop_loops)
 
 
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]
 def _shutting_down(**_: Any) -> None:
-    from worker import runtime
-
     log.warning(
         "worker stopping: waiting tasks give their messages back, running jobs finish "
         "within %s s or are handed back",

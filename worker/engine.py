@@ -197,7 +197,18 @@ _STOP_PRIORITY = math.inf  # sorts after every job: the work queued before a clo
 
 
 def _batched(opts: TranscribeOptions) -> bool:
-    return not getattr(opts, "word_timestamps", False)
+    """Whether the batched windows give this job transcribe()'s result; the rest run
+    whisper's own transcribe() (the exact path)."""
+    if getattr(opts, "word_timestamps", False):
+        return False
+    if getattr(opts, "hallucination_silence_threshold", None) is not None:
+        return False  # works on word timestamps (the API refuses it without them)
+    if getattr(opts, "clip_timestamps", "0") != "0":
+        return False  # the batched seek loop walks the whole file
+    # Several samples per window at t > 0 draw from whisper's random stream in its own order:
+    # the exact path keeps a seeded result equal to transcribe()'s.
+    best_of = getattr(opts, "best_of", None)
+    return not (best_of is not None and best_of > 1 and any(t > 0 for t in opts.temperatures()))
 
 
 class _JobState:
@@ -262,7 +273,16 @@ class _JobState:
         segment_size = min(3000, self.content_frames - self.seek)
         mel_segment = pad_or_trim(self.mel[:, self.seek : self.seek + segment_size], 3000)
         self.window = {"segment_size": segment_size, "seek": self.seek}
-        prompt = self.all_tokens[self.prompt_reset_since :]
+        if self.opts.carry_initial_prompt:
+            # transcribe()'s own slicing, kept as written: a prompt that fills half the
+            # context leaves a bound <= 0, which slices from the start, then the cut below
+            # keeps the last tokens
+            initial_tokens = self.initial_prompt_tokens
+            bound = n_text_ctx // 2 - 1 - len(initial_tokens)
+            ignored = max(len(initial_tokens), self.prompt_reset_since)
+            prompt = initial_tokens + self.all_tokens[ignored:][-bound:]
+        else:
+            prompt = self.all_tokens[self.prompt_reset_since :]
         assert self.tokenizer is not None
         sot = list(self.tokenizer.sot_sequence)
         if prompt:
@@ -891,6 +911,7 @@ class Engine:
                     self.sample_len,
                     BEAM_SIZE,
                     [p for s in sub if (p := s.opts.patience) is not None],  # all of them
+                    [s.opts.length_penalty for s in sub],
                 )
             else:
                 results = self.decoder.decode(feats, rows, self.sample_len)
@@ -987,6 +1008,7 @@ class Engine:
         self._check(opts)
         audio = torch.from_numpy(np.ascontiguousarray(job.audio, dtype=np.float32))
         kwargs = opts.transcribe_kwargs(fp16=self.fp16)
+        kwargs["clip_timestamps"] = _clips_within(opts.clip_seconds(), len(job.audio))
         if getattr(opts, "word_timestamps", False):
             kwargs["word_timestamps"] = True
             for name, default in _WORD_PUNCT_DEFAULTS.items():
@@ -997,6 +1019,27 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return _result_of(out, len(job.audio), time.perf_counter() - start)
+
+
+def _clips_within(clips: list[float], n_samples: int) -> list[float]:
+    """whisper's clip list, cut at the end of the audio. Past the end a clip's window is
+    empty (segment_size 0 or below), so transcribe() can decode it again and again without
+    moving on; a clip that starts after the end is skipped by whisper anyway. Unchanged for
+    clips inside the audio."""
+    content_frames = n_samples // 160  # transcribe()'s mel frames of the audio itself
+    frames_per_s = SAMPLE_RATE // 160
+    end_s = content_frames / frames_per_s
+    kept: list[float] = []
+    for i in range(0, len(clips), 2):
+        start, end = clips[i], clips[i + 1] if i + 1 < len(clips) else None
+        if round(start * frames_per_s) >= content_frames:
+            break  # the clips increase (the API checks): every later one is past the end too
+        kept.append(start)
+        if end is not None:
+            kept.append(end if round(end * frames_per_s) <= content_frames else end_s)
+    if not kept and clips:
+        return [end_s, end_s]  # nothing to transcribe; an empty list would mean the whole file
+    return kept
 
 
 def default_lanes(device: torch.device) -> int:

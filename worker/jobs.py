@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.batches import on_job_finished
 from app.db import UTCDateTime, session_scope, utcnow
+from app.lifecycle import drop_ended_audio
 from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
 from app.options import TranscribeOptions
 from app.queue import send_delivery
@@ -336,6 +337,7 @@ def finish(
         )
         batch_deliveries = session.info.get(AFTER_COMMIT_DELIVERIES, [])
     send_after_commit(batch_deliveries)
+    drop_ended_audio([claimed.id], settings=settings)
     return Finished(stored=True, delivery_id=delivery_id)
 
 
@@ -391,6 +393,7 @@ def expire_leases(settings: Settings, *, limit: int = 500) -> Expired:
                 requeued.append((job.id, job.queue))
         batch_deliveries = session.info.get(AFTER_COMMIT_DELIVERIES, [])
     send_after_commit(batch_deliveries)
+    drop_ended_audio([job_id for job_id, _ in failed], settings=settings)
     return Expired(requeued=requeued, failed=failed)
 
 

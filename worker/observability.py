@@ -1,5 +1,5 @@
-"""The worker's metrics, health endpoints, request-id logging and end-of-job audio cleanup,
-hooked in from outside the tasks so worker/tasks.py stays about jobs.
+"""The worker's metrics, health endpoints, request-id logging and retention purge, hooked
+in from outside the tasks so worker/tasks.py stays about jobs.
 
 ``install(celery)`` (called once from worker/celery_app.py) wraps the two functions every
 job and webhook attempt pass through, ``jobs.finish`` and ``deliveries.deliver_once``, and
@@ -19,13 +19,13 @@ from celery import Celery
 from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import blobs
 from app.db import session_scope
 from app.logging import bind_request_id, configure_logging
 from app.metrics import WorkerMetrics, worker_metrics
-from app.models import TERMINAL_STATUSES, Job, JobStatus, WebhookDelivery
+from app.models import Job, JobStatus, WebhookDelivery
 from app.queue import DELIVER_WEBHOOK, RUN_JOB
 from app.settings import Settings, get_settings
+from worker import runtime
 from worker.gpu_metrics import GpuMemoryCollector
 
 log = logging.getLogger("whisperq.worker")
@@ -43,13 +43,12 @@ def observe_batch(rows: int) -> None:
 
 
 def record_finished(job_id: str, *, attempt: int, status: JobStatus, m: WorkerMetrics) -> None:
-    """Count a job this run stored, and drop its audio unless retention keeps it."""
-    settings = get_settings()
+    """Count a job this run stored (its audio is dropped by ``jobs.finish`` itself)."""
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job is None or job.status != status or job.attempts != attempt:
             return  # another run owns it, or it was canceled: not ours to count
-        queue, blob = job.queue, job.audio_blob
+        queue = job.queue
         m.jobs.labels(status=str(status), queue=queue).inc()
         if job.started_at is not None and job.enqueued_at is not None:
             wait = (job.started_at - job.enqueued_at).total_seconds()
@@ -61,10 +60,6 @@ def record_finished(job_id: str, *, attempt: int, status: JobStatus, m: WorkerMe
             m.audio_seconds.labels(queue=queue).inc(audio_s)
             if audio_s > 0:
                 m.real_time_factor.observe(model_s / audio_s)
-        if blob is not None and settings.keep_audio_days <= 0 and status in TERMINAL_STATUSES:
-            job.audio_blob = None
-    if blob is not None and settings.keep_audio_days <= 0:
-        blobs.get_store().delete(blob)
     log.info(
         "job finished",
         extra={"event": "job_finished", "status": str(status), "queue": queue},
@@ -126,10 +121,8 @@ def _on_postrun(**_: Any) -> None:
 
 
 def _ready(settings: Settings) -> tuple[bool, dict[str, str]]:
-    from worker import runtime
-
     checks: dict[str, str] = {}
-    checks["model"] = "ok" if runtime._engine is not None else "not loaded"
+    checks["model"] = "ok" if runtime.current_engine() is not None else "not loaded"
     try:
         from sqlalchemy import text
 
@@ -201,7 +194,8 @@ def _purge_loop(settings: Settings) -> None:
     from app.db import utcnow
     from app.retention import purge
 
-    while not _stop_purge.wait(settings.purge_interval_s):
+    # A floor: the loop now always runs, and an interval of 0 would spin on the database.
+    while not _stop_purge.wait(max(settings.purge_interval_s, 1.0)):
         try:
             purge(settings, now=utcnow())
         except Exception:  # the next round tries again
@@ -212,10 +206,11 @@ def _on_ready(**_: Any) -> None:
     METRICS.model_loaded.set(1)
     settings = get_settings()
     start_http(settings)
-    if settings.retention_days > 0 or settings.keep_audio_days > 0:
-        threading.Thread(
-            target=_purge_loop, args=(settings,), name="whisperq-purge", daemon=True
-        ).start()
+    # Always, even when nothing is kept: it also deletes audio a crash left behind (an
+    # ended job's, or a blob no job names).
+    threading.Thread(
+        target=_purge_loop, args=(settings,), name="whisperq-purge", daemon=True
+    ).start()
 
 
 def _on_shutdown(**_: Any) -> None:

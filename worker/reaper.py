@@ -33,6 +33,7 @@ from app.models import DeliveryStatus, WebhookDelivery
 from app.queue import send_delivery, send_job
 from app.settings import Settings
 from worker import jobs
+from worker.waiters import notify_done
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ UNACKED = "unacked"
 
 def expire_and_dispatch(settings: Settings) -> int:
     """Expire dead workers' leases; returns how many jobs went back to the queue."""
-    from worker.tasks import notify_done
-
     expired = jobs.expire_leases(settings)
     for job_id, delivery_id in expired.failed:
         log.warning("job %s failed: its worker died %d times", job_id, settings.job_max_attempts)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,6 @@ from worker import jobs
 from worker.engine import Engine
 from worker.model_loading import load_model_or_fallback, pick_device
 from worker.null_engine import NullEngine
-from worker.observability import observe_batch
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -35,6 +35,30 @@ STOP_CANCELED = "canceled"
 STOP_TIME_LIMIT = "time_limit_exceeded"
 STOP_SHUTDOWN = "shutdown"
 STOP_LEASE_LOST = "lease_lost"
+
+# Observability reads this module (is the model loaded?), so it cannot be imported from here:
+# the Celery app, which imports both, subscribes it to the engine's batches instead.
+_batch_observer: Callable[[int], None] | None = None
+
+
+def observe_batches(observer: Callable[[int], None]) -> None:
+    """Have ``observer`` called with the rows of each step the engine decodes."""
+    global _batch_observer
+    _batch_observer = observer
+
+
+def _on_batch(rows: int) -> None:
+    # Looked up at each step, not when the engine is made: `whisperq worker` loads the model
+    # before it imports the Celery app that subscribes.
+    observer = _batch_observer
+    if observer is not None:
+        observer(rows)
+
+
+def current_engine() -> Engine | NullEngine | None:
+    """The engine if this process made one, without making it (None until the model loads):
+    for health checks, which must not load a model to answer."""
+    return _engine
 
 
 def get_engine() -> Engine | NullEngine:
@@ -65,7 +89,7 @@ def get_engine() -> Engine | NullEngine:
                 ready_rows=settings.engine_ready_rows,
                 lanes=settings.engine_lanes,
                 max_wait_ms=settings.engine_max_wait_ms,
-                on_batch=observe_batch,
+                on_batch=_on_batch,
             )
             log.info(
                 "engine: %d lane(s) x %d torch thread(s) on %s, up to %d rows per window,"

@@ -23,13 +23,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.audio_probe import AudioError
 from app.limits import job_time_limit_s
 from app.models import JobStatus
-from app.notify import publish_done
 from app.queue import DELIVER_WEBHOOK, RUN_JOB, send_delivery
 from app.settings import Settings, get_settings
-from worker import deliveries, jobs, runtime
+from worker import deliveries, jobs, reaper, runtime
 from worker.audio import load_job_audio
 from worker.celery_app import celery
 from worker.engine import EngineInputError, EngineJob, EngineResult, EngineStopped
+from worker.waiters import notify_done
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,6 @@ class JobFailed(Exception):  # noqa: N818 (it names the outcome Flower shows)
     """Raised after a failure is stored, so Flower counts the task as failed. The message is
     acked all the same (acks_late acks failures): no retry, no redelivery. One string
     argument, so Celery can pickle it into the task-failed event."""
-
-
-def notify_done(job_id: str, settings: Settings) -> None:
-    """Wake the API's sync waiters; a spurious wake-up (a finish that lost a race) only makes
-    them re-read the row."""
-    publish_done(job_id, redis_url=settings.redis_url)
 
 
 def _store(claimed: jobs.ClaimedJob, settings: Settings, **outcome: Any) -> bool:
@@ -215,13 +209,10 @@ def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) 
 
 def _claim(settings: Settings) -> jobs.ClaimResult:
     result = jobs.claim_next(queues=runtime.job_queues(settings), settings=settings)
-    if result.job is None and not result.capped:
-        # Perhaps a dead worker's job whose lease ran out before the reaper saw it: this very
-        # message may be the one that worker held, restored by Redis.
-        from worker.reaper import expire_and_dispatch
-
-        if expire_and_dispatch(settings):
-            result = jobs.claim_next(queues=runtime.job_queues(settings), settings=settings)
+    # Nothing claimable: perhaps a dead worker's job whose lease ran out before the reaper saw
+    # it; this very message may be the one that worker held, restored by Redis.
+    if result.job is None and not result.capped and reaper.expire_and_dispatch(settings):
+        result = jobs.claim_next(queues=runtime.job_queues(settings), settings=settings)
     return result
 
 

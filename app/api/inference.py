@@ -42,6 +42,11 @@ OPTION_FIELDS = (
     "word_timestamps",
     "prepend_punctuations",
     "append_punctuations",
+    "best_of",
+    "length_penalty",
+    "clip_timestamps",
+    "hallucination_silence_threshold",
+    "carry_initial_prompt",
 )
 
 
@@ -159,7 +164,8 @@ async def infer(
     submitted = await run_in_threadpool(
         lambda: idempotency.submit_once(
             api_key_id=key.id,
-            key=idempotency.check_key(idempotency_key),
+            key=idempotency_key,
+            upload=audio.blob,
             fingerprint=idempotency.fingerprint(
                 request.url.path, {"options": options.to_json(), "webhook": webhook_url}, audio
             ),

@@ -12,10 +12,11 @@ from fastapi.responses import PlainTextResponse, Response
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from app import batches, blobs, schemas
+from app import batches, schemas
 from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
 from app.db import utcnow
 from app.errors import ApiError, ErrorCode
+from app.lifecycle import delete_unreferenced, drop_ended_audio
 from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
 from app.notify import publish_cancel, publish_done
 from app.queue import send_delivery
@@ -144,6 +145,7 @@ def _cancel_queued(session: Session, job: Job, settings: Settings) -> bool:
     for delivery_id in to_send:
         send_delivery(delivery_id)
     publish_done(job.id, redis_url=settings.redis_url)  # a sync caller waiting on it wakes
+    drop_ended_audio([job.id], settings=settings)
     return True
 
 
@@ -203,8 +205,7 @@ def delete_job(
             ErrorCode.job_in_progress,
             "the job is running: cancel it (POST /v1/jobs/{id}/cancel) and delete it once it ended",
         )
-    if job.audio_blob is not None:
-        blobs.delete_blob(job.audio_blob)
+    blob = job.audio_blob
     job.audio_blob = None
     job.audio_url = None
     job.result = None
@@ -220,6 +221,8 @@ def delete_job(
     )
     session.execute(update(WebhookDelivery).where(WebhookDelivery.job_id == job.id).values(body=""))
     session.commit()
+    if blob is not None:  # after the commit: a row never points at nothing
+        delete_unreferenced([blob])
     return schemas.JobView.model_validate(job_status(job))
 
 

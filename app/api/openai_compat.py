@@ -219,7 +219,7 @@ async def _serve(
         submitted = await run_in_threadpool(
             lambda: idempotency.submit_once(
                 api_key_id=key.id,
-                key=idempotency.check_key(idempotency_key),
+                key=idempotency_key,
                 fingerprint=idempotency.fingerprint(
                     request.url.path, req.fingerprint_params(), req.audio
                 ),
@@ -232,6 +232,7 @@ async def _serve(
                     settings=settings,
                 ),
                 ttl_s=settings.idempotency_ttl_s,
+                upload=req.audio.blob,
             )
         )
     if submitted.replayed and req.audio.blob is not None:

@@ -1,0 +1,378 @@
+"""whisper.transcribe()'s options beyond the first set: best_of, length_penalty,
+clip_timestamps, hallucination_silence_threshold and carry_initial_prompt. The API validates
+them (a 422 naming the field), the job stores them, and the engine's result equals
+``whisper.transcribe()`` given the same options on real tiny.en weights (CPU, fp32).
+
+Each parity test also checks that its option changes whisper's own result on that audio: the
+test would fail if the option were lost on the way to the engine. The references are built
+from whisper's keyword arguments written out here, not from the options' own mapping, so a
+mapping that drops an option cannot drop it from both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from app.options import (
+    MAX_CLIP_TIMESTAMPS,
+    OptionError,
+    TranscribeOptions,
+    parse_options,
+)
+from worker.engine import Engine, EngineJob, EngineResult, Segment, _batched, _clips_within
+
+ENGLISH = (
+    "Good morning everyone. Today we will talk about the new product and the plans for "
+    "next year. Please ask questions at the end."
+)
+SHORT = "Good morning everyone. Please ask questions at the end."
+# 30.8 s spoken: two windows, the first ending inside speech.
+LONG_ENGLISH = (
+    "Welcome to the office. This short guide explains what you need to know during your "
+    "first week. Your manager will meet you at the front desk and show you around the "
+    "building. The kitchen is on the ground floor, next to the large meeting room. "
+    "Please remember to lock the front door when you leave the office in the evening. "
+    "The parking lot will be closed on Friday for cleaning, so please take the train or "
+    "the bus that day. Every morning the team meets for a short update at the start of "
+    "the day."
+)
+# A prompt without capitals or punctuation: the model copies its style into the windows
+# that see it, which makes carrying it to later windows visible.
+PLAIN_PROMPT = "good morning everyone today we will talk about the new product and the plans"
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"best_of": "0"}, "best_of"),
+        ({"best_of": "6"}, "best_of"),
+        ({"best_of": "two"}, "best_of"),
+        ({"best_of": "2.5"}, "best_of"),
+        # t = 0 without fallbacks: whisper would ignore best_of
+        ({"best_of": "3", "temperature_increment_on_fallback": "none"}, "best_of"),
+        ({"best_of": "3", "temperature_increment_on_fallback": "0"}, "best_of"),
+        ({"length_penalty": "-0.1", "patience": "1"}, "length_penalty"),
+        ({"length_penalty": "1.5", "patience": "1"}, "length_penalty"),
+        ({"length_penalty": "nan", "patience": "1"}, "length_penalty"),
+        ({"length_penalty": "short", "patience": "1"}, "length_penalty"),
+        ({"length_penalty": "0.5"}, "length_penalty"),  # greedy: one candidate, no ranking
+        ({"length_penalty": "0.5", "best_of": "1"}, "length_penalty"),
+        ({"clip_timestamps": "a,b"}, "clip_timestamps"),
+        ({"clip_timestamps": "-1,2"}, "clip_timestamps"),
+        ({"clip_timestamps": "1,inf"}, "clip_timestamps"),
+        ({"clip_timestamps": "5,2"}, "clip_timestamps"),
+        ({"clip_timestamps": "1,1"}, "clip_timestamps"),
+        ({"clip_timestamps": "1,3,2,4"}, "clip_timestamps"),
+        ({"clip_timestamps": "1e9"}, "clip_timestamps"),
+        (
+            {"clip_timestamps": ",".join(map(str, range(MAX_CLIP_TIMESTAMPS + 1)))},
+            "clip_timestamps",
+        ),
+        ({"hallucination_silence_threshold": "2"}, "hallucination_silence_threshold"),
+        (
+            {"hallucination_silence_threshold": "0", "word_timestamps": "true"},
+            "hallucination_silence_threshold",
+        ),
+        (
+            {"hallucination_silence_threshold": "-1", "word_timestamps": "true"},
+            "hallucination_silence_threshold",
+        ),
+        (
+            {"hallucination_silence_threshold": "31", "word_timestamps": "true"},
+            "hallucination_silence_threshold",
+        ),
+        (
+            {"hallucination_silence_threshold": "long", "word_timestamps": "true"},
+            "hallucination_silence_threshold",
+        ),
+        ({"carry_initial_prompt": "maybe", "initial_prompt": "x"}, "carry_initial_prompt"),
+        ({"carry_initial_prompt": "true"}, "carry_initial_prompt"),  # nothing to carry
+    ],
+)
+def test_bad_values_name_their_field(fields: dict[str, str | None], field: str) -> None:
+    with pytest.raises(OptionError) as err:
+        parse_options(fields)
+    assert err.value.field == field
+    assert field in err.value.message or field.split("_")[0] in err.value.message
+
+
+def test_accepted_values_are_stored_and_passed_to_whisper() -> None:
+    opts = parse_options(
+        {
+            "temperature": "0.2",
+            "best_of": "3",
+            "patience": "1",
+            "length_penalty": "0.6",
+            "clip_timestamps": " [1.5, 3, 10] ",
+            "word_timestamps": "true",
+            "hallucination_silence_threshold": "2",
+            "initial_prompt": "Glossary",
+            "carry_initial_prompt": "true",
+        }
+    )
+    assert (opts.best_of, opts.length_penalty, opts.clip_timestamps) == (3, 0.6, "1.5,3.0,10.0")
+    assert (opts.hallucination_silence_threshold, opts.carry_initial_prompt) == (2.0, True)
+    assert opts.clip_seconds() == [1.5, 3.0, 10.0]
+    kw = opts.transcribe_kwargs(fp16=False)
+    assert (kw["best_of"], kw["length_penalty"], kw["clip_timestamps"]) == (3, 0.6, "1.5,3.0,10.0")
+    assert kw["hallucination_silence_threshold"] == 2.0 and kw["carry_initial_prompt"] is True
+    assert TranscribeOptions.from_json(opts.to_json()) == opts
+    # a list works as whisper's does; a lone 0 or nothing is the whole file
+    assert parse_options({"clip_timestamps": "0"}).clip_timestamps == "0"
+    assert parse_options({"clip_timestamps": ""}).clip_timestamps == "0"
+    assert parse_options({"clip_timestamps": "2"}).clip_timestamps == "2.0"
+    assert parse_options({"best_of": "2", "temperature": "0.5"}).best_of == 2
+    assert parse_options({"length_penalty": "none"}).length_penalty is None
+
+
+def test_defaults_are_whispers_and_old_stored_jobs_load() -> None:
+    opts = parse_options({})
+    kw = opts.transcribe_kwargs(fp16=False)
+    assert "best_of" not in kw and "length_penalty" not in kw
+    assert kw["clip_timestamps"] == "0" and kw["carry_initial_prompt"] is False
+    assert kw["hallucination_silence_threshold"] is None
+    # the stored JSON of a job that uses none of them is what it was before they existed
+    # (idempotency and batch fingerprints are made of it)
+    stored_before = {
+        f.name: getattr(opts, f.name)
+        for f in dataclasses.fields(TranscribeOptions)
+        if f.name
+        not in {
+            "best_of",
+            "length_penalty",
+            "clip_timestamps",
+            "hallucination_silence_threshold",
+            "carry_initial_prompt",
+        }
+    }
+    assert opts.to_json() == stored_before
+    assert TranscribeOptions.from_json(stored_before) == opts
+
+
+def test_only_what_the_batch_does_exactly_is_batched() -> None:
+    assert _batched(parse_options({"patience": "1", "length_penalty": "0"}))
+    assert _batched(parse_options({"initial_prompt": "x", "carry_initial_prompt": "true"}))
+    assert _batched(parse_options({"best_of": "1"}))  # one sample: the greedy pass's own
+    assert not _batched(parse_options({"best_of": "2"}))
+    assert not _batched(parse_options({"best_of": "2", "temperature": "0.5"}))
+    assert not _batched(parse_options({"clip_timestamps": "1,2"}))
+    assert not _batched(
+        parse_options({"word_timestamps": "true", "hallucination_silence_threshold": "2"})
+    )
+    # stored options that never met the API's check still take the exact path
+    assert not _batched(dataclasses.replace(TranscribeOptions(), hallucination_silence_threshold=2))
+
+
+def test_clips_past_the_end_of_the_audio_are_cut_there() -> None:
+    n = 16_000 * 10  # 10 s: 1,000 mel frames
+    assert _clips_within([0.0], n) == [0.0]
+    assert _clips_within([1.5, 3.0, 9.0], n) == [1.5, 3.0, 9.0]
+    assert _clips_within([1.5, 3.0, 10.0], n) == [1.5, 3.0]  # whisper skips that one too
+    assert _clips_within([1.0, 2.0, 5.0, 100.0], n) == [1.0, 2.0, 5.0, 10.0]
+    assert _clips_within([1.0, 2.0, 12.0, 14.0], n) == [1.0, 2.0]
+    assert _clips_within([12.0, 14.0], n) == [10.0, 10.0]  # nothing, not the whole file
+    assert _clips_within([10.0], n) == [10.0, 10.0]
+
+
+API_BAD = [
+    ({"best_of": "9"}, "best_of"),
+    ({"best_of": "2", "temperature_increment_on_fallback": "none"}, "best_of"),
+    ({"length_penalty": "0.5"}, "length_penalty"),
+    ({"clip_timestamps": "4,2"}, "clip_timestamps"),
+    ({"hallucination_silence_threshold": "2"}, "hallucination_silence_threshold"),
+    ({"carry_initial_prompt": "true"}, "carry_initial_prompt"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field"), API_BAD)
+def test_the_api_answers_422_invalid_option(api: Any, fields: dict[str, str], field: str) -> None:
+    from tests.support.api import auth, new_key
+
+    key = new_key("new-options")
+    r = api.post(
+        "/v1/inference/openai/whisper-tiny",
+        headers=auth(key),
+        data=fields,
+        files={"audio": ("a.wav", b"RIFF0000WAVE")},
+    )
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["field"]) == ("invalid_option", field)
+    assert error["message"]
+
+
+# ------------------------------------------------------------------ parity on real weights
+
+
+def _audio(text: str, path: Path) -> np.ndarray:
+    from tests.support.real_models import speak
+    from worker.audio import decode
+
+    return decode(speak(text, path), timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def tiny_en() -> Iterator[Engine]:
+    import whisper
+
+    from tests.support.real_models import tiny_en_checkpoint
+
+    engine = Engine(whisper.load_model(str(tiny_en_checkpoint()), device="cpu"), max_wait_ms=50)
+    yield engine
+    engine.close(5)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    d = tmp_path_factory.mktemp("speech")
+    long = _audio(LONG_ENGLISH, d / "long.wav")
+    english = _audio(ENGLISH, d / "en.wav")
+    return {
+        "english": english,
+        "short": _audio(SHORT, d / "short.wav"),
+        "long": long,
+        # a second window with speech of its own: what a carried prompt changes
+        "long_then_english": np.concatenate([long, english]),
+    }
+
+
+def _whisper(engine: Engine, audio: np.ndarray, seed: int | None = None, **kw: Any) -> Any:
+    import whisper
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.inference_mode():
+        return whisper.transcribe(
+            engine.model, torch.from_numpy(audio), fp16=False, verbose=None, **kw
+        )
+
+
+def _engine(
+    engine: Engine, audio: np.ndarray, opts: TranscribeOptions, seed: int | None = None
+) -> EngineResult:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return engine.submit(EngineJob(audio, opts)).result(timeout=600)
+
+
+def _key(segments: Any) -> list[tuple[Any, ...]]:
+    return [(s.seek, s.start, s.end, s.text, s.tokens, s.temperature) for s in segments]
+
+
+def _ref_segments(raw: dict[str, Any]) -> tuple[Segment, ...]:
+    return tuple(Segment.from_whisper(s) for s in raw["segments"])
+
+
+def _same(got: EngineResult, ref: dict[str, Any], *, whole: bool = False) -> None:
+    assert got.text == str(ref["text"]).strip()
+    if whole:  # whisper's own transcribe() ran: every field, words included
+        assert got.segments == _ref_segments(ref)
+    else:  # the batched decoder: equal up to float rounding of the log-probabilities
+        assert _key(got.segments) == _key(_ref_segments(ref))
+
+
+def _differ(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """The option matters on this audio: without it, whisper's result is another."""
+    assert (a["text"], _key(_ref_segments(a))) != (b["text"], _key(_ref_segments(b)))
+
+
+@pytest.mark.slow
+def test_length_penalty_ranks_beams_batched(tiny_en: Engine, clips: dict[str, np.ndarray]) -> None:
+    audio = clips["english"]
+    exact_before = tiny_en.stats["exact_jobs"]
+    got = _engine(tiny_en, audio, parse_options({"patience": "1", "length_penalty": "0"}))
+    assert tiny_en.stats["exact_jobs"] == exact_before  # batched beam search
+    ref = _whisper(tiny_en, audio, beam_size=5, patience=1.0, length_penalty=0.0)
+    _same(got, ref)
+    _differ(ref, _whisper(tiny_en, audio, beam_size=5, patience=1.0))
+
+
+@pytest.mark.slow
+def test_carry_initial_prompt_batched(tiny_en: Engine, clips: dict[str, np.ndarray]) -> None:
+    audio = clips["long_then_english"]
+    fields = {"initial_prompt": PLAIN_PROMPT, "condition_on_previous_text": "false"}
+    exact_before = tiny_en.stats["exact_jobs"]
+    got = _engine(tiny_en, audio, parse_options({**fields, "carry_initial_prompt": "true"}))
+    assert tiny_en.stats["exact_jobs"] == exact_before
+    kw: dict[str, Any] = {"initial_prompt": PLAIN_PROMPT, "condition_on_previous_text": False}
+    ref = _whisper(tiny_en, audio, carry_initial_prompt=True, **kw)
+    _same(got, ref)
+    assert len({s.seek for s in got.segments}) >= 2  # the prompt was carried to a window
+    _differ(ref, _whisper(tiny_en, audio, **kw))
+
+
+@pytest.mark.slow
+def test_best_of_samples_seeded_like_whisper(tiny_en: Engine, clips: dict[str, np.ndarray]) -> None:
+    """Sampling at t = 0.5 (no fallbacks): each window is 3 samples, the best kept. Both
+    sides draw from torch's seeded generator in whisper's order (the job runs whisper's own
+    decoder: best_of > 1 at t > 0 takes the exact path)."""
+    audio = clips["short"]
+    opts = parse_options(
+        {"temperature": "0.5", "temperature_increment_on_fallback": "none", "best_of": "3"}
+    )
+    exact_before = tiny_en.stats["exact_jobs"]
+    got = _engine(tiny_en, audio, opts, seed=1234)
+    assert tiny_en.stats["exact_jobs"] == exact_before + 1
+    ref = _whisper(tiny_en, audio, seed=1234, temperature=0.5, best_of=3)
+    _same(got, ref, whole=True)
+    assert {s.temperature for s in got.segments} == {0.5}
+    _differ(ref, _whisper(tiny_en, audio, seed=1234, temperature=0.5))
+
+
+@pytest.mark.slow
+def test_best_of_on_fallbacks_seeded_like_whisper(
+    tiny_en: Engine, clips: dict[str, np.ndarray]
+) -> None:
+    """best_of on the ladder's rungs above 0 (every window forced down the ladder)."""
+    audio = clips["short"]
+    opts = dataclasses.replace(
+        parse_options({"temperature_increment_on_fallback": "0.5", "best_of": "2"}),
+        logprob_threshold=0.0,  # fails every decode (the API refuses it; set directly)
+    )
+    got = _engine(tiny_en, audio, opts, seed=7)
+    kw: dict[str, Any] = {"temperature": (0.0, 0.5, 1.0), "logprob_threshold": 0.0}
+    ref = _whisper(tiny_en, audio, seed=7, best_of=2, **kw)
+    _same(got, ref, whole=True)
+    _differ(ref, _whisper(tiny_en, audio, seed=7, **kw))
+
+
+@pytest.mark.slow
+def test_clip_timestamps_exact(tiny_en: Engine, clips: dict[str, np.ndarray]) -> None:
+    audio = clips["english"]
+    got = _engine(tiny_en, audio, parse_options({"clip_timestamps": "1.0,4.5"}))
+    ref = _whisper(tiny_en, audio, clip_timestamps="1.0,4.5")
+    _same(got, ref, whole=True)
+    assert got.segments and got.segments[0].start >= 1.0
+    _differ(ref, _whisper(tiny_en, audio))
+    # a clip running past the end of the audio stops there (whisper would decode empty
+    # windows forever): what whisper gives for a clip to the end
+    got = _engine(tiny_en, audio, parse_options({"clip_timestamps": "2,100"}))
+    _same(got, _whisper(tiny_en, audio, clip_timestamps="2"), whole=True)
+
+
+@pytest.mark.slow
+def test_hallucination_silence_threshold_exact(
+    tiny_en: Engine, clips: dict[str, np.ndarray]
+) -> None:
+    """On a file longer than a window whose first decode ends inside speech, the threshold
+    decides where the next window starts."""
+    audio = clips["long"]
+    fields: dict[str, str | None] = {
+        "word_timestamps": "true",
+        "hallucination_silence_threshold": "5",
+    }
+    got = _engine(tiny_en, audio, parse_options(fields))
+    ref = _whisper(tiny_en, audio, word_timestamps=True, hallucination_silence_threshold=5.0)
+    _same(got, ref, whole=True)
+    assert all(s.words is not None for s in got.segments)
+    _differ(ref, _whisper(tiny_en, audio, word_timestamps=True))
