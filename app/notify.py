@@ -25,6 +25,8 @@ CHANNEL = "whisperq:jobs:done"
 CANCEL_CHANNEL = "whisperq:jobs:cancel"
 # How long the listener waits before reconnecting after Redis went away.
 RECONNECT_DELAY_S = 1.0
+# How long one read of the subscription waits before looking again.
+LISTEN_POLL_S = 1.0
 
 _publish_lock = threading.Lock()
 
@@ -104,8 +106,15 @@ class CompletionListener:
             try:
                 await pubsub.subscribe(CHANNEL)
                 self.connected.set()
-                async for message in pubsub.listen():
-                    data = message.get("data")
+                # get_message, not listen(): a cancel (lifespan shutdown) then lands in a plain
+                # await, and the finally below closes the connection; cancelled inside
+                # listen()'s async generator, its close failed ("already running") and the
+                # socket was left to the garbage collector.
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
+                    )
+                    data = message.get("data") if message else None
                     if isinstance(data, bytes):
                         self._wake(data.decode(errors="replace"))
             except asyncio.CancelledError:
@@ -117,4 +126,5 @@ class CompletionListener:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(Exception):
                     await client.aclose()
