@@ -23,7 +23,13 @@ env "${compose_env[@]}" docker-compose -f compose.gpu-host.yaml config -q
 echo "compose files ok"
 echo "== pytest"
 set +e
-.venv/bin/python -m pytest -p no:cacheprovider "$@"
+# Two processes, a test file each at a time (module fixtures stay whole): each process has its
+# own database and redis-server (tests/conftest.py), and most of the suite waits on worker
+# processes, so the second core is otherwise idle. WHISPERQ_TEST_PROCESSES=0 runs in one.
+procs=${WHISPERQ_TEST_PROCESSES:-2}
+xdist=()
+[ "$procs" != 0 ] && xdist=(-n "$procs" --dist loadfile)
+.venv/bin/python -m pytest -p no:cacheprovider "${xdist[@]}" --durations=15 "$@"
 rc=$?
 set -e
 # pytest's 5 means no test ran: a failure here, never a pass.
