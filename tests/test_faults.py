@@ -9,7 +9,6 @@ Settings are shortened only where the test is about the mechanism (a 4 s lease i
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,12 @@ from app.options import TranscribeOptions
 from app.settings import Settings
 from tests.support.api import new_key, noise_wav
 from tests.support.random_model import random_checkpoint
-from tests.support.services import RedisServer, Stack, WorkerProcess, quick_checkpoint
+from tests.support.services import (
+    Stack,
+    WorkerProcess,
+    quick_checkpoint,
+    stack_with_own_redis,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -61,17 +65,8 @@ def key() -> CreatedKey:
 
 @pytest.fixture
 def stack(database: str, tmp_path: Path) -> Iterator[Stack]:
-    redis = RedisServer(tmp_path / "redis").start()
-    s = Stack(
-        redis_url=redis.url,
-        redis=redis,
-        database_url=database,
-        tag=uuid.uuid4().hex[:8],
-        overrides=dict(FAST),
-    )
-    yield s
-    s.close()
-    redis.stop()
+    with stack_with_own_redis(database, tmp_path, dict(FAST)) as s:
+        yield s
 
 
 def worker(stack: Stack, model: Path, tmp_path: Path, name: str, **kw: object) -> WorkerProcess:

@@ -18,7 +18,12 @@ from app.keys import CreatedKey
 from app.models import Job
 from tests.conftest import RUN_ID
 from tests.support.api import INFER, auth, new_key, noise_wav
-from tests.support.services import RedisServer, Stack, WorkerProcess, quick_checkpoint
+from tests.support.services import (
+    Stack,
+    WorkerProcess,
+    quick_checkpoint,
+    stack_with_own_redis,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +35,8 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def own_stack(database: str, tmp_path: Path) -> Iterator[Stack]:
-    redis = RedisServer(tmp_path / "redis").start()
-    s = Stack(
-        redis_url=redis.url,
-        redis=redis,
-        database_url=database,
-        tag=uuid.uuid4().hex[:8],
-        overrides={"WHISPERQ_REAPER_INTERVAL_S": "0.3"},
-    )
-    yield s
-    s.close()
-    redis.stop()
+    with stack_with_own_redis(database, tmp_path, {"WHISPERQ_REAPER_INTERVAL_S": "0.3"}) as s:
+        yield s
 
 
 def keys(n: int) -> list[CreatedKey]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,13 @@ from app.keys import CreatedKey
 from app.options import TranscribeOptions
 from tests.support.api import new_key, noise_wav
 from tests.support.random_model import random_checkpoint
-from tests.support.services import RedisServer, Stack, WorkerProcess, quick_checkpoint
+from tests.support.services import (
+    RedisServer,
+    Stack,
+    WorkerProcess,
+    quick_checkpoint,
+    stack_with_own_redis,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -57,17 +62,8 @@ def key() -> CreatedKey:
 
 @pytest.fixture
 def stack(database: str, tmp_path: Path) -> Iterator[Stack]:
-    redis = RedisServer(tmp_path / "redis").start()
-    s = Stack(
-        redis_url=redis.url,
-        redis=redis,
-        database_url=database,
-        tag=uuid.uuid4().hex[:8],
-        overrides=dict(FAST),
-    )
-    yield s
-    s.close()
-    redis.stop()
+    with stack_with_own_redis(database, tmp_path, dict(FAST)) as s:
+        yield s
 
 
 def _lost_connection_holding_a_message(redis: RedisServer) -> tuple[Any, Any]:

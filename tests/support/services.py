@@ -13,7 +13,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -519,3 +520,23 @@ def quick_checkpoint(path: Path) -> Path:
 
     torch.save({"dims": asdict(model.dims), "model_state_dict": model.state_dict()}, path)
     return path
+
+
+@contextlib.contextmanager
+def stack_with_own_redis(
+    database_url: str, workdir: Path, overrides: dict[str, str]
+) -> Iterator[Stack]:
+    """A Stack on a redis-server of its own, for tests that flush, stop or restart it."""
+    redis = RedisServer(workdir / "redis").start()
+    s = Stack(
+        redis_url=redis.url,
+        redis=redis,
+        database_url=database_url,
+        tag=uuid.uuid4().hex[:8],
+        overrides=overrides,
+    )
+    try:
+        yield s
+    finally:
+        s.close()
+        redis.stop()
