@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from app.models import ApiKey
+    from app.infra.models import ApiKey
     from app.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -44,15 +44,15 @@ def _settings() -> Settings:
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
-    from app.migrate import upgrade
+    from app.infra.migrate import upgrade
 
     upgrade(_settings())
     return 0
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from app.db import session_scope
-    from app.keys import create_key
+    from app.infra.db import session_scope
+    from app.jobs.keys import create_key
 
     with session_scope() as session:
         created = create_key(session, name=args.name, pepper=_settings().key_pepper)
@@ -64,8 +64,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from app.db import session_scope
-    from app.keys import rotate_webhook_secret
+    from app.infra.db import session_scope
+    from app.jobs.keys import rotate_webhook_secret
 
     with session_scope() as session:
         _find_key(session, args.prefix)
@@ -85,7 +85,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def _find_key(session: Session, prefix: str) -> ApiKey:
     from sqlalchemy import select
 
-    from app.models import ApiKey
+    from app.infra.models import ApiKey
 
     row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
     if row is None:
@@ -96,8 +96,8 @@ def _find_key(session: Session, prefix: str) -> ApiKey:
 def cmd_keys_list(_: argparse.Namespace) -> int:
     from sqlalchemy import func, select
 
-    from app.db import session_scope
-    from app.models import ApiKey, Job
+    from app.infra.db import session_scope
+    from app.infra.models import ApiKey, Job
 
     with session_scope() as session:
         counts = dict(
@@ -122,7 +122,7 @@ def cmd_keys_list(_: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from app.db import session_scope, utcnow
+    from app.infra.db import session_scope, utcnow
 
     with session_scope() as session:
         row = _find_key(session, args.prefix)
@@ -135,9 +135,9 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
+    from app.api.errors import ApiError
     from app.api.usage import usage_by_key, window
-    from app.db import session_scope
-    from app.errors import ApiError
+    from app.infra.db import session_scope
 
     try:
         w = window(args.start, args.end, now=datetime.now(UTC))
@@ -191,8 +191,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from app.db import utcnow
-    from app.retention import purge
+    from app.infra.db import utcnow
+    from app.jobs.retention import purge
 
     settings = _settings()
     report = purge(settings, now=utcnow(), dry_run=args.dry_run)
@@ -215,7 +215,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
-    from app.logging import configure_logging
+    from app.infra.logging import configure_logging
 
     # Before the model loads: its one line saying which model is served (and why) is INFO,
     # which Python's last-resort handler would drop.
@@ -564,10 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=cmd_up)
 
-    from app.client_cli import add_client_commands
+    from app.client.cli import add_client_commands
 
     add_client_commands(sub)  # submit, fetch, transcribe, job: HTTP clients of a server
-    from app.webhook_listen import add_parser as add_listen
+    from app.client.listen import add_parser as add_listen
 
     add_listen(sub)
     return parser
@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from app.client_cli import CLIENT_COMMANDS
+    from app.client.cli import CLIENT_COMMANDS
     from app.settings import settings_or_exit
 
     # Clients (and the webhook receiver) run where no server settings exist.

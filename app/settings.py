@@ -233,7 +233,7 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(default=3, ge=1)
     # Jobs of one API key running at once across all workers; 0 means no cap.
     key_max_in_flight: int = Field(default=0, ge=0)
-    # The wall-time limit of one run is job_time_limit_* (issue 14's block, app/limits.py).
+    # The wall-time limit of one run is job_time_limit_* (issue 14's block, app/jobs/limits.py).
     # On SIGTERM a running job gets this long to finish before it is handed back (queued);
     # compose's stop_grace_period must exceed it.
     worker_stop_grace_s: float = Field(default=20.0, ge=0)
@@ -266,7 +266,7 @@ class Settings(BaseSettings):
     # running at once (429 past it). 0 switches a limit off.
     submit_rate_per_minute: int = 120
     max_active_jobs_per_key: int = 1000
-    # A job may run for job_time_limit_min_s + factor x its audio length (see app/limits.py);
+    # A job may run for job_time_limit_min_s + factor x its audio length (see app/jobs/limits.py);
     # enforced by the worker.
     job_time_limit_factor: float = 2.0
     job_time_limit_min_s: float = 120.0

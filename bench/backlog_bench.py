@@ -204,7 +204,7 @@ def _explain_claim(engine: Any, queue: str, key_id: int, batch_id: str) -> None:
     heap fetches of each, on the backlog as the drain left it."""
     from sqlalchemy import text
 
-    from worker.jobs import _KEYS_WITH_WORK
+    from app.jobs.claims import _KEYS_WITH_WORK
 
     statements = {
         "keys with work + last started": (str(_KEYS_WITH_WORK), {"queue": queue}),
@@ -288,10 +288,10 @@ def run_size(
         os.environ.update({k: v for k, v in env.items() if k.startswith("WHISPERQ_")})
         from sqlalchemy.orm import Session
 
-        from app.keys import create_key
-        from app.models import Batch, Job
-        from app.options import TranscribeOptions
-        from app.queue import RUN_JOB, build_celery
+        from app.infra.models import Batch, Job
+        from app.infra.queue import RUN_JOB, build_celery
+        from app.jobs.keys import create_key
+        from app.jobs.options import TranscribeOptions
         from app.settings import Settings
 
         settings = Settings()
@@ -304,7 +304,7 @@ def run_size(
         ids = [uuid.uuid4().hex for _ in range(size)]
         now = datetime.now(UTC)
         # As a backlog arrives: one sealed batch per key, each job a microsecond apart (what
-        # app/batches.py writes), so every finish also asks whether its batch has ended.
+        # app/jobs/batches.py writes), so every finish also asks whether its batch has ended.
         batch_ids = [uuid.uuid4().hex for _ in range(KEYS)]
         with engine.begin() as conn:
             conn.execute(

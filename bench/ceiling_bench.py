@@ -98,8 +98,8 @@ def setup_db(backlog: int) -> str:
         check=True,
         capture_output=True,
     )
-    from app.models import ApiKey, Batch, Job
-    from app.options import TranscribeOptions
+    from app.infra.models import ApiKey, Batch, Job
+    from app.jobs.options import TranscribeOptions
 
     engine = create_engine(url)
     now = datetime.now(UTC)
@@ -157,7 +157,7 @@ def drop_db(url: str) -> None:
 
 
 def pg_ceiling(url: str, *, clients: int, jobs: int, workdir: Path) -> tuple[float, str]:
-    from worker.jobs import _KEYS_WITH_WORK
+    from app.jobs.claims import _KEYS_WITH_WORK
 
     cte = " ".join(str(_KEYS_WITH_WORK).split())
     script = CLAIM_AND_FINISH.format(

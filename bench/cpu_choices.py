@@ -79,7 +79,7 @@ def encoder(model: Any) -> None:
 def engine_only(model: Any, n_files: int) -> None:
     import whisper
 
-    from app.options import TranscribeOptions
+    from app.jobs.options import TranscribeOptions
     from bench.engine_bench import build_corpus
     from worker.engine import Engine, EngineJob
 

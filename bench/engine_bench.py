@@ -29,7 +29,7 @@ import numpy.typing as npt
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from app.options import BEAM_SIZE, TranscribeOptions
+from app.jobs.options import BEAM_SIZE, TranscribeOptions
 from worker.engine import Engine, EngineJob
 
 SAMPLE_RATE = 16_000

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.options import TranscribeOptions
+from app.jobs.options import TranscribeOptions
 from worker.engine import Engine, EngineJob
 
 SAMPLE_RATE = 16_000

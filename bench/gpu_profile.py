@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from app.options import TranscribeOptions
+from app.jobs.options import TranscribeOptions
 from bench.gpu_bench import load_corpus, run_engine
 from worker import engine as engine_mod
 from worker.batch_decoding import BatchDecoder

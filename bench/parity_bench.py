@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import whisper
 
-    from app.options import parse_options
+    from app.jobs.options import parse_options
     from bench.engine_bench import build_corpus, corpus_wer
     from tests.support.real_models import tiny_en_checkpoint
     from worker.engine import Engine, EngineJob

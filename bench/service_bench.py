@@ -172,7 +172,7 @@ class Stack:
         from sqlalchemy import create_engine
         from sqlalchemy.orm import Session
 
-        from app.keys import create_key
+        from app.jobs.keys import create_key
 
         engine = create_engine(db_url)
         try:
@@ -289,7 +289,7 @@ def sequential_run(
     import torch
     import whisper
 
-    from app.options import parse_options
+    from app.jobs.options import parse_options
 
     # the options the API builds from the same form fields
     kwargs = parse_options(dict(fields)).transcribe_kwargs(fp16=False)

@@ -4,13 +4,13 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from app import models  # noqa: F401  (registers the tables on Base.metadata)
-from app.db import Base, make_engine
+from app.infra import models  # noqa: F401  (registers the tables on Base.metadata)
+from app.infra.db import Base, make_engine
 from app.settings import get_settings
 
 config = context.config
 # alembic.ini is for developers running `alembic` by hand; the installed package builds its
-# config in code (app/migrate.py) and has no file to read logging from.
+# config in code (app/infra/migrate.py) and has no file to read logging from.
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 

@@ -96,7 +96,7 @@ def _create_database() -> None:
 def _drop_database() -> None:
     from sqlalchemy import create_engine, text
 
-    from app.db import get_engine
+    from app.infra.db import get_engine
 
     get_engine().dispose()
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -136,7 +136,7 @@ def module_isolation(database: str, clean_redis: None) -> Iterator[None]:
     import redis
     from sqlalchemy import text
 
-    from app.db import get_engine
+    from app.infra.db import get_engine
 
     with get_engine().begin() as conn:
         conn.execute(text("SET LOCAL lock_timeout = '20s'"))
@@ -172,7 +172,7 @@ def db_session(database: str) -> Iterator[object]:
     """A session inside a transaction that is rolled back after the test."""
     from sqlalchemy.orm import Session
 
-    from app.db import get_engine
+    from app.infra.db import get_engine
 
     conn = get_engine().connect()
     trans = conn.begin()

@@ -19,10 +19,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from app.db import session_scope, utcnow
-from app.keys import CreatedKey
-from app.models import Job, JobStatus
-from app.notify import publish_done
+from app.infra.db import session_scope, utcnow
+from app.infra.models import Job, JobStatus
+from app.infra.notify import publish_done
+from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import INFER, auth, new_key, noise_wav
 from tests.support.services import REPO

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app import audio_probe
-from app.audio_probe import AudioError, probe_duration_s, wav_duration_s
+from app.infra import audio_probe
+from app.infra.audio_probe import AudioError, probe_duration_s, wav_duration_s
 
 
 def _ffprobe_only(path: Path) -> float:

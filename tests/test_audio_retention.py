@@ -17,16 +17,16 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from app import blobs
-from app.db import session_scope, utcnow
-from app.keys import CreatedKey
-from app.models import Batch, Job, JobStatus, new_job_id
-from app.options import TranscribeOptions
-from app.retention import ORPHAN_AGE, purge, purge_orphans
+from app.infra import blobs
+from app.infra.db import session_scope, utcnow
+from app.infra.models import Batch, Job, JobStatus, new_job_id
+from app.jobs import claims
+from app.jobs.keys import CreatedKey
+from app.jobs.options import TranscribeOptions
+from app.jobs.retention import ORPHAN_AGE, purge, purge_orphans
 from app.settings import Settings, get_settings
 from tests.support.api import INFER, auth, new_key, noise_wav, settings_override
 from tests.support.seaweed import SeaweedS3
-from worker import jobs
 
 pytestmark = pytest.mark.integration
 
@@ -99,9 +99,9 @@ def test_the_workers_finish_deletes_the_audio(
     key: CreatedKey, keep0: Settings, status: JobStatus, outcome: dict[str, Any]
 ) -> None:
     blob, (job_id,) = queued_jobs(key, keep0)
-    claimed = jobs.claim(job_id, settings=keep0)
+    claimed = claims.claim(job_id, settings=keep0)
     assert claimed is not None
-    assert jobs.finish(claimed, status=status, settings=keep0, **outcome).stored
+    assert claims.finish(claimed, status=status, settings=keep0, **outcome).stored
     assert audio_of(job_id) is None
     assert blob not in stored()
 
@@ -111,9 +111,9 @@ def test_a_shared_blob_goes_with_the_last_job_that_needs_it(
 ) -> None:
     blob, (first, second) = queued_jobs(key, keep0, n=2)
     for job_id, left in ((first, True), (second, False)):
-        claimed = jobs.claim(job_id, settings=keep0)
+        claimed = claims.claim(job_id, settings=keep0)
         assert claimed is not None
-        jobs.finish(claimed, status=JobStatus.succeeded, settings=keep0, result={"text": ""})
+        claims.finish(claimed, status=JobStatus.succeeded, settings=keep0, result={"text": ""})
         assert audio_of(job_id) is None
         assert (blob in stored()) is left  # the second job still needed it
 
@@ -153,7 +153,7 @@ def test_lease_expiry_that_ends_a_job_deletes_its_audio(
     key: CreatedKey, keep0: Settings, canceled: bool
 ) -> None:
     blob, (job_id,) = queued_jobs(key, keep0)
-    assert jobs.claim(job_id, settings=keep0) is not None
+    assert claims.claim(job_id, settings=keep0) is not None
     with session_scope() as session:  # its worker died: the lease ran out
         session.execute(
             update(Job)
@@ -163,13 +163,13 @@ def test_lease_expiry_that_ends_a_job_deletes_its_audio(
                 cancel_requested_at=utcnow() if canceled else None,
             )
         )
-    expired = jobs.expire_leases(keep0)
+    expired = claims.expire_leases(keep0)
     assert [j for j, _ in expired.failed] == [job_id]
     with session_scope() as session:
         job = session.get(Job, job_id)
         assert job is not None
         assert (job.status, job.error_code) == (
-            ("canceled", "canceled") if canceled else ("failed", jobs.WORKER_LOST)
+            ("canceled", "canceled") if canceled else ("failed", claims.WORKER_LOST)
         )
         assert job.audio_blob is None
     assert blob not in stored()
@@ -178,12 +178,12 @@ def test_lease_expiry_that_ends_a_job_deletes_its_audio(
 def test_a_job_the_broker_never_got_deletes_its_audio(
     api: TestClient, key: CreatedKey, keep0: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.submission
+    import app.jobs.submission
 
     def broker_down(job_id: str, *, queue: str) -> None:
         raise ConnectionError("Error 111 connecting to redis")
 
-    monkeypatch.setattr(app.submission, "send_job", broker_down)
+    monkeypatch.setattr(app.jobs.submission, "send_job", broker_down)
     before = stored()
     r = submit(api, key, seed=2)
     assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable", r.text
@@ -199,7 +199,7 @@ def test_a_batch_job_the_broker_never_got_takes_the_resent_upload(
 ) -> None:
     """Its audio went with the 503; the client's resend (same keys, same files) becomes its
     audio instead of being dropped as a duplicate, so the job can run."""
-    import app.submission
+    import app.jobs.submission
 
     def broker_down(job_id: str, *, queue: str) -> None:
         raise ConnectionError("Error 111 connecting to redis")
@@ -209,7 +209,7 @@ def test_a_batch_job_the_broker_never_got_takes_the_resent_upload(
         ("manifest", ("m.jsonl", b'{"file": "a.wav", "idempotency_key": "a"}\n', "text/plain")),
         ("file", ("a.wav", wav, "audio/wav")),
     ]
-    monkeypatch.setattr(app.submission, "send_job", broker_down)
+    monkeypatch.setattr(app.jobs.submission, "send_job", broker_down)
     r = api.post("/v1/batches", headers={**auth(key), "Idempotency-Key": "ret"}, files=parts)
     assert r.status_code == 503, r.text
     with session_scope() as session:

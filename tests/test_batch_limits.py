@@ -15,13 +15,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from app import batches
 from app.api import batch_inputs
 from app.api import batches as batches_api
-from app.db import session_scope
-from app.errors import ApiError
-from app.keys import CreatedKey
-from app.models import Batch, Job
+from app.api.errors import ApiError
+from app.infra.db import session_scope
+from app.infra.models import Batch, Job
+from app.jobs import batches
+from app.jobs.keys import CreatedKey
 from tests.support.api import auth, new_key, noise_wav, settings_override
 from tests.test_batches import URL, blob_count, jobs_of, manifest, post
 

@@ -16,12 +16,13 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from app import batches, uploads
-from app.db import session_scope, utcnow
-from app.keys import CreatedKey
-from app.models import Batch, Job, JobStatus, WebhookDelivery
+from app.api import uploads
+from app.infra.db import session_scope, utcnow
+from app.infra.models import Batch, Job, JobStatus, WebhookDelivery
+from app.infra.webhook_signing import sign
+from app.jobs import batches
+from app.jobs.keys import CreatedKey
 from app.settings import get_settings
-from app.webhook_signing import sign
 from tests.support.api import auth, new_key, noise_wav, settings_override
 from worker import deliveries
 
@@ -560,10 +561,10 @@ def test_broker_down_mid_batch_fails_the_unsent_jobs_with_a_503(
 ) -> None:
     """Jobs are committed first, then sent: those the broker never got end failed (with
     why), never queued forever in silence."""
-    import app.submission
+    import app.jobs.submission
 
     sent: list[str] = []
-    real_send = app.submission.send_job
+    real_send = app.jobs.submission.send_job
 
     def flaky(job_id: str, *, queue: str) -> None:
         if sent:
@@ -571,7 +572,7 @@ def test_broker_down_mid_batch_fails_the_unsent_jobs_with_a_503(
         sent.append(job_id)
         real_send(job_id, queue=queue)
 
-    monkeypatch.setattr(app.submission, "send_job", flaky)
+    monkeypatch.setattr(app.jobs.submission, "send_job", flaky)
     r = post(
         api, key, files=[(f"{i}.wav", wav) for i in range(3)], headers={"Idempotency-Key": "down"}
     )
@@ -584,7 +585,7 @@ def test_broker_down_mid_batch_fails_the_unsent_jobs_with_a_503(
     assert len(states) == 2
     # The client sends the same inputs again once Redis is back: the failed ones are
     # re-sent, nothing is duplicated.
-    monkeypatch.setattr(app.submission, "send_job", real_send)
+    monkeypatch.setattr(app.jobs.submission, "send_job", real_send)
     keyed = [{"file": f"{i}.wav", "idempotency_key": f"k{i}"} for i in range(3)]
     again = post(
         api,

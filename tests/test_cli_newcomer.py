@@ -19,11 +19,11 @@ from sqlalchemy import select
 
 from app.cli import build_parser
 from app.cli import main as cli_main
-from app.client import Client, Input
-from app.client_cli import RateEstimator
-from app.db import session_scope
-from app.keys import CreatedKey
-from app.models import Job, JobStatus
+from app.client.cli import RateEstimator
+from app.client.sdk import Client, Input
+from app.infra.db import session_scope
+from app.infra.models import Job, JobStatus
+from app.jobs.keys import CreatedKey
 from tests.support.api import new_key, noise_wav
 from tests.support.services import WorkerProcess
 from tests.test_cli_submit import batch_job_counts, cli_batch, quick_checkpoint

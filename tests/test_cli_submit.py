@@ -25,9 +25,9 @@ from sqlalchemy import func, select
 from standardwebhooks import Webhook
 
 from app.cli import main as cli_main
-from app.db import session_scope
-from app.keys import CreatedKey
-from app.models import Batch, Job, JobStatus
+from app.infra.db import session_scope
+from app.infra.models import Batch, Job, JobStatus
+from app.jobs.keys import CreatedKey
 from tests.support.api import new_key, noise_wav
 from tests.support.random_model import random_model
 from tests.support.services import REPO, Receiver, WorkerProcess
@@ -320,7 +320,7 @@ def test_a_500_file_backlog_killed_halfway_and_resumed(
 
 def test_fetch_formats(server: str, key: CreatedKey, tmp_path: Path) -> None:
     """vtt/txt/json from the same results (after the backlog test, or on an empty key)."""
-    from app.client_formats import render
+    from app.client.formats import render
 
     line = {
         "custom_id": "a.wav",
@@ -343,7 +343,7 @@ def test_fetch_formats(server: str, key: CreatedKey, tmp_path: Path) -> None:
 
 
 def test_fetch_never_writes_outside_the_output_directory() -> None:
-    from app.client_cli import output_name
+    from app.client.cli import output_name
 
     assert str(output_name({"job_id": "j1", "source_name": "../../etc/passwd"})) == "j1"
     assert str(output_name({"job_id": "j2", "source_name": "/abs/x.wav"})) == "abs/x.wav"

@@ -16,7 +16,7 @@ import pytest
 import torch
 from whisper.tokenizer import get_tokenizer
 
-from app.options import TranscribeOptions, parse_options
+from app.jobs.options import TranscribeOptions, parse_options
 from tests.support.random_model import random_model
 from worker.engine import (
     Engine,
@@ -220,7 +220,7 @@ def test_batched_beam_decoder_is_whispers_decode(sample_len: int) -> None:
     import whisper
     from whisper.decoding import DecodingOptions
 
-    from app.options import BEAM_SIZE
+    from app.jobs.options import BEAM_SIZE
     from worker.batch_decoding import RowSpec, suppress_list
 
     model = random_model(seed=3)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import whisper
 
-from app.options import parse_options
+from app.jobs.options import parse_options
 from tests.support.api import normalise, wer
 from tests.support.real_models import base_multilingual_checkpoint, speak, tiny_en_checkpoint
 from worker.audio import decode

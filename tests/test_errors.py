@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import ApiError, ErrorCode, Fault, is_caller_fault
-from app.ssrf import FORBIDDEN_ADDRESS, INVALID_URL, UNRESOLVABLE_HOST
+from app.api.errors import ApiError, ErrorCode, Fault, is_caller_fault
+from app.infra.ssrf import FORBIDDEN_ADDRESS, INVALID_URL, UNRESOLVABLE_HOST
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = sorted(p for d in ("app", "worker") for p in (REPO / d).rglob("*.py"))
 CODE_CALLS = {"ApiError": 1, "AudioError": 0, "EngineInputError": 0}  # position of the code
-# f-string codes: the prefixes a caller puts before an SSRF verdict (app/submission.py's
+# f-string codes: the prefixes a caller puts before an SSRF verdict (app/jobs/submission.py's
 # check_url fields, worker/audio.py's "audio_url_") and the verdicts that get a prefix.
 DYNAMIC_PREFIXES = ("audio_url", "webhook")
 SSRF_VERDICTS = (FORBIDDEN_ADDRESS, UNRESOLVABLE_HOST)
@@ -105,18 +105,18 @@ def test_the_scan_sees_the_code_base() -> None:
         "unsupported_option",
         "audio_url_forbidden_address",
         "webhook_unresolvable_host",
-        "batch_canceled",  # kept in a module constant (app/batches.py)
+        "batch_canceled",  # kept in a module constant (app/jobs/batches.py)
     } <= codes
 
 
 def test_ssrf_verdicts_passed_through_unprefixed_are_codes() -> None:
-    # app/submission.py's check_url hands INVALID_URL on as it is (a variable, unseen above).
+    # app/jobs/submission.py's check_url hands INVALID_URL on as it is (a variable, unseen above).
     assert ErrorCode.lookup(INVALID_URL) is not None
 
 
 def test_every_emitted_code_is_in_the_enumeration_with_its_status() -> None:
     unknown = [(w, c) for w, c, _ in emitted_codes() if ErrorCode.lookup(c) is None]
-    assert unknown == [], f"codes missing from app.errors.ErrorCode: {unknown}"
+    assert unknown == [], f"codes missing from app.api.errors.ErrorCode: {unknown}"
     wrong = [
         (w, c, s, ErrorCode(c).status)
         for w, c, s in emitted_codes()
@@ -135,7 +135,7 @@ def test_every_code_has_a_status_and_a_fault() -> None:
 
 def test_the_issue_example_an_english_only_model_asked_to_translate_is_the_callers_fault() -> None:
     from app.api.inference import _status_code
-    from app.models import Job, JobStatus
+    from app.infra.models import Job, JobStatus
 
     job = Job(status=JobStatus.failed, error_code="unsupported_option")
     assert _status_code(job) == 422

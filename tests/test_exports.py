@@ -15,7 +15,7 @@ import srt
 import webvtt
 from fastapi.testclient import TestClient
 
-from app.transcripts import timestamp, to_srt, to_txt, to_vtt, wrap
+from app.jobs.transcripts import timestamp, to_srt, to_txt, to_vtt, wrap
 from tests.support.api import auth, new_key
 from tests.support.iface import queued_job
 

@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
-from app.keys import CreatedKey
-from app.models import Job
-from app.options import TranscribeOptions
+from app.infra.db import utcnow
+from app.infra.models import Job
+from app.jobs.keys import CreatedKey
+from app.jobs.options import TranscribeOptions
 from app.settings import Settings
 from tests.support.api import new_key, noise_wav
 from tests.support.random_model import random_checkpoint
@@ -176,20 +176,20 @@ def test_a_stalled_worker_cannot_store_a_second_result(
 def test_guarded_finish_refuses_an_older_run(stack: Stack, key: CreatedKey) -> None:
     """The finish guard itself, on real Postgres: run 1 lost its lease, run 2 claimed and
     finished; run 1's late outcome is refused."""
-    from worker import jobs
+    from app.jobs import claims
 
     settings = stack.settings().model_copy(update={"job_lease_s": 4})
     stack.enqueue(api_key_id=key.row.id, audio=noise_wav(1.0), webhook_url=NEVER, send=False)
     queues = [settings.queue_interactive]
-    run1 = jobs.claim_next(queues=queues, settings=settings).job
+    run1 = claims.claim_next(queues=queues, settings=settings).job
     assert run1 is not None
     with Session(stack.db()) as session, session.begin():
         session.execute(update(Job).where(Job.id == run1.id).values(lease_expires_at=utcnow()))
-    assert jobs.expire_leases(settings).requeued == [(run1.id, settings.queue_interactive)]
-    run2 = jobs.claim_next(queues=queues, settings=settings).job
+    assert claims.expire_leases(settings).requeued == [(run1.id, settings.queue_interactive)]
+    run2 = claims.claim_next(queues=queues, settings=settings).job
     assert run2 is not None and run2.id == run1.id and run2.attempt == 2
-    assert jobs.finish(run2, status="succeeded", settings=settings, runtime_ms=1000).stored
-    late = jobs.finish(run1, status="failed", settings=settings, runtime_ms=5000)
+    assert claims.finish(run2, status="succeeded", settings=settings, runtime_ms=1000).stored
+    late = claims.finish(run1, status="failed", settings=settings, runtime_ms=5000)
     assert not late.stored
     row = stack.jobs([run1.id])[run1.id]
     assert (row.status, row.runtime_ms) == ("succeeded", 1000)

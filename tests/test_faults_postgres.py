@@ -16,9 +16,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.keys import create_key
-from app.models import Job
-from app.options import TranscribeOptions
+from app.infra.models import Job
+from app.jobs.keys import create_key
+from app.jobs.options import TranscribeOptions
 from app.settings import get_settings
 from tests.support.api import INFER, noise_wav
 from tests.support.services import (

@@ -22,7 +22,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from app.api.main import app
-from app.keys import CreatedKey
+from app.jobs.keys import CreatedKey
 from tests.support.api import INFER, auth, new_key, settings_override
 
 pytestmark = pytest.mark.integration
@@ -154,7 +154,7 @@ def forms(draw: st.DrawFn) -> tuple[dict[str, str], dict[str, Any] | None]:
     return data, files
 
 
-# main's CompletionListener (app/notify.py) leaves its Redis stream to the GC when a sync
+# main's CompletionListener (app/infra/notify.py) leaves its Redis stream to the GC when a sync
 # wait of 0 s returns at once: a ResourceWarning, not a 5xx; reported to the lead.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @given(form=forms())

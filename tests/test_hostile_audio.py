@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.keys import CreatedKey
+from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import INFER, auth, new_key, noise_wav, settings_override
 from tests.support.random_model import random_checkpoint

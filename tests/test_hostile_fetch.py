@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from app.audio_probe import AudioError
+from app.infra.audio_probe import AudioError
 from app.settings import Settings, get_settings
 from tests.support.api import noise_wav
 from tests.support.services import Received, Receiver

@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from app.db import session_scope
-from app.models import Job, JobStatus
+from app.infra.db import session_scope
+from app.infra.models import Job, JobStatus
 from app.settings import DEFAULT_SECRET, Settings, weak_secret_reason
 from tests.support.api import INFER, auth, new_key, noise_wav, settings_override
 from tests.support.services import REPO

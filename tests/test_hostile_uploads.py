@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.keys import CreatedKey
+from app.jobs.keys import CreatedKey
 from tests.support.api import INFER, new_key, noise_wav
 from tests.support.services import REPO
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from app.db import session_scope
-from app.models import DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery
+from app.infra.db import session_scope
+from app.infra.models import DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery
 from app.settings import get_settings
 from tests.support.api import new_key
 from tests.support.services import Receiver

@@ -19,16 +19,16 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from app.db import session_scope, utcnow
-from app.keys import CreatedKey
-from app.models import IdempotencyKey, Job, JobStatus, WebhookDelivery
-from app.schemas import JobPage, JobView
+from app.api.schemas import JobPage, JobView
+from app.infra.db import session_scope, utcnow
+from app.infra.models import IdempotencyKey, Job, JobStatus, WebhookDelivery
+from app.jobs import claims as worker_jobs
+from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import INFER, auth, new_key, noise_wav, wait_job
 from tests.support.iface import queued_job
 from tests.support.random_model import random_checkpoint
 from tests.support.services import Receiver, WorkerProcess
-from worker import jobs as worker_jobs
 
 pytestmark = pytest.mark.integration
 
@@ -164,7 +164,7 @@ def test_cancel_is_guarded_against_a_worker_claiming_the_job(api: TestClient) ->
     # The race itself: the API read the row as queued, then a worker claimed it before the
     # API's UPDATE. The guarded UPDATE must match nothing and leave the job running.
     from app.api.jobs import _cancel_queued
-    from app.db import get_sessionmaker
+    from app.infra.db import get_sessionmaker
 
     racing = queued_job(key)
     with get_sessionmaker()() as session:

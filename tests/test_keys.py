@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
-from app.keys import authenticate, create_key, hash_secret, rotate_webhook_secret
-from app.models import ApiKey
+from app.infra.db import utcnow
+from app.infra.models import ApiKey
+from app.jobs.keys import authenticate, create_key, hash_secret, rotate_webhook_secret
 
 PEPPER = "unit-test-pepper"
 

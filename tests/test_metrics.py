@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from app.db import session_scope, utcnow
-from app.models import Job, WebhookAttempt, WebhookDelivery
+from app.infra.db import session_scope, utcnow
+from app.infra.models import Job, WebhookAttempt, WebhookDelivery
 from tests.support.api import INFER, auth, new_key, noise_wav, wait_delivery, wait_job
 from tests.support.random_model import random_checkpoint
 from tests.support.seaweed import free_port
@@ -186,7 +186,7 @@ def test_api_logs_carry_the_request_id_and_mask_secrets(
     import io
     import logging
 
-    from app.logging import JsonFormatter, RequestIdFilter, mask
+    from app.infra.logging import JsonFormatter, RequestIdFilter, mask
 
     key = new_key("logs")
     with caplog.at_level("INFO"):

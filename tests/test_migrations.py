@@ -11,8 +11,8 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from app.db import Base, get_engine, make_engine
-from app.models import ApiKey, Job, WebhookAttempt, WebhookDelivery
+from app.infra.db import Base, get_engine, make_engine
+from app.infra.models import ApiKey, Job, WebhookAttempt, WebhookDelivery
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = {m.__tablename__ for m in (ApiKey, Job, WebhookDelivery, WebhookAttempt)}

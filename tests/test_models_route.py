@@ -22,11 +22,11 @@ import torch
 import uvicorn
 from sqlalchemy import func, select
 
-from app import served_model
 from app.api.main import app
-from app.db import session_scope
-from app.keys import CreatedKey
-from app.models import Job
+from app.infra.db import session_scope
+from app.infra.models import Job
+from app.jobs import served_model
+from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import INFER, auth, new_key, noise_wav, settings_override
 from tests.support.random_model import TINY_RANDOM, random_model

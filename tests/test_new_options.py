@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.options import (
+from app.jobs.options import (
     MAX_CLIP_TIMESTAMPS,
     OptionError,
     TranscribeOptions,

@@ -21,10 +21,10 @@ import uvicorn
 import webvtt
 
 from app.api.main import app
-from app.db import session_scope
-from app.keys import CreatedKey
-from app.models import Job
-from app.schemas import InferenceResponse, JobView, TranscriptDocument
+from app.api.schemas import InferenceResponse, JobView, TranscriptDocument
+from app.infra.db import session_scope
+from app.infra.models import Job
+from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import INFER, auth, new_key, normalise, wer
 from tests.support.real_models import base_multilingual_checkpoint, speak, tiny_en_checkpoint

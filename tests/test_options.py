@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from app.options import (
+from app.jobs.options import (
     BEAM_SIZE,
     COMPRESSION_RATIO_RANGE,
     LOGPROB_THRESHOLD_RANGE,
@@ -219,7 +219,7 @@ def test_english_only_model_refusal_is_the_callers_4xx(fields: dict[str, str]) -
     from dataclasses import replace
 
     from app.api.inference import _status_code
-    from app.models import Job, JobStatus
+    from app.infra.models import Job, JobStatus
     from tests.support.random_model import TINY_RANDOM, random_model
     from worker.engine import Engine, EngineInputError, EngineJob
 

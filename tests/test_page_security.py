@@ -11,11 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app import blobs
 from app.api.pages import COOKIE
-from app.db import session_scope
-from app.keys import CreatedKey
-from app.models import Batch, Job, JobStatus
+from app.infra import blobs
+from app.infra.db import session_scope
+from app.infra.models import Batch, Job, JobStatus
+from app.jobs.keys import CreatedKey
 from tests.support.api import auth, client, new_key, noise_wav, settings_override
 
 SEGMENTS = [{"id": 0, "text": " Hello.", "start": 0.0, "end": 1.5}]

@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 import pytest
 from fastapi.testclient import TestClient
 
-from app import blobs
 from app.api.pages import COOKIE, job_link_token
 from app.cli import main
-from app.db import session_scope
-from app.keys import CreatedKey
-from app.models import Job, JobStatus, WebhookAttempt, WebhookDelivery
+from app.infra import blobs
+from app.infra.db import session_scope
+from app.infra.models import Job, JobStatus, WebhookAttempt, WebhookDelivery
+from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import auth, new_key, noise_wav
 

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app.keys import CreatedKey
-from app.models import Job
+from app.infra.models import Job
+from app.jobs.keys import CreatedKey
 from tests.conftest import RUN_ID
 from tests.support.api import INFER, auth, new_key, noise_wav
 from tests.support.services import (
@@ -47,7 +47,7 @@ def test_claim_policy_interactive_first_then_round_robin_across_keys(
     database: str, own_stack: Stack
 ) -> None:
     """The claim itself on real Postgres: whatever the order of submission."""
-    from worker import jobs
+    from app.jobs import claims
 
     a, b = keys(2)
     settings = own_stack.settings()
@@ -58,9 +58,9 @@ def test_claim_policy_interactive_first_then_round_robin_across_keys(
     queues = [settings.queue_interactive, settings.queue_bulk]
 
     def claim_and_finish(**changes: object) -> str | None:
-        got = jobs.claim_next(queues=queues, settings=settings.model_copy(update=changes)).job
+        got = claims.claim_next(queues=queues, settings=settings.model_copy(update=changes)).job
         if got is not None:
-            jobs.finish(got, status="succeeded", settings=settings)  # type: ignore[arg-type]
+            claims.finish(got, status="succeeded", settings=settings)  # type: ignore[arg-type]
         return None if got is None else got.id
 
     order = [claim_and_finish() for _ in range(9)]
@@ -71,7 +71,7 @@ def test_claim_policy_interactive_first_then_round_robin_across_keys(
 
 
 def test_per_key_in_flight_cap(database: str, own_stack: Stack) -> None:
-    from worker import jobs
+    from app.jobs import claims
 
     a, b = keys(2)
     settings = own_stack.settings().model_copy(update={"key_max_in_flight": 1})
@@ -79,12 +79,12 @@ def test_per_key_in_flight_cap(database: str, own_stack: Stack) -> None:
     own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=3, bulk=True, send=False)
     own_stack.enqueue(api_key_id=b.row.id, audio=audio, n=3, bulk=True, send=False)
     queues = [settings.queue_bulk]
-    first = jobs.claim_next(queues=queues, settings=settings)
-    second = jobs.claim_next(queues=queues, settings=settings)
+    first = claims.claim_next(queues=queues, settings=settings)
+    second = claims.claim_next(queues=queues, settings=settings)
     assert first.job is not None and second.job is not None
     rows = own_stack.jobs([first.job.id, second.job.id])
     assert {r.api_key_id for r in rows.values()} == {a.row.id, b.row.id}
-    third = jobs.claim_next(queues=queues, settings=settings)
+    third = claims.claim_next(queues=queues, settings=settings)
     # Work is waiting, but each key has its one job running: the message must wait too.
     assert third.job is None and third.capped
 
@@ -98,8 +98,8 @@ def test_queue_counts_are_one_snapshot_while_jobs_are_claimed(
     first statement runs; with one statement (one snapshot) the sum still holds."""
     from sqlalchemy import event
 
-    from app.db import get_engine
-    from worker import jobs
+    from app.infra.db import get_engine
+    from app.jobs import claims
 
     (a,) = keys(1)
     settings = own_stack.settings()
@@ -110,13 +110,13 @@ def test_queue_counts_are_one_snapshot_while_jobs_are_claimed(
     def claim_once(*_args: object) -> None:
         if not claimed:
             claimed.append(None)  # the claim's own statements pass through here too
-            got = jobs.claim_next(queues=queues, settings=settings).job
+            got = claims.claim_next(queues=queues, settings=settings).job
             claimed[0] = None if got is None else got.id
 
     engine = get_engine()
     event.listen(engine, "after_cursor_execute", claim_once)
     try:
-        counts = jobs.queue_counts(queues)
+        counts = claims.queue_counts(queues)
     finally:
         event.remove(engine, "after_cursor_execute", claim_once)
     assert claimed and claimed[0] is not None
@@ -159,19 +159,19 @@ def test_a_message_between_brpop_and_the_unacked_hash_is_not_lost(
 def test_a_job_is_started_only_from_queued(database: str, own_stack: Stack) -> None:
     """The claim's own guard: a job that ended or runs elsewhere is never started again,
     whatever a stale message or a tool asks for (SQLite has no row locks to stop it)."""
-    from worker import jobs
+    from app.jobs import claims
 
     (a,) = keys(1)
     settings = own_stack.settings()
     done, running = own_stack.enqueue(
         api_key_id=a.row.id, audio=noise_wav(0.2), n=2, bulk=True, send=False
     )
-    first = jobs.claim(done, settings=settings)
+    first = claims.claim(done, settings=settings)
     assert first is not None
-    jobs.finish(first, status="succeeded", settings=settings)  # type: ignore[arg-type]
-    assert jobs.claim(running, settings=settings) is not None
-    assert jobs.claim(done, settings=settings) is None
-    assert jobs.claim(running, settings=settings) is None
+    claims.finish(first, status="succeeded", settings=settings)  # type: ignore[arg-type]
+    assert claims.claim(running, settings=settings) is not None
+    assert claims.claim(done, settings=settings) is None
+    assert claims.claim(running, settings=settings) is None
     rows = own_stack.jobs([done, running])
     assert (rows[done].status, rows[done].attempts) == ("succeeded", 1)
     assert (rows[running].status, rows[running].attempts) == ("running", 1)
@@ -185,13 +185,13 @@ def test_a_lease_taken_back_by_the_heartbeat_is_a_fresh_one(
     one would leave a running job that no reaper ever expires again."""
     from datetime import timedelta
 
-    from app.db import utcnow
-    from worker import jobs
+    from app.infra.db import utcnow
+    from app.jobs import claims
 
     (a,) = keys(1)
     settings = own_stack.settings()
     (job_id,) = own_stack.enqueue(api_key_id=a.row.id, audio=noise_wav(0.2), send=False)
-    claimed = jobs.claim(job_id, settings=settings)
+    claimed = claims.claim(job_id, settings=settings)
     assert claimed is not None
     with Session(own_stack.db()) as session, session.begin():
         session.execute(
@@ -199,12 +199,12 @@ def test_a_lease_taken_back_by_the_heartbeat_is_a_fresh_one(
             .where(Job.id == job_id)
             .values(lease_expires_at=utcnow() - timedelta(seconds=5))
         )
-    assert jobs.expire_leases(settings).requeued  # the reaper saw the stall: queued again
-    assert jobs.renew_leases([claimed], settings=settings).renewed == {job_id}
+    assert claims.expire_leases(settings).requeued  # the reaper saw the stall: queued again
+    assert claims.renew_leases([claimed], settings=settings).renewed == {job_id}
     row = own_stack.jobs([job_id])[job_id]
     assert row.status == "running" and row.attempts == 1
     assert row.lease_expires_at is not None and row.lease_expires_at > utcnow()
-    assert not jobs.expire_leases(settings).requeued
+    assert not claims.expire_leases(settings).requeued
 
 
 BACKLOG = 200  # jobs per key, the issue's two 200-job batches
@@ -212,8 +212,8 @@ BACKLOG = 200  # jobs per key, the issue's two 200-job batches
 
 def _as_batch(stack: Stack, api_key_id: int, job_ids: list[str]) -> str:
     """Make ``job_ids`` one sealed batch of their key, as ``POST /v1/batches`` leaves them."""
-    from app.db import utcnow
-    from app.models import Batch, new_job_id
+    from app.infra.db import utcnow
+    from app.infra.models import Batch, new_job_id
 
     batch_id = new_job_id()
     with Session(stack.db()) as session, session.begin():
@@ -231,7 +231,7 @@ def test_backlog_is_claimed_once_per_job_fairly_and_survives_a_flush(
     Two keys each submit a 200-job batch, one after the other, before any worker runs: the
     second key's first results arrive before the first key's batch has finished, and the
     two interleave. Then FLUSHALL mid-backlog: every job still ends, each claimed once."""
-    from app.models import Batch
+    from app.infra.models import Batch
 
     own_stack.overrides["WHISPERQ_REQUEUE_AFTER_S"] = "0.5"
     a, b = keys(2)
@@ -336,9 +336,9 @@ def test_a_claim_reads_a_few_pages_however_long_the_backlog(
 
     from sqlalchemy import insert, text
 
-    from app.db import utcnow
-    from app.options import TranscribeOptions
-    from worker import jobs
+    from app.infra.db import utcnow
+    from app.jobs import claims
+    from app.jobs.options import TranscribeOptions
 
     a, b = keys(2)
     settings = own_stack.settings()
@@ -366,9 +366,9 @@ def test_a_claim_reads_a_few_pages_however_long_the_backlog(
             ],
         )
     for _ in range(300):
-        got = jobs.claim_next(queues=[queue], settings=settings).job
+        got = claims.claim_next(queues=[queue], settings=settings).job
         assert got is not None
-        jobs.finish(got, status="succeeded", settings=settings)  # type: ignore[arg-type]
+        claims.finish(got, status="succeeded", settings=settings)  # type: ignore[arg-type]
 
     def buffers(sql: str, **params: object) -> int:
         with own_stack.db().connect() as conn:
@@ -379,7 +379,7 @@ def test_a_claim_reads_a_few_pages_however_long_the_backlog(
         node = (raw if isinstance(raw, list) else json.loads(raw))[0]["Plan"]
         return int(node["Shared Hit Blocks"]) + int(node["Shared Read Blocks"])
 
-    keys_with_work = buffers(str(jobs._KEYS_WITH_WORK), queue=queue)
+    keys_with_work = buffers(str(claims._KEYS_WITH_WORK), queue=queue)
     oldest = buffers(
         "SELECT id FROM jobs WHERE status = 'queued' AND queue = :queue AND api_key_id = :k"
         " ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.blobs import BlobMissingError, BlobStore, LocalBlobStore, S3BlobStore, build_store
+from app.infra.blobs import BlobMissingError, BlobStore, LocalBlobStore, S3BlobStore, build_store
 from app.settings import get_settings
 from tests.support.api import new_key, noise_wav
 from tests.support.random_model import random_checkpoint
@@ -130,7 +130,7 @@ def test_api_and_worker_share_only_the_bucket(
 
 
 def test_worker_says_when_the_audio_is_gone() -> None:
-    from app.audio_probe import AudioError
+    from app.infra.audio_probe import AudioError
     from worker.audio import load_job_audio
 
     with pytest.raises(AudioError) as info:

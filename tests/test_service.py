@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from standardwebhooks import Webhook
 
-from app.db import session_scope
-from app.keys import CreatedKey
-from app.models import Job
+from app.infra.db import session_scope
+from app.infra.models import Job
+from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import (
     INFER,
@@ -373,12 +373,12 @@ def test_blob_is_stored_under_a_server_made_name(
 def test_broker_down_at_submission_is_a_503_and_the_job_ends_failed(
     api: TestClient, key: CreatedKey, speech_wav: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.submission
+    import app.jobs.submission
 
     def broker_down(job_id: str, *, queue: str) -> None:
         raise ConnectionError("Error 111 connecting to redis")
 
-    monkeypatch.setattr(app.submission, "send_job", broker_down)
+    monkeypatch.setattr(app.jobs.submission, "send_job", broker_down)
     r = api.post(INFER, headers=auth(key), files={"audio": ("a.wav", speech_wav)})
     assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable"
     job = api.get(f"/v1/jobs/{r.json()['request_id']}", headers=auth(key)).json()

@@ -13,8 +13,8 @@ import whisper
 from pydantic import ValidationError
 
 from app.cli import main
-from app.db import session_scope
-from app.keys import authenticate
+from app.infra.db import session_scope
+from app.jobs.keys import authenticate
 from app.settings import Settings, get_settings
 from tests.support.real_models import tiny_en_ct2_dir
 from worker.model_loading import ModelLoadError, load_model, pick_device

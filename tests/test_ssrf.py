@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from app.ssrf import (
+from app.infra.ssrf import (
     AllowList,
     UnsafeURLError,
     is_public_address,
@@ -307,7 +307,7 @@ def test_unsafe_url_error_carries_code() -> None:
 
 def test_module_imports_only_stdlib() -> None:
     code = (
-        "import sys; import app.ssrf; "
+        "import sys; import app.infra.ssrf; "
         "bad = [m for m in ('httpx', 'httpcore', 'pydantic', 'sqlalchemy') if m in sys.modules]; "
         "print(','.join(bad))"
     )

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app import blobs
 from app.cli import main
-from app.db import session_scope
-from app.keys import CreatedKey
-from app.models import Job, JobStatus
+from app.infra import blobs
+from app.infra.db import session_scope
+from app.infra.models import Job, JobStatus
+from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import auth, new_key
 

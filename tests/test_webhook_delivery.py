@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
-from app.db import session_scope
-from app.keys import CreatedKey, rotate_webhook_secret
-from app.models import DeliveryStatus, Job, WebhookDelivery
+from app.infra.db import session_scope
+from app.infra.models import DeliveryStatus, Job, WebhookDelivery
+from app.jobs.keys import CreatedKey, rotate_webhook_secret
 from app.settings import get_settings
 from tests.support.api import (
     INFER,

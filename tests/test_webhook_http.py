@@ -19,8 +19,8 @@ import httpx
 import pytest
 import standardwebhooks
 
-from app.ssrf import AllowList
-from app.webhook_signing import new_webhook_secret, sign, signature_headers
+from app.infra.ssrf import AllowList
+from app.infra.webhook_signing import new_webhook_secret, sign, signature_headers
 from worker.webhook_http import (
     DEFAULT_SCHEDULE_S,
     USER_AGENT,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from app.webhook_listen import verify
-from app.webhook_signing import new_webhook_secret, signature_headers
+from app.client.listen import verify
+from app.infra.webhook_signing import new_webhook_secret, signature_headers
 
 BODY = b'{"request_id": "abc", "inference_status": {"status": "succeeded"}}'
 

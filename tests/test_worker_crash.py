@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
-from app.db import session_scope
-from app.keys import CreatedKey
-from app.models import Job
+from app.infra.db import session_scope
+from app.infra.models import Job
+from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import INFER, auth, new_key, noise_wav, wait_delivery, wait_job
 from tests.support.random_model import random_checkpoint
@@ -108,9 +108,9 @@ def test_a_job_redis_lost_is_found_again_from_postgres(
     """A committed job whose id never reached Redis (or was lost with it) still runs."""
     from datetime import timedelta
 
-    from app import blobs
-    from app.db import utcnow
-    from app.options import TranscribeOptions
+    from app.infra import blobs
+    from app.infra.db import utcnow
+    from app.jobs.options import TranscribeOptions
 
     worker = WorkerProcess(model=model, log_path=tmp_path / "w.log", env=CRASHY)
     try:

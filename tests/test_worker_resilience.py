@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from app.keys import CreatedKey
-from app.options import TranscribeOptions
+from app.jobs.keys import CreatedKey
+from app.jobs.options import TranscribeOptions
 from tests.support.api import new_key, noise_wav
 from tests.support.random_model import random_checkpoint
 from tests.support.services import (
@@ -181,7 +181,7 @@ def test_the_worker_command_exits_with_the_workers_status(
     restart policy (compose, systemd) to bring it back."""
     import argparse
 
-    import app.logging
+    import app.infra.logging
     from app import cli
     from worker import runtime
     from worker.celery_app import celery
@@ -193,7 +193,7 @@ def test_the_worker_command_exits_with_the_workers_status(
         started.append(argv)
         return 1  # what Celery's worker command exits with after "Unrecoverable error"
 
-    monkeypatch.setattr(app.logging, "configure_logging", lambda _settings: None)
+    monkeypatch.setattr(app.infra.logging, "configure_logging", lambda _settings: None)
     monkeypatch.setattr(runtime, "_engine", NullEngine())
     monkeypatch.setattr(celery, "start", start)
     assert cli.cmd_worker(argparse.Namespace(concurrency=0, queues="")) == 1

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app import blobs
-from app.audio_probe import DEMUXER_WHITELIST, AudioError, probe_duration_s
-from app.errors import ErrorCode
+from app.api.errors import ErrorCode
+from app.infra import blobs
+from app.infra.audio_probe import DEMUXER_WHITELIST, AudioError, probe_duration_s
+from app.infra.ssrf import AllowList
 from app.settings import Settings
-from app.ssrf import AllowList
 from worker.webhook_http import FetchError, fetch_to_file
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from app.queue import get_celery
+from app.infra.queue import get_celery
 from app.settings import get_settings, settings_or_exit
 from worker import reaper, runtime
 from worker.observability import install as install_observability

@@ -9,11 +9,11 @@ from datetime import timedelta
 
 from sqlalchemy import and_, func, or_, select, update
 
-from app.db import session_scope, utcnow
-from app.models import ApiKey, Batch, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
+from app.infra.db import session_scope, utcnow
+from app.infra.models import ApiKey, Batch, DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
+from app.infra.ssrf import AllowList
+from app.infra.webhook_signing import signature_headers
 from app.settings import Settings
-from app.ssrf import AllowList
-from app.webhook_signing import signature_headers
 from worker.webhook_http import AttemptResult, deliver_once, retry_delay
 
 log = logging.getLogger(__name__)

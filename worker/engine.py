@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from app.options import BEAM_SIZE, TranscribeOptions
+from app.jobs.options import BEAM_SIZE, TranscribeOptions
 from worker.batch_decoding import BatchDecoder, RowResult, RowSpec, suppress_list
 
 if TYPE_CHECKING:

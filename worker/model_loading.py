@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import redis
 import torch
 
-from app import served_model
-from app.served_model import ServedModel
+from app.jobs import served_model
+from app.jobs.served_model import ServedModel
 
 if TYPE_CHECKING:
     from whisper.model import Whisper

@@ -2,7 +2,7 @@
 in from outside the tasks so worker/tasks.py stays about jobs.
 
 ``install(celery)`` (called once from worker/celery_app.py) wraps the two functions every
-job and webhook attempt pass through, ``jobs.finish`` and ``deliveries.deliver_once``, and
+job and webhook attempt pass through, ``claims.finish`` and ``deliveries.deliver_once``, and
 connects Celery signals. A job counts once: only the run whose guarded finish stored it.
 """
 
@@ -19,11 +19,11 @@ from celery import Celery
 from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.db import session_scope
-from app.logging import bind_request_id, configure_logging
-from app.metrics import WorkerMetrics, worker_metrics
-from app.models import Job, JobStatus, WebhookDelivery
-from app.queue import DELIVER_WEBHOOK, RUN_JOB
+from app.infra.db import session_scope
+from app.infra.logging import bind_request_id, configure_logging
+from app.infra.metrics import WorkerMetrics, worker_metrics
+from app.infra.models import Job, JobStatus, WebhookDelivery
+from app.infra.queue import DELIVER_WEBHOOK, RUN_JOB
 from app.settings import Settings, get_settings
 from worker import runtime
 from worker.gpu_metrics import GpuMemoryCollector
@@ -43,7 +43,7 @@ def observe_batch(rows: int) -> None:
 
 
 def record_finished(job_id: str, *, attempt: int, status: JobStatus, m: WorkerMetrics) -> None:
-    """Count a job this run stored (its audio is dropped by ``jobs.finish`` itself)."""
+    """Count a job this run stored (its audio is dropped by ``claims.finish`` itself)."""
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job is None or job.status != status or job.attempts != attempt:
@@ -126,7 +126,7 @@ def _ready(settings: Settings) -> tuple[bool, dict[str, str]]:
     try:
         from sqlalchemy import text
 
-        from app.db import get_engine
+        from app.infra.db import get_engine
 
         with get_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -191,8 +191,8 @@ _stop_purge = threading.Event()
 
 
 def _purge_loop(settings: Settings) -> None:
-    from app.db import utcnow
-    from app.retention import purge
+    from app.infra.db import utcnow
+    from app.jobs.retention import purge
 
     # A floor: the loop now always runs, and an interval of 0 would spin on the database.
     while not _stop_purge.wait(max(settings.purge_interval_s, 1.0)):
@@ -225,10 +225,11 @@ def install(celery: Celery) -> None:
     if _installed:
         return
     _installed = True
-    from worker import deliveries, jobs
+    from app.jobs import claims
+    from worker import deliveries
 
     configure_logging(get_settings())
-    jobs.finish = _wrap_finish(jobs.finish)
+    claims.finish = _wrap_finish(claims.finish)
     deliveries.deliver_once = _wrap_deliver(deliveries.deliver_once)  # type: ignore[attr-defined]
     task_prerun.connect(_on_prerun, weak=False)
     task_postrun.connect(_on_postrun, weak=False)

@@ -27,12 +27,12 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
-from app.batches import end_finished_batches
-from app.db import session_scope, utcnow
-from app.models import DeliveryStatus, WebhookDelivery
-from app.queue import send_delivery, send_job
+from app.infra.db import session_scope, utcnow
+from app.infra.models import DeliveryStatus, WebhookDelivery
+from app.infra.queue import send_delivery, send_job
+from app.jobs import claims
+from app.jobs.batches import end_finished_batches
 from app.settings import Settings
-from worker import jobs
 from worker.waiters import notify_done
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ UNACKED = "unacked"
 
 def expire_and_dispatch(settings: Settings) -> int:
     """Expire dead workers' leases; returns how many jobs went back to the queue."""
-    expired = jobs.expire_leases(settings)
+    expired = claims.expire_leases(settings)
     for job_id, delivery_id in expired.failed:
         log.warning("job %s failed: its worker died %d times", job_id, settings.job_max_attempts)
         notify_done(job_id, settings)
@@ -121,7 +121,7 @@ def _read_missing(settings: Settings, client: Any) -> tuple[int, dict[str, int],
     # Redis first, then Postgres: a claim or finish between the two reads can only make the
     # count look higher than it is (never invent a shortfall).
     broker = broker_counts(client, queues)
-    counts = jobs.queue_counts(queues)
+    counts = claims.queue_counts(queues)
     wakeups = sum(broker.waiting.values()) + broker.held - counts.running
     return sum(counts.queued.values()) - wakeups, counts.queued, broker
 
@@ -148,7 +148,7 @@ def top_up(settings: Settings, client: Any, shortfall: Shortfall) -> int:
     for queue, count in ((interactive, to_interactive), (bulk, n - to_interactive)):
         if count <= 0:
             continue
-        hints = jobs.oldest_queued(queue, count)
+        hints = claims.oldest_queued(queue, count)
         for i in range(count):
             send_job(hints[i] if i < len(hints) else "", queue=queue)
     log.info("reaper re-sent %d jobs (their messages were missing from Redis)", n)

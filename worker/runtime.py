@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.jobs import claims
 from app.settings import Settings, get_settings
-from worker import jobs
 from worker.engine import Engine
 from worker.model_loading import load_model_or_fallback, pick_device
 from worker.null_engine import NullEngine
@@ -121,7 +121,7 @@ def claim_slots() -> threading.BoundedSemaphore:
 class InFlight:
     """A claimed job as its task and the heartbeat share it."""
 
-    claimed: jobs.ClaimedJob
+    claimed: claims.ClaimedJob
     # Why the run must stop (first reason wins); the engine polls it between windows.
     reason: str | None = None
     changed: threading.Event = field(default_factory=threading.Event)
@@ -139,7 +139,7 @@ _in_flight: dict[str, InFlight] = {}
 _in_flight_lock = threading.Lock()
 
 
-def track(claimed: jobs.ClaimedJob) -> InFlight:
+def track(claimed: claims.ClaimedJob) -> InFlight:
     entry = InFlight(claimed)
     with _in_flight_lock:
         _in_flight[claimed.id] = entry
@@ -170,7 +170,7 @@ def heartbeat_once(settings: Settings, held_tags: list[str], redis_client: Any) 
     entries = in_flight()
     if entries:
         try:
-            beat = jobs.renew_leases([e.claimed for e in entries], settings=settings)
+            beat = claims.renew_leases([e.claimed for e in entries], settings=settings)
         except Exception as exc:  # Postgres away: the lease outlives several missed beats
             log.warning("lease renewal failed (%s); retrying next beat", exc)
         else:
@@ -249,7 +249,7 @@ def start_cancel_listener(settings: Settings, stop: threading.Event) -> threadin
     at-most-once; the heartbeat still reads ``cancel_requested_at`` from the row."""
     import redis
 
-    from app.notify import CANCEL_CHANNEL
+    from app.infra.notify import CANCEL_CHANNEL
 
     def loop() -> None:
         while not stop.is_set():

@@ -20,12 +20,13 @@ import numpy as np
 from celery.exceptions import Reject
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.audio_probe import AudioError
-from app.limits import job_time_limit_s
-from app.models import JobStatus
-from app.queue import DELIVER_WEBHOOK, RUN_JOB, send_delivery
+from app.infra.audio_probe import AudioError
+from app.infra.models import JobStatus
+from app.infra.queue import DELIVER_WEBHOOK, RUN_JOB, send_delivery
+from app.jobs import claims
+from app.jobs.limits import job_time_limit_s
 from app.settings import Settings, get_settings
-from worker import deliveries, jobs, reaper, runtime
+from worker import deliveries, reaper, runtime
 from worker.audio import load_job_audio
 from worker.celery_app import celery
 from worker.engine import EngineInputError, EngineJob, EngineResult, EngineStopped
@@ -46,14 +47,14 @@ class JobFailed(Exception):  # noqa: N818 (it names the outcome Flower shows)
     argument, so Celery can pickle it into the task-failed event."""
 
 
-def _store(claimed: jobs.ClaimedJob, settings: Settings, **outcome: Any) -> bool:
+def _store(claimed: claims.ClaimedJob, settings: Settings, **outcome: Any) -> bool:
     """Save the outcome, retrying while Postgres is away: a finished transcript is never
     thrown away because the database blinked. The heartbeat keeps the lease meanwhile."""
     delay = settings.db_retry_delay_s
     give_up = time.monotonic() + max(600.0, settings.job_lease_s * 10.0)
     while True:
         try:
-            done = jobs.finish(claimed, settings=settings, **outcome)
+            done = claims.finish(claimed, settings=settings, **outcome)
             break
         except SQLAlchemyError as exc:
             if time.monotonic() > give_up:
@@ -73,7 +74,7 @@ def _store(claimed: jobs.ClaimedJob, settings: Settings, **outcome: Any) -> bool
     return True
 
 
-def _fail(claimed: jobs.ClaimedJob, settings: Settings, code: str, message: str) -> str:
+def _fail(claimed: claims.ClaimedJob, settings: Settings, code: str, message: str) -> str:
     if _store(claimed, settings, status=JobStatus.failed, error_code=code, error_message=message):
         # The failure is stored and says why; the exception that led here is no news.
         raise JobFailed(f"job {claimed.id} failed: {code}: {message}") from None
@@ -85,7 +86,7 @@ def _time_limit_s(audio: np.ndarray, settings: Settings) -> float:
 
 
 def _engine_job(
-    audio: np.ndarray, claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings
+    audio: np.ndarray, claimed: claims.ClaimedJob, entry: runtime.InFlight, settings: Settings
 ) -> EngineJob:
     return EngineJob(
         audio=audio,
@@ -133,7 +134,7 @@ def _result_of(out: EngineResult) -> dict[str, Any]:
     }
 
 
-def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) -> str:
+def _run(claimed: claims.ClaimedJob, entry: runtime.InFlight, settings: Settings) -> str:
     engine = runtime.get_engine()  # run_job's announcement lasts until the submit below
     try:
         audio, input_length_ms = load_job_audio(
@@ -202,17 +203,17 @@ def _run(claimed: jobs.ClaimedJob, entry: runtime.InFlight, settings: Settings) 
         log.warning("job %s: lease lost to another run; dropping this one", claimed.id)
         return "lease_lost"
     # Shutdown: the job goes back to the queue at once, its message with it.
-    handed = jobs.hand_back(claimed)
+    handed = claims.hand_back(claimed)
     log.warning("job %s: worker stopping, job handed back (%s)", claimed.id, handed)
     raise Reject("worker shutting down", requeue=True)
 
 
-def _claim(settings: Settings) -> jobs.ClaimResult:
-    result = jobs.claim_next(queues=runtime.job_queues(settings), settings=settings)
+def _claim(settings: Settings) -> claims.ClaimResult:
+    result = claims.claim_next(queues=runtime.job_queues(settings), settings=settings)
     # Nothing claimable: perhaps a dead worker's job whose lease ran out before the reaper saw
     # it; this very message may be the one that worker held, restored by Redis.
     if result.job is None and not result.capped and reaper.expire_and_dispatch(settings):
-        result = jobs.claim_next(queues=runtime.job_queues(settings), settings=settings)
+        result = claims.claim_next(queues=runtime.job_queues(settings), settings=settings)
     return result
 
 
@@ -244,7 +245,7 @@ def _run_claimed(job_id: str | None, settings: Settings, slots: threading.Bounde
         except SQLAlchemyError as exc:
             log.warning("claim failed (%s); the message goes back to the queue", exc)
             back_off = True
-            result = jobs.ClaimResult(None)
+            result = claims.ClaimResult(None)
         if result.job is not None:
             entry = runtime.track(result.job)
             try:

@@ -5,7 +5,7 @@ below both rather than in either."""
 
 from __future__ import annotations
 
-from app.notify import publish_done
+from app.infra.notify import publish_done
 from app.settings import Settings
 
 

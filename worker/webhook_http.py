@@ -6,7 +6,7 @@ next attempt.  The caller owns persistence and scheduling.
 
 Decisions
 ---------
-* **SSRF.**  The URL is re-validated with :func:`app.ssrf.validate_webhook_url` right before
+* **SSRF.**  The URL is re-validated with :func:`app.infra.ssrf.validate_webhook_url` right before
   sending (DNS may have changed since submission) and so is every redirect target; an
   unsafe URL gives ``refused`` (never retried).
 * **IP pinning.**  With the default client (``client=None``) the TCP connection goes to one
@@ -53,7 +53,13 @@ from typing import Any, BinaryIO, Literal
 import httpcore
 import httpx
 
-from app.ssrf import AllowList, IPAddress, UnsafeURLError, parse_webhook_url, validate_webhook_url
+from app.infra.ssrf import (
+    AllowList,
+    IPAddress,
+    UnsafeURLError,
+    parse_webhook_url,
+    validate_webhook_url,
+)
 
 __all__ = [
     "DEFAULT_SCHEDULE_S",

@@ -13,13 +13,13 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.api.batch_upload import UploadedFile
+from app.api.errors import ApiError
 from app.api.inference import OPTION_FIELDS
-from app.batches import NewInput
-from app.errors import ApiError
-from app.models import new_job_id
-from app.options import OptionError, parse_options
+from app.infra.models import new_job_id
+from app.jobs.batches import NewInput
+from app.jobs.options import OptionError, parse_options
+from app.jobs.submission import check_url
 from app.settings import Settings
-from app.submission import check_url
 
 ID_MAX = 200
 OptionValue = str | int | float | bool | None

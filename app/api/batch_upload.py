@@ -5,7 +5,7 @@ Starlette's ``request.form()`` would spool every file to a temporary file first 
 of them until the request ends; here a file goes straight to its blob and is probed as soon
 as its part ends. No database session is open while this runs.
 
-What is held in memory is bounded while the body streams in, the way app/uploads.py bounds a
+What is held in memory is bounded while the body streams in, the way app/api/uploads.py bounds a
 single submission (a ``LimitError`` with ``Connection: close``, so the server stops reading
 instead of draining the rest): the manifest and URL fields together within
 ``batch_max_manifest_bytes``, each of their lines within ``MAX_LINE_BYTES``, their lines and
@@ -29,13 +29,13 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app import blobs
-from app.errors import ApiError
-from app.limits import LimitError
-from app.models import new_job_id
+from app.api.errors import ApiError
+from app.api.uploads import MAX_FORM_FIELDS
+from app.infra import blobs
+from app.infra.models import new_job_id
+from app.jobs.limits import LimitError
+from app.jobs.submission import probe_and_store
 from app.settings import Settings
-from app.submission import probe_and_store
-from app.uploads import MAX_FORM_FIELDS
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks

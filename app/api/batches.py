@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select, tuple_
 
-from app import batches, blobs, schemas
+from app.api import schemas
 from app.api.batch_inputs import (
     ID_MAX,
     ManifestLine,
@@ -34,17 +34,19 @@ from app.api.batch_inputs import (
 )
 from app.api.batch_upload import BatchForm, read_batch_form
 from app.api.deps import CurrentKey, SettingsDep
+from app.api.errors import ApiError
 from app.api.inference import OPTION_FIELDS
 from app.api.jobs import _delivery as delivery_out
-from app.db import get_sessionmaker, session_scope, utcnow
-from app.errors import ApiError
-from app.limits import LimitError
-from app.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
-from app.ratelimit import check_request_rate
-from app.serialize import iso
+from app.api.ratelimit import check_request_rate
+from app.api.uploads import _upload_slot as upload_slot
+from app.infra import blobs
+from app.infra.db import get_sessionmaker, session_scope, utcnow
+from app.infra.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
+from app.jobs import batches
+from app.jobs.limits import LimitError
+from app.jobs.serialize import iso
+from app.jobs.submission import check_url
 from app.settings import Settings
-from app.submission import check_url
-from app.uploads import _upload_slot as upload_slot
 
 router = APIRouter(tags=["batches"])
 

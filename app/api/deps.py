@@ -10,11 +10,11 @@ from fastapi import Depends, FastAPI
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.db import get_sessionmaker
-from app.errors import ApiError
-from app.keys import authenticate
-from app.models import ApiKey, Job
-from app.notify import CompletionListener
+from app.api.errors import ApiError
+from app.infra.db import get_sessionmaker
+from app.infra.models import ApiKey, Job
+from app.infra.notify import CompletionListener
+from app.jobs.keys import authenticate
 from app.settings import Settings, get_settings
 
 

@@ -12,18 +12,20 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData, UploadFile
 
-from app import blobs, idempotency, schemas
+from app.api import schemas
 from app.api.deps import CurrentKey, SettingsDep, completion_listener
-from app.db import get_sessionmaker
-from app.errors import ApiError, is_caller_fault
-from app.models import TERMINAL_STATUSES, Job, JobStatus
-from app.notify import CompletionListener
-from app.options import OptionError, TranscribeOptions, parse_options
-from app.ratelimit import check_submission_limits
-from app.serialize import inference_response
+from app.api.errors import ApiError, is_caller_fault
+from app.api.ratelimit import check_submission_limits
+from app.api.uploads import read_form, store_upload
+from app.infra import blobs
+from app.infra.db import get_sessionmaker
+from app.infra.models import TERMINAL_STATUSES, Job, JobStatus
+from app.infra.notify import CompletionListener
+from app.jobs import idempotency
+from app.jobs.options import OptionError, TranscribeOptions, parse_options
+from app.jobs.serialize import inference_response
+from app.jobs.submission import AudioInput, check_url, decode_data_url, submit_job, upload_name
 from app.settings import Settings
-from app.submission import AudioInput, check_url, decode_data_url, submit_job, upload_name
-from app.uploads import read_form, store_upload
 
 router = APIRouter()
 

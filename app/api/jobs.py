@@ -12,17 +12,18 @@ from fastapi.responses import PlainTextResponse, Response
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from app import batches, schemas
+from app.api import schemas
 from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
-from app.db import utcnow
-from app.errors import ApiError, ErrorCode
-from app.lifecycle import delete_unreferenced, drop_ended_audio
-from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
-from app.notify import publish_cancel, publish_done
-from app.queue import send_delivery
-from app.serialize import delivery_event, iso, job_status, job_summary, transcript_document
+from app.api.errors import ApiError, ErrorCode
+from app.infra.db import utcnow
+from app.infra.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
+from app.infra.notify import publish_cancel, publish_done
+from app.infra.queue import send_delivery
+from app.jobs import batches
+from app.jobs.lifecycle import delete_unreferenced, drop_ended_audio
+from app.jobs.serialize import delivery_event, iso, job_status, job_summary, transcript_document
+from app.jobs.transcripts import DEFAULT_LINE_WIDTH, to_srt, to_txt, to_vtt
 from app.settings import Settings
-from app.transcripts import DEFAULT_LINE_WIDTH, to_srt, to_txt, to_vtt
 
 # Path and query parameters fail validation with our 422 shape, not FastAPI's default.
 router = APIRouter(tags=["jobs"], responses=schemas.error_responses(401, 422))

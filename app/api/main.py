@@ -12,10 +12,10 @@ from fastapi.openapi.utils import get_openapi
 
 from app.api import batches, inference, jobs, openai_compat, pages, usage
 from app.api.deps import completion_listener
+from app.api.errors import OPENAI_PATH_PREFIX, install_error_handlers
 from app.api.ops import install_ops
 from app.api.outages import install_outage_handlers
-from app.errors import OPENAI_PATH_PREFIX, install_error_handlers
-from app.logging import configure_logging
+from app.infra.logging import configure_logging
 from app.settings import settings_or_exit
 
 
@@ -60,7 +60,7 @@ def _tag_the_rest(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _drop_unsent_422(doc: dict[str, Any]) -> dict[str, Any]:
     """FastAPI documents a 422 of its own validation shape on every route with parameters,
-    but app.errors answers validation errors in our error shape (OpenAI's 400 under
+    but app.api.errors answers validation errors in our error shape (OpenAI's 400 under
     /v1/audio/); and every route behind an API key can answer 401. Document what is sent."""
     ours = {"$ref": "#/components/schemas/ErrorResponse"}
     openai = {"$ref": "#/components/schemas/OpenAIErrorResponse"}

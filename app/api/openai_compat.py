@@ -2,7 +2,7 @@
 ``GET /v1/models`` listing the model names they accept.
 
 Code written against OpenAI (the official client included) works unchanged once pointed at
-whisperq: same form fields, same response formats, errors in OpenAI's shape (app/errors.py
+whisperq: same form fields, same response formats, errors in OpenAI's shape (app/api/errors.py
 answers every error under /v1/audio/ that way). Each call is an ordinary job on the
 interactive queue, metered and visible in ``GET /v1/jobs``; its id is in ``x-request-id``.
 """
@@ -20,20 +20,21 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import FormData, UploadFile
 
-from app import blobs, idempotency, schemas, served_model
-from app.api import inference
+from app.api import inference, schemas
 from app.api.deps import CurrentKey, SettingsDep, completion_listener
-from app.errors import ApiError, ErrorCode, is_caller_fault
-from app.languages import LANGUAGES
-from app.models import Job, JobStatus
-from app.options import OptionError, TranscribeOptions, parse_options
-from app.ratelimit import check_submission_limits
-from app.serialize import detailed_segment
-from app.served_model import ServedModel
+from app.api.errors import ApiError, ErrorCode, is_caller_fault
+from app.api.ratelimit import check_submission_limits
+from app.api.uploads import read_form
+from app.infra import blobs
+from app.infra.models import Job, JobStatus
+from app.jobs import idempotency, served_model
+from app.jobs.languages import LANGUAGES
+from app.jobs.options import OptionError, TranscribeOptions, parse_options
+from app.jobs.serialize import detailed_segment
+from app.jobs.served_model import ServedModel
+from app.jobs.submission import AudioInput, submit_job
+from app.jobs.transcripts import to_srt, to_vtt
 from app.settings import Settings
-from app.submission import AudioInput, submit_job
-from app.transcripts import to_srt, to_vtt
-from app.uploads import read_form
 
 router = APIRouter(tags=["OpenAI-compatible"])
 

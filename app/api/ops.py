@@ -20,9 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import ApiError, ErrorCode
-from app.logging import request_id_var
-from app.metrics import api_registry
+from app.api.errors import ApiError, ErrorCode
+from app.infra.logging import request_id_var
+from app.infra.metrics import api_registry
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("whisperq.api")
@@ -49,7 +49,7 @@ def readiness(settings: Settings) -> Readiness:
     try:
         from sqlalchemy import text
 
-        from app.db import get_engine
+        from app.infra.db import get_engine
 
         with get_engine().connect() as conn:
             conn.execute(text("SELECT 1"))

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import exc as sa_exc
 
-from app.errors import ApiError
+from app.api.errors import ApiError
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)

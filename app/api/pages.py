@@ -43,13 +43,14 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import batches, blobs
 from app.api.batches import results_jsonl, results_text
 from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
-from app.db import utcnow
-from app.errors import ApiError, ErrorCode
-from app.keys import authenticate
-from app.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
+from app.api.errors import ApiError, ErrorCode
+from app.infra import blobs
+from app.infra.db import utcnow
+from app.infra.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
+from app.jobs import batches
+from app.jobs.keys import authenticate
 from app.settings import Settings
 
 router = APIRouter()
@@ -360,7 +361,7 @@ def batch_download(
 
 @dataclass(frozen=True)
 class BatchRow:
-    """One batch as the list shows it: the API's own numbers (app.batches.stats)."""
+    """One batch as the list shows it: the API's own numbers (app.jobs.batches.stats)."""
 
     batch: Batch
     status: str

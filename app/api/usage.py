@@ -14,8 +14,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from app.api.deps import CurrentKey, SessionDep
-from app.errors import ApiError
-from app.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
+from app.api.errors import ApiError
+from app.infra.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
 
 router = APIRouter()
 DEFAULT_WINDOW = timedelta(days=30)

@@ -12,8 +12,8 @@ import jiwer
 from fastapi.testclient import TestClient
 
 from app.api.main import app
-from app.db import session_scope
-from app.keys import CreatedKey, create_key
+from app.infra.db import session_scope
+from app.jobs.keys import CreatedKey, create_key
 from app.settings import Settings, get_settings
 
 INFER = "/v1/inference/openai/whisper-tiny"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from app.keys import CreatedKey
-from app.options import parse_options
+from app.jobs.keys import CreatedKey
+from app.jobs.options import parse_options
+from app.jobs.submission import AudioInput, submit_job
 from app.settings import get_settings
-from app.submission import AudioInput, submit_job
 from tests.support.api import noise_wav
 
 

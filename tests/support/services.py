@@ -386,21 +386,21 @@ class Stack:
         )
 
     def db(self) -> Any:
-        from app.db import make_engine
+        from app.infra.db import make_engine
 
         if not hasattr(self, "_engine"):
             self._engine = make_engine(self.database_url)
         return self._engine
 
     def producer(self) -> Any:
-        from app.queue import build_celery
+        from app.infra.queue import build_celery
 
         if not hasattr(self, "_celery"):
             self._celery = build_celery(self.settings())
         return self._celery
 
     def send(self, job_id: str, queue: str) -> None:
-        from app.queue import RUN_JOB
+        from app.infra.queue import RUN_JOB
 
         self.producer().send_task(RUN_JOB, args=[job_id], queue=queue)
 
@@ -419,10 +419,10 @@ class Stack:
         message each. All ``n`` share one blob (the worker never deletes it)."""
         from sqlalchemy.orm import Session
 
-        from app import blobs
-        from app.db import utcnow
-        from app.models import Job, JobStatus, new_job_id
-        from app.options import TranscribeOptions
+        from app.infra import blobs
+        from app.infra.db import utcnow
+        from app.infra.models import Job, JobStatus, new_job_id
+        from app.jobs.options import TranscribeOptions
 
         settings = self.settings()
         queue = settings.queue_bulk if bulk else settings.queue_interactive
@@ -455,7 +455,7 @@ class Stack:
         from sqlalchemy import select
         from sqlalchemy.orm import Session
 
-        from app.models import Job
+        from app.infra.models import Job
 
         with Session(self.db()) as session:
             rows = session.scalars(select(Job).where(Job.id.in_(ids))).all()
@@ -466,7 +466,7 @@ class Stack:
         from sqlalchemy import func, select
         from sqlalchemy.orm import Session
 
-        from app.models import WebhookDelivery
+        from app.infra.models import WebhookDelivery
 
         with Session(self.db()) as session:
             rows = session.execute(

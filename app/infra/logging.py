@@ -38,7 +38,7 @@ def mask(text: str) -> str:
 
 
 # Celery's own lines about a job's message ("received", "succeeded in"): a message's task id
-# is its job's id (app.queue.send_job), given in the line's arguments.
+# is its job's id (app.infra.queue.send_job), given in the line's arguments.
 JOB_TASK = "whisperq.run_job"
 
 

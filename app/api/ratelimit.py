@@ -22,9 +22,9 @@ import redis
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 
-from app.db import session_scope
-from app.limits import LimitError
-from app.models import Job, JobStatus
+from app.infra.db import session_scope
+from app.infra.models import Job, JobStatus
+from app.jobs.limits import LimitError
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

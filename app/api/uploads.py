@@ -30,9 +30,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import Message
 
-from app.errors import ApiError
+from app.api.errors import ApiError
+from app.jobs.submission import probe_and_store
 from app.settings import Settings
-from app.submission import probe_and_store
 
 COPY_CHUNK = 1024 * 1024
 MAX_FORM_FILES = 2

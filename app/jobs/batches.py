@@ -24,11 +24,10 @@ from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import blobs
-from app.db import get_sessionmaker, session_scope, utcnow
-from app.errors import ApiError, ErrorCode
-from app.lifecycle import drop_ended_audio
-from app.models import (
+from app.api.errors import ApiError, ErrorCode
+from app.infra import blobs
+from app.infra.db import get_sessionmaker, session_scope, utcnow
+from app.infra.models import (
     TERMINAL_STATUSES,
     Batch,
     DeliveryStatus,
@@ -37,19 +36,20 @@ from app.models import (
     JobStatus,
     WebhookDelivery,
 )
-from app.notify import publish_cancel
-from app.queue import send_delivery
-from app.serialize import iso
+from app.infra.notify import publish_cancel
+from app.infra.queue import send_delivery
+from app.jobs.lifecycle import drop_ended_audio
+from app.jobs.serialize import iso
+from app.jobs.submission import enqueue_jobs
 from app.settings import Settings
-from app.submission import enqueue_jobs
 
 log = logging.getLogger(__name__)
 
 UNFINISHED = (JobStatus.queued, JobStatus.running)
-# A literal, so the planner matches it to ix_jobs_batch_unfinished (app/models.py).
+# A literal, so the planner matches it to ix_jobs_batch_unfinished (app/infra/models.py).
 UNFINISHED_SQL = text("jobs.status IN ('queued', 'running')")
 BATCH_CANCELED_CODE = "batch_canceled"
-QUEUE_UNAVAILABLE = "queue_unavailable"  # app.submission's verdict when the broker is down
+QUEUE_UNAVAILABLE = "queue_unavailable"  # app.jobs.submission's verdict when the broker is down
 
 
 @dataclass(frozen=True)
@@ -447,7 +447,7 @@ def on_job_finished(session: Session, job: Job) -> str | None:
     """Call inside the transaction that made ``job`` terminal, before it commits.
 
     Ends the job's batch if this was its last unfinished job; returns the id of the batch
-    webhook delivery to send (``app.queue.send_delivery``) once the transaction committed,
+    webhook delivery to send (``app.infra.queue.send_delivery``) once the transaction committed,
     or None. The outbox row commits with the job, so the event cannot be lost between them
     (the reaper re-sends a delivery whose send was lost)."""
     if job.batch_id is None:

@@ -12,16 +12,17 @@ from urllib.parse import unquote_to_bytes
 
 from sqlalchemy import update
 
-from app import blobs, served_model
-from app.audio_probe import AudioError, probe_duration_s
-from app.db import session_scope, utcnow
-from app.errors import ApiError
-from app.lifecycle import drop_ended_audio
-from app.models import Job, JobStatus, new_job_id
-from app.options import TranscribeOptions
-from app.queue import send_job
+from app.api.errors import ApiError
+from app.infra import blobs
+from app.infra.audio_probe import AudioError, probe_duration_s
+from app.infra.db import session_scope, utcnow
+from app.infra.models import Job, JobStatus, new_job_id
+from app.infra.queue import send_job
+from app.infra.ssrf import AllowList, UnsafeURLError, validate_webhook_url
+from app.jobs import served_model
+from app.jobs.lifecycle import drop_ended_audio
+from app.jobs.options import TranscribeOptions
 from app.settings import Settings
-from app.ssrf import AllowList, UnsafeURLError, validate_webhook_url
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class AudioInput:
     data: bytes | None = None
     url: str | None = None
-    # An upload already streamed into the blob store and probed (app/uploads.py).
+    # An upload already streamed into the blob store and probed (app/api/uploads.py).
     blob: str | None = None
     input_length_ms: int | None = None
     sha256: str | None = None  # of the upload's bytes, for idempotency

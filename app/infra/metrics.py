@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from app.models import Job
+from app.infra.models import Job
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class DatabaseCollector(Collector):
         self.queue_depth = queue_depth
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        from app.db import get_sessionmaker
+        from app.infra.db import get_sessionmaker
 
         jobs = GaugeMetricFamily(
             "whisperq_jobs", "Jobs in the database by state and queue", labels=["state", "queue"]

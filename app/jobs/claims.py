@@ -22,13 +22,13 @@ from typing import Any
 from sqlalchemy import Integer, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from app.batches import on_job_finished
-from app.db import UTCDateTime, session_scope, utcnow
-from app.lifecycle import drop_ended_audio
-from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
-from app.options import TranscribeOptions
-from app.queue import send_delivery
-from app.serialize import webhook_payload
+from app.infra.db import UTCDateTime, session_scope, utcnow
+from app.infra.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
+from app.infra.queue import send_delivery
+from app.jobs.batches import on_job_finished
+from app.jobs.lifecycle import drop_ended_audio
+from app.jobs.options import TranscribeOptions
+from app.jobs.serialize import webhook_payload
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ WORKER_LOST = "worker_lost"
 HOST = socket.gethostname()
 
 # Spelled as literals, never bound: a prepared statement's generic plan cannot match
-# ``status = $1`` to the partial indexes' predicates (app/models.py), and would fall back
+# ``status = $1`` to the partial indexes' predicates (app/infra/models.py), and would fall back
 # to scanning every job.
 QUEUED = text("jobs.status = 'queued'")
 RUNNING = text("jobs.status = 'running'")

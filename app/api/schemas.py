@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models import DeliveryStatus, JobStatus
+from app.infra.models import DeliveryStatus, JobStatus
 
-Timestamp = str  # ISO 8601, UTC, "Z" suffix (see app.serialize.iso)
+Timestamp = str  # ISO 8601, UTC, "Z" suffix (see app.jobs.serialize.iso)
 
 
 class Strict(BaseModel):

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey
-from app.webhook_signing import new_webhook_secret
+from app.infra.models import ApiKey
+from app.infra.webhook_signing import new_webhook_secret
 
 
 @dataclass(frozen=True)

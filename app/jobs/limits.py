@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.errors import ApiError
+from app.api.errors import ApiError
 from app.settings import Settings
 
 
 class LimitError(ApiError):
     """An ApiError for a limit, answered with extra headers (Retry-After; Connection: close
-    so a server stops reading an oversized body instead of draining it). app.errors answers
+    so a server stops reading an oversized body instead of draining it). app.api.errors answers
     it like any ApiError: in OpenAI's shape on the OpenAI routes."""
 
     def __init__(

@@ -4,7 +4,7 @@ down), so that with ``keep_audio_days`` 0 no ended job keeps its audio.
 
 Deleting after the commit, never before: a row must not point at a blob that is gone if the
 transaction rolls back. A crash between the commit and the delete leaves a finished job with
-audio, or a blob no row names; the retention purge (app/retention.py) catches both.
+audio, or a blob no row names; the retention purge (app/jobs/retention.py) catches both.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from collections.abc import Collection, Iterable
 
 from sqlalchemy import select, text
 
-from app import blobs
-from app.db import session_scope
-from app.models import TERMINAL_STATUSES, Job
+from app.infra import blobs
+from app.infra.db import session_scope
+from app.infra.models import TERMINAL_STATUSES, Job
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 CHUNK = 500
-# A literal, so Postgres matches it to the unfinished-jobs partial index (app/models.py);
+# A literal, so Postgres matches it to the unfinished-jobs partial index (app/infra/models.py);
 # a bound parameter's generic plan would scan every job ever run.
 UNFINISHED = text("jobs.status IN ('queued', 'running')")
 

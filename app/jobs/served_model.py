@@ -17,8 +17,8 @@ from functools import lru_cache
 
 import redis
 
-from app.errors import ApiError, ErrorCode
-from app.options import TranscribeOptions
+from app.api.errors import ApiError, ErrorCode
+from app.jobs.options import TranscribeOptions
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

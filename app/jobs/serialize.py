@@ -1,5 +1,5 @@
 """The public shapes of a job: the hosted API's response and webhook payload, job status, and
-the full transcript behind exports and OpenAI's verbose_json (app/schemas.py declares them)."""
+the full transcript behind exports and OpenAI's verbose_json (app/api/schemas.py declares them)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from app.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
+from app.infra.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
 
 
 def iso(value: datetime | None) -> str | None:

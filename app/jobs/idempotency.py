@@ -19,11 +19,11 @@ from typing import Any
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 
-from app import blobs
-from app.db import session_scope, utcnow
-from app.errors import ApiError, ErrorCode
-from app.models import IdempotencyKey, Job
-from app.submission import AudioInput
+from app.api.errors import ApiError, ErrorCode
+from app.infra import blobs
+from app.infra.db import session_scope, utcnow
+from app.infra.models import IdempotencyKey, Job
+from app.jobs.submission import AudioInput
 
 HEADER = "Idempotency-Key"
 MAX_KEY_CHARS = 255

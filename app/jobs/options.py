@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from app.languages import LANGUAGES
+from app.jobs.languages import LANGUAGES
 
 # The languages openai-whisper knows, copied so the API can validate without importing whisper.
 LANGUAGE_CODES = frozenset(LANGUAGES)

@@ -25,8 +25,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from app.client import Client, ClientError, Input
-from app.client_formats import FORMATS, TRANSCRIBE_FORMATS, render, render_transcript
+from app.client.formats import FORMATS, TRANSCRIBE_FORMATS, render, render_transcript
+from app.client.sdk import Client, ClientError, Input
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID

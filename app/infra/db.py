@@ -43,7 +43,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError("naive datetime stored; use app.db.utcnow()")
+            raise ValueError("naive datetime stored; use app.infra.db.utcnow()")
         return value.astimezone(UTC).replace(tzinfo=None)
 
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:

@@ -15,7 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
 
-from app.webhook_signing import sign
+from app.infra.webhook_signing import sign
 
 # The Standard Webhooks spec's default tolerance for the timestamp.
 TOLERANCE_S = 300

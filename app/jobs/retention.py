@@ -2,7 +2,7 @@
 stays (status, timings, runtime_ms, cost) so usage and billing still add up.
 
 - ``keep_audio_days`` (0: audio is deleted as soon as its job ends, by whatever ended it,
-  app/lifecycle.py): audio of jobs finished longer ago than that is deleted here; with 0,
+  app/jobs/lifecycle.py): audio of jobs finished longer ago than that is deleted here; with 0,
   here is where audio a crash left on an ended job goes.
 - ``retention_days`` (0: keep forever): older finished jobs lose their transcript and audio.
 - Always: blobs no job row names, stored over ``ORPHAN_AGE`` ago (an upload whose request
@@ -20,10 +20,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
 
-from app import blobs
-from app.db import session_scope
-from app.lifecycle import delete_unreferenced
-from app.models import TERMINAL_STATUSES, Job
+from app.infra import blobs
+from app.infra.db import session_scope
+from app.infra.models import TERMINAL_STATUSES, Job
+from app.jobs.lifecycle import delete_unreferenced
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Transcript files the CLI writes: SRT, WebVTT and plain text through the server's own
-writers (``app.transcripts``: pure functions, nothing of the server is imported), JSON as
+writers (``app.jobs.transcripts``: pure functions, nothing of the server is imported), JSON as
 the results line carries it."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.transcripts import to_srt, to_txt, to_vtt
+from app.jobs.transcripts import to_srt, to_txt, to_vtt
 
 FORMATS = ("srt", "vtt", "txt", "json")
 # `whisperq transcribe` prints what OpenAI's transcription API answers for the same

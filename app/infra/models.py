@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.db import Base, UTCDateTime, utcnow
+from app.infra.db import Base, UTCDateTime, utcnow
 
 
 class JobStatus(enum.StrEnum):
