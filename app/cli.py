@@ -135,13 +135,13 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from app.api.errors import ApiError
     from app.api.usage import usage_by_key, window
+    from app.errors import ServiceError
     from app.infra.db import session_scope
 
     try:
         w = window(args.start, args.end, now=datetime.now(UTC))
-    except ApiError as exc:
+    except ServiceError as exc:
         raise UserError(f"--{exc.field}: {exc.message}") from None
     with session_scope() as session:
         found = usage_by_key(session, w=w)

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from app.api import batch_inputs
 from app.api import batches as batches_api
-from app.api.errors import ApiError
+from app.errors import ServiceError
 from app.infra.db import session_scope
 from app.infra.models import Batch, Job
 from app.jobs import batches
@@ -319,7 +319,7 @@ def test_a_refusal_while_its_jobs_are_written_leaves_no_batch(
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         real(*args, **kwargs)  # the rows are written, then the request is refused
-        raise ApiError(409, "batch_sealed", "refused after the jobs were written")
+        raise ServiceError(409, "batch_sealed", "refused after the jobs were written")
 
     monkeypatch.setattr(batches, "_add_jobs", refuse)
     before = batch_count(key)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from app.api.errors import ApiError, ErrorCode, Fault, is_caller_fault
+from app.errors import ErrorCode, Fault, ServiceError, is_caller_fault
 from app.infra.ssrf import FORBIDDEN_ADDRESS, INVALID_URL, UNRESOLVABLE_HOST
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = sorted(p for d in ("app", "worker") for p in (REPO / d).rglob("*.py"))
-CODE_CALLS = {"ApiError": 1, "AudioError": 0, "EngineInputError": 0}  # position of the code
+CODE_CALLS = {"ServiceError": 1, "AudioError": 0, "EngineInputError": 0}  # position of the code
 # f-string codes: the prefixes a caller puts before an SSRF verdict (app/jobs/submission.py's
 # check_url fields, worker/audio.py's "audio_url_") and the verdicts that get a prefix.
 DYNAMIC_PREFIXES = ("audio_url", "webhook")
@@ -122,7 +122,7 @@ def test_every_emitted_code_is_in_the_enumeration_with_its_status() -> None:
         for w, c, s in emitted_codes()
         if s is not None and ErrorCode(c).status != s
     ]
-    assert wrong == [], f"ApiError status differs from the code's status: {wrong}"
+    assert wrong == [], f"ServiceError status differs from the code's status: {wrong}"
 
 
 def test_every_code_has_a_status_and_a_fault() -> None:
@@ -159,7 +159,7 @@ def test_the_issue_example_an_english_only_model_asked_to_translate_is_the_calle
     ],
 )
 def test_openai_shape_and_status(code: ErrorCode, native: int, openai: int, kind: str) -> None:
-    err = ApiError.of(code, "why", field="f")
+    err = ServiceError.of(code, "why", field="f")
     assert err.status == native
     assert err.body() == {"error": {"code": code.value, "message": "why", "field": "f"}}
     assert err.openai_status() == openai

@@ -300,3 +300,30 @@ def test_fastapi_stays_in_the_http_layer() -> None:
     )
     gone = sorted(set(FASTAPI_KNOWN_EXCEPTIONS) - set(outside))
     assert not gone, f"no longer imports fastapi, drop from FASTAPI_KNOWN_EXCEPTIONS: {gone}"
+
+
+# app/ in layers, each importing only those below it: the HTTP layer (app.api, the commands)
+# over the job logic (app.jobs) over the plumbing (app.infra); app.errors and app.settings
+# sit under all three. A module of a lower layer importing a higher one fails here.
+LAYERS = ("app.infra", "app.jobs", "app.api")
+
+
+def _layer(module: str) -> int | None:
+    for rank, prefix in enumerate(LAYERS):
+        if module == prefix or module.startswith(prefix + "."):
+            return rank
+    return None
+
+
+def test_app_layers_import_downward() -> None:
+    upward = []
+    for imp in all_imports():
+        target = project_target(imp.target)
+        low, high = _layer(imp.module), _layer(target or "")
+        if low is not None and high is not None and high > low:
+            upward.append(f"{imp.where}: {imp.module} -> {target}")
+    assert not upward, "a lower layer of app/ imports a higher one:\n" + "\n".join(sorted(upward))
+    # Nothing in app.errors or app.settings may reach up either: every layer imports them.
+    for base in ("app.errors", "app.settings"):
+        reach = sorted({str(project_target(i.target)) for i in all_imports() if i.module == base})
+        assert all(_layer(t) is None for t in reach if t != "None"), (base, reach)

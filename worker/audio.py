@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.api.errors import ErrorCode
+from app.errors import ErrorCode
 from app.infra import blobs
 from app.infra.audio_probe import DEMUXER_WHITELIST, AudioError, probe_duration_s
 from app.infra.ssrf import AllowList

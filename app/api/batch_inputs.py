@@ -13,8 +13,8 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.api.batch_upload import UploadedFile
-from app.api.errors import ApiError
 from app.api.inference import OPTION_FIELDS
+from app.errors import ServiceError
 from app.infra.models import new_job_id
 from app.jobs.batches import NewInput
 from app.jobs.options import OptionError, parse_options
@@ -50,13 +50,13 @@ def check_options(raw: Mapping[str, str | None], *, prefix: str = "") -> dict[st
     """The single endpoint's validation; the error names the field (with ``prefix``)."""
     unknown = sorted(set(raw) - set(OPTION_FIELDS))
     if unknown:
-        raise ApiError(
+        raise ServiceError(
             422, "invalid_option", f"unknown option {unknown[0]!r}", field=prefix + unknown[0]
         )
     try:
         return parse_options(dict(raw)).to_json()
     except OptionError as exc:
-        raise ApiError(422, "invalid_option", exc.message, field=prefix + exc.field) from None
+        raise ServiceError(422, "invalid_option", exc.message, field=prefix + exc.field) from None
 
 
 # A non-blank line, as batch_upload counts them while the manifest streams in.
@@ -77,21 +77,21 @@ def parse_manifest(data: bytes) -> list[tuple[int, ManifestLine]]:
         try:
             line = ManifestLine.model_validate(json.loads(raw))
         except json.JSONDecodeError as exc:
-            raise ApiError(
+            raise ServiceError(
                 422, "invalid_manifest", f"line {n}: not JSON ({exc.msg})", field=where
             ) from None
         except RecursionError:
-            raise ApiError(
+            raise ServiceError(
                 422, "invalid_manifest", f"line {n}: JSON nested too deeply", field=where
             ) from None
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"])
-            raise ApiError(
+            raise ServiceError(
                 422, "invalid_manifest", f"line {n}: {first['msg']}", field=f"{where}.{loc}"
             ) from None
         if (line.file is None) == (line.url is None):
-            raise ApiError(
+            raise ServiceError(
                 422, "invalid_manifest", f"line {n}: give one of 'file' or 'url'", field=where
             )
         lines.append((n, line))
@@ -111,7 +111,7 @@ async def build_inputs(
     named = {line.file for _, line in lines if line.file is not None}
     count = len(lines) + len(urls) + sum(1 for f in files if f.part_filename not in named)
     if count > settings.batch_max_inputs_per_request:
-        raise ApiError(
+        raise ServiceError(
             413,
             "too_many_inputs",
             f"{count} inputs in one request; the limit is {settings.batch_max_inputs_per_request}",
@@ -137,7 +137,7 @@ async def build_inputs(
             matches = by_name.get(line.file, [])
             if len(matches) != 1:
                 why = "was not uploaded" if not matches else "was uploaded more than once"
-                raise ApiError(
+                raise ServiceError(
                     422,
                     "invalid_manifest",
                     f"line {n}: file {line.file!r} {why}",
@@ -164,7 +164,7 @@ async def _checked_url(value: str, where: str, settings: Settings) -> str:
         return await run_in_threadpool(
             check_url, text, field="audio_url", allowlist=settings.audio_url_allowlist
         )
-    except ApiError as exc:
+    except ServiceError as exc:
         exc.field = where
         raise
 

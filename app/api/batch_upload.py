@@ -29,8 +29,8 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.api.errors import ApiError
 from app.api.uploads import MAX_FORM_FIELDS
+from app.errors import ServiceError
 from app.infra import blobs
 from app.infra.models import new_job_id
 from app.jobs.limits import LimitError
@@ -165,7 +165,7 @@ def boundary_of(request: Request) -> bytes:
     _, params = parse_options_header(request.headers.get("content-type"))
     boundary = params.get(b"boundary")
     if not boundary:
-        raise ApiError(400, "invalid_form", "multipart body without a boundary")
+        raise ServiceError(400, "invalid_form", "multipart body without a boundary")
     return boundary
 
 
@@ -178,15 +178,15 @@ async def read_batch_form(request: Request, *, settings: Settings, max_files: in
         async for chunk in request.stream():
             try:
                 parser.write(chunk)
-            except ApiError:
+            except ServiceError:
                 raise
             except Exception as exc:  # malformed multipart
-                raise ApiError(400, "invalid_form", f"could not read the form: {exc}") from None
+                raise ServiceError(400, "invalid_form", f"could not read the form: {exc}") from None
             for kind, a, b in events.items:
                 if kind == "begin":
                     part = _Part()
                 elif part is None:
-                    raise ApiError(400, "invalid_form", "malformed multipart body")
+                    raise ServiceError(400, "invalid_form", "malformed multipart body")
                 elif kind == "header":
                     part.headers[a.decode("latin-1").lower()] = b.decode("latin-1")
                 elif kind == "headers":
@@ -215,7 +215,7 @@ def _start(part: _Part, form: BatchForm, *, settings: Settings, max_files: int) 
         form.manifest_parts += 1
         if form.manifest_parts > 1:
             # Joined, two manifests would merge lines and renumber every error.
-            raise ApiError(
+            raise ServiceError(
                 422, "invalid_request", "'manifest' given more than once", field=MANIFEST_FIELD
             )
         return
@@ -226,7 +226,7 @@ def _start(part: _Part, form: BatchForm, *, settings: Settings, max_files: int) 
                 raise _limit("request_too_large", f"more than {MAX_FORM_FIELDS} form fields", None)
         return
     if part.name not in FILE_FIELDS:
-        raise ApiError(
+        raise ServiceError(
             422,
             "unknown_field",
             f"file part {part.name!r}: audio files go in 'file' parts, a manifest in 'manifest'",
@@ -303,7 +303,7 @@ async def _finish(part: _Part, form: BatchForm, *, settings: Settings) -> None:
         length_ms = await run_in_threadpool(
             probe_and_store, part.tmp, part.job_id, settings=settings
         )
-    except ApiError as exc:  # not audio, or too long: nothing was stored
+    except ServiceError as exc:  # not audio, or too long: nothing was stored
         form.files.append(_failed(part, name, exc.code, exc.message))
         return
     finally:

@@ -34,11 +34,11 @@ from app.api.batch_inputs import (
 )
 from app.api.batch_upload import BatchForm, read_batch_form
 from app.api.deps import CurrentKey, SettingsDep
-from app.api.errors import ApiError
 from app.api.inference import OPTION_FIELDS
 from app.api.jobs import _delivery as delivery_out
 from app.api.ratelimit import check_request_rate
 from app.api.uploads import _upload_slot as upload_slot
+from app.errors import ServiceError
 from app.infra import blobs
 from app.infra.db import get_sessionmaker, session_scope, utcnow
 from app.infra.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
@@ -230,7 +230,7 @@ def _accepted(batch_id: str, key: ApiKey, accepted: list[batches.Accepted]) -> B
 def _one(form: BatchForm, name: str) -> str | None:
     values = form.fields.get(name) or []
     if len(values) > 1:
-        raise ApiError(422, "invalid_request", f"{name!r} given more than once", field=name)
+        raise ServiceError(422, "invalid_request", f"{name!r} given more than once", field=name)
     return values[0].strip() if values else None
 
 
@@ -246,7 +246,9 @@ def _urls(form: BatchForm) -> list[str]:
 def _check_fields(form: BatchForm, allowed: set[str]) -> None:
     unknown = sorted(set(form.fields) - allowed)
     if unknown:
-        raise ApiError(422, "unknown_field", f"unknown form field {unknown[0]!r}", field=unknown[0])
+        raise ServiceError(
+            422, "unknown_field", f"unknown form field {unknown[0]!r}", field=unknown[0]
+        )
 
 
 async def _read_json(request: Request, model: type[BaseModel], settings: Settings) -> Any:
@@ -272,7 +274,7 @@ async def _read_json(request: Request, model: type[BaseModel], settings: Setting
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(422, "invalid_request", str(first["msg"]), field=loc) from None
+        raise ServiceError(422, "invalid_request", str(first["msg"]), field=loc) from None
 
 
 def _is_json(request: Request) -> bool:
@@ -283,7 +285,7 @@ def _idempotency_key(value: str | None) -> str | None:
     if value is None or not value.strip():
         return None
     if len(value.strip()) > ID_MAX:
-        raise ApiError(
+        raise ServiceError(
             422, "invalid_request", f"Idempotency-Key over {ID_MAX} chars", field="Idempotency-Key"
         )
     return value.strip()
@@ -313,7 +315,7 @@ async def _read_inputs(
         )
         return inputs, defaults, webhook, is_open
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(
+        raise ServiceError(
             415, "unsupported_media_type", "send multipart/form-data or application/json"
         )
     # The same per-process gate single submissions read their bodies through: a batch of
@@ -361,7 +363,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         stamp, _, batch_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
         return datetime.fromisoformat(stamp), batch_id
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise ApiError(
+        raise ServiceError(
             422, "invalid_cursor", "cursor is not one this API returned", field="cursor"
         ) from None
 
@@ -390,7 +392,7 @@ async def create_batch(
                 check_url, webhook, field="webhook", allowlist=settings.webhook_allowlist
             )
         if not inputs and not is_open:
-            raise ApiError(
+            raise ServiceError(
                 422, "no_inputs", "a batch needs inputs (or open=true to add them later)"
             )
         fp = _fingerprint(defaults, webhook, is_open, inputs)

@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.api.errors import ApiError
+from app.errors import ServiceError
 from app.infra.db import get_sessionmaker
 from app.infra.models import ApiKey, Job
 from app.infra.notify import CompletionListener
@@ -37,7 +37,7 @@ def presented_key(
 ) -> str:
     token = credentials.credentials.strip() if credentials is not None else ""
     if not token:
-        raise ApiError(401, "unauthorized", "send 'Authorization: bearer <api key>'")
+        raise ServiceError(401, "unauthorized", "send 'Authorization: bearer <api key>'")
     return token
 
 
@@ -47,7 +47,7 @@ def current_key(settings: SettingsDep, token: Annotated[str, Depends(presented_k
     with get_sessionmaker()() as session:
         key = authenticate(session, presented=token, pepper=settings.key_pepper)
         if key is None:
-            raise ApiError(401, "unauthorized", "unknown or revoked API key")
+            raise ServiceError(401, "unauthorized", "unknown or revoked API key")
         session.expunge(key)
     return key
 
@@ -70,5 +70,5 @@ def owned_job(session: Session, *, job_id: str, key: ApiKey) -> Job:
     """Another tenant's job is indistinguishable from a missing one: 404, never 403."""
     job = session.get(Job, job_id) if job_id.isalnum() else None
     if job is None or job.api_key_id != key.id:
-        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+        raise ServiceError(404, "job_not_found", f"no job {job_id!r}")
     return job

@@ -14,9 +14,9 @@ from starlette.datastructures import FormData, UploadFile
 
 from app.api import schemas
 from app.api.deps import CurrentKey, SettingsDep, completion_listener
-from app.api.errors import ApiError, is_caller_fault
 from app.api.ratelimit import check_submission_limits
 from app.api.uploads import read_form, store_upload
+from app.errors import ServiceError, is_caller_fault
 from app.infra import blobs
 from app.infra.db import get_sessionmaker
 from app.infra.models import TERMINAL_STATUSES, Job, JobStatus
@@ -54,7 +54,7 @@ OPTION_FIELDS = (
 
 async def _read_audio(value: Any, settings: Settings) -> AudioInput:
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise ApiError(
+        raise ServiceError(
             422, "missing_audio", "send 'audio' as a file upload or a URL", field="audio"
         )
     if isinstance(value, UploadFile):
@@ -121,7 +121,7 @@ async def _read_request(
             fields[name] = raw
         options = parse_options(fields)
     except OptionError as exc:
-        raise ApiError(422, "invalid_option", exc.message, field=exc.field) from None
+        raise ServiceError(422, "invalid_option", exc.message, field=exc.field) from None
     webhook = form.get("webhook")
     webhook_url = None
     if isinstance(webhook, str) and webhook.strip():

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.api import schemas
 from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
-from app.api.errors import ApiError, ErrorCode
+from app.errors import ErrorCode, ServiceError
 from app.infra.db import utcnow
 from app.infra.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
 from app.infra.notify import publish_cancel, publish_done
@@ -49,7 +49,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
             raise ValueError(raw)
         created = created.astimezone(UTC)
     except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
-        raise ApiError.of(
+        raise ServiceError.of(
             ErrorCode.invalid_cursor, "cursor is not one this API handed out", field="cursor"
         ) from None
     return created, job_id
@@ -63,7 +63,7 @@ def _utc(value: datetime | None, field: str) -> datetime | None:
     try:
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
     except OverflowError:
-        raise ApiError.of(ErrorCode.invalid_request, "time out of range", field=field) from None
+        raise ServiceError.of(ErrorCode.invalid_request, "time out of range", field=field) from None
 
 
 @router.get(
@@ -181,7 +181,7 @@ def cancel_job(
         if job.status == JobStatus.running:
             response.status_code = 202
     if job.status in (JobStatus.succeeded, JobStatus.failed):
-        raise ApiError.of(ErrorCode.job_already_finished, f"the job already ended {job.status}")
+        raise ServiceError.of(ErrorCode.job_already_finished, f"the job already ended {job.status}")
     return schemas.JobView.model_validate(job_status(job))
 
 
@@ -202,7 +202,7 @@ def delete_job(
         _cancel_queued(session, job, settings)
         session.refresh(job)
     if job.status in (JobStatus.queued, JobStatus.running):
-        raise ApiError.of(
+        raise ServiceError.of(
             ErrorCode.job_in_progress,
             "the job is running: cancel it (POST /v1/jobs/{id}/cancel) and delete it once it ended",
         )
@@ -256,11 +256,11 @@ def export_transcript(
 ) -> Response:
     job = owned_job(session, job_id=job_id, key=key)
     if job.deleted_at is not None:
-        raise ApiError.of(ErrorCode.job_deleted, "the job's transcript was deleted")
+        raise ServiceError.of(ErrorCode.job_deleted, "the job's transcript was deleted")
     if job.status in (JobStatus.queued, JobStatus.running):
-        raise ApiError.of(ErrorCode.job_not_finished, f"the job is still {job.status}")
+        raise ServiceError.of(ErrorCode.job_not_finished, f"the job is still {job.status}")
     if job.status != JobStatus.succeeded or job.result is None:
-        raise ApiError.of(ErrorCode.job_has_no_transcript, f"the job ended {job.status}")
+        raise ServiceError.of(ErrorCode.job_has_no_transcript, f"the job ended {job.status}")
     doc = transcript_document(job)
     # Every format downloads as a file named after the job, json too.
     disposition = {"Content-Disposition": f'attachment; filename="{job.id}.{fmt}"'}
@@ -334,16 +334,16 @@ def retry_delivery(job_id: str, key: CurrentKey, session: SessionDep) -> schemas
     deduplicate), with a fresh retry schedule."""
     job = owned_job(session, job_id=job_id, key=key)
     if job.deleted_at is not None:
-        raise ApiError.of(ErrorCode.job_deleted, "the job was deleted; its event body is gone")
+        raise ServiceError.of(ErrorCode.job_deleted, "the job was deleted; its event body is gone")
     delivery = session.scalars(
         select(WebhookDelivery)
         .where(WebhookDelivery.job_id == job.id)
         .order_by(WebhookDelivery.created_at.desc())
     ).first()
     if delivery is None:
-        raise ApiError(409, "no_delivery", "this job has no webhook delivery (yet)")
+        raise ServiceError(409, "no_delivery", "this job has no webhook delivery (yet)")
     if delivery.status == DeliveryStatus.sending:
-        raise ApiError(409, "delivery_in_flight", "an attempt is in flight right now")
+        raise ServiceError(409, "delivery_in_flight", "an attempt is in flight right now")
     now = utcnow()
     delivery.status = DeliveryStatus.pending
     delivery.attempts = 0

@@ -22,9 +22,9 @@ from starlette.datastructures import FormData, UploadFile
 
 from app.api import inference, schemas
 from app.api.deps import CurrentKey, SettingsDep, completion_listener
-from app.api.errors import ApiError, ErrorCode, is_caller_fault
 from app.api.ratelimit import check_submission_limits
 from app.api.uploads import read_form
+from app.errors import ErrorCode, ServiceError, is_caller_fault
 from app.infra import blobs
 from app.infra.models import Job, JobStatus
 from app.jobs import idempotency, served_model
@@ -73,13 +73,13 @@ def _openai_fields() -> Iterator[None]:
     """Errors from the shared submission path name our fields; name the caller's."""
     try:
         yield
-    except ApiError as exc:
+    except ServiceError as exc:
         exc.field = OPENAI_FIELD.get(exc.field or "", exc.field)
         raise
 
 
-def _invalid(field: str, message: str) -> ApiError:
-    return ApiError.of(ErrorCode.invalid_option, message, field=field)
+def _invalid(field: str, message: str) -> ServiceError:
+    return ServiceError.of(ErrorCode.invalid_option, message, field=field)
 
 
 def _text_field(form: FormData, name: str) -> str | None:
@@ -108,7 +108,7 @@ def _excerpt(raw: str, limit: int = 40) -> str:
 async def _read(form: FormData, settings: Settings, *, task: str) -> CompatRequest:
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
-        raise ApiError.of(
+        raise ServiceError.of(
             ErrorCode.missing_audio, "send the audio as a multipart file named 'file'", field="file"
         )
     served = await run_in_threadpool(served_model.current, settings.redis_url)
@@ -150,16 +150,18 @@ async def _read(form: FormData, settings: Settings, *, task: str) -> CompatReque
     return CompatRequest(options, response_format, frozenset(granularities), audio)
 
 
-def _failure(job: Job) -> ApiError:
+def _failure(job: Job) -> ServiceError:
     headers = {"x-request-id": job.id}
     if job.status == JobStatus.canceled:
-        err = ApiError.of(ErrorCode.canceled, "the job was canceled")
+        err = ServiceError.of(ErrorCode.canceled, "the job was canceled")
     elif job.status == JobStatus.failed:
         known = ErrorCode.lookup(job.error_code)
         status = known.status if known is not None and is_caller_fault(known) else 500
-        err = ApiError(status, job.error_code or ErrorCode.internal_error, job.error_message or "")
+        err = ServiceError(
+            status, job.error_code or ErrorCode.internal_error, job.error_message or ""
+        )
     else:
-        err = ApiError.of(
+        err = ServiceError.of(
             ErrorCode.job_still_running,
             f"job {job.id} is still running; fetch it later with GET /v1/jobs/{job.id}",
         )
@@ -340,4 +342,4 @@ async def get_model(model_id: str, key: CurrentKey, settings: SettingsDep) -> Op
     for model in await _models(settings):
         if model.id == model_id:
             return model
-    raise ApiError.of(ErrorCode.not_found, f"model {_excerpt(model_id)} is not served here")
+    raise ServiceError.of(ErrorCode.not_found, f"model {_excerpt(model_id)} is not served here")

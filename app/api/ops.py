@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.errors import ApiError, ErrorCode
+from app.errors import ErrorCode, ServiceError
 from app.infra.logging import request_id_var
 from app.infra.metrics import api_registry
 from app.settings import Settings, get_settings
@@ -96,7 +96,7 @@ def _check_metrics_access(request: Request, settings: Settings) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(
         given.strip().encode(), token.encode()
     ):
-        raise ApiError.of(
+        raise ServiceError.of(
             ErrorCode.unauthorized, "/metrics needs Authorization: Bearer <WHISPERQ_METRICS_TOKEN>"
         )
 

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import exc as sa_exc
 
-from app.api.errors import ApiError
+from app.errors import ServiceError
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ QUEUE_DOWN = (redis.ConnectionError, redis.TimeoutError, BrokerError)
 def _unavailable(code: str, message: str) -> JSONResponse:
     retry_after = get_settings().retry_after_s
     return JSONResponse(
-        ApiError(503, code, message).body(),
+        ServiceError(503, code, message).body(),
         status_code=503,
         headers={"Retry-After": str(retry_after)},
     )
@@ -43,7 +43,7 @@ def install_outage_handlers(app: FastAPI) -> None:
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error", exc_info=exc)
         return JSONResponse(
-            ApiError(500, "internal_error", "internal error; it has been logged").body(),
+            ServiceError(500, "internal_error", "internal error; it has been logged").body(),
             status_code=500,
         )
 

@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.batches import results_jsonl, results_text
 from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
-from app.api.errors import ApiError, ErrorCode
+from app.errors import ErrorCode, ServiceError
 from app.infra import blobs
 from app.infra.db import utcnow
 from app.infra.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
@@ -272,7 +272,7 @@ def _viewer(
         return None
     try:
         return owned_job(session, job_id=job_id, key=key)
-    except ApiError:
+    except ServiceError:
         return None
 
 
@@ -318,11 +318,11 @@ def job_audio(
 ) -> Response:
     job = _viewer(session, settings, job_id, whisperq_session, token)
     if job is None or job.audio_blob is None:
-        raise ApiError(404, "audio_not_found", "no audio for this job (deleted after the job)")
+        raise ServiceError(404, "audio_not_found", "no audio for this job (deleted after the job)")
     store = blobs.get_store()
     size = store.size(job.audio_blob)
     if size is None:
-        raise ApiError(404, "audio_not_found", "no audio for this job (deleted after the job)")
+        raise ServiceError(404, "audio_not_found", "no audio for this job (deleted after the job)")
     chunks = store.iter_bytes(job.audio_blob)
     first = next(chunks, b"")
     return StreamingResponse(
@@ -346,10 +346,10 @@ def batch_download(
     if key is None:
         return RedirectResponse(f"/login?next={quote('/jobs?batch=' + batch_id)}", 303)
     if fmt not in ("jsonl", "txt"):
-        raise ApiError.of(ErrorCode.not_found, "results come as .jsonl or .txt")
+        raise ServiceError.of(ErrorCode.not_found, "results come as .jsonl or .txt")
     try:
         batches.owned_batch(session, batch_id=batch_id, api_key_id=key.id)
-    except ApiError:
+    except ServiceError:
         return _html("missing.html", 404, job_id=batch_id, what="batch")
     body = results_jsonl(batch_id, settings) if fmt == "jsonl" else results_text(batch_id, settings)
     return StreamingResponse(
@@ -437,7 +437,7 @@ def _batch_page(
 ) -> Response:
     try:
         batch = batches.owned_batch(session, batch_id=batch_id, api_key_id=key.id)
-    except ApiError:
+    except ServiceError:
         return _html("missing.html", 404, job_id=batch_id, what="batch")
     row = batch_row(session, batch, now=now)
     query = select(Job).where(Job.batch_id == batch.id)
@@ -511,7 +511,7 @@ class BrowserGuards:
 
         reason = cross_origin_refusal(scope["method"], path, Headers(scope=scope))
         if reason is not None:
-            err = ApiError.of(
+            err = ServiceError.of(
                 ErrorCode.cross_origin_request,
                 f"refused {reason}: submit this site's forms from its own pages",
             )

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import Message
 
-from app.api.errors import ApiError
+from app.errors import ServiceError
 from app.jobs.submission import probe_and_store
 from app.settings import Settings
 
@@ -51,11 +51,11 @@ def body_cap(settings: Settings) -> int:
     return settings.max_upload_bytes + settings.upload_overhead_bytes
 
 
-def too_large(settings: Settings) -> ApiError:
+def too_large(settings: Settings) -> ServiceError:
     # Connection: close, or the server would drain (read and discard) the rest of the body.
-    # A plain ApiError, not a LimitError: the shared handler answers the OpenAI routes in
+    # A plain ServiceError, not a LimitError: the shared handler answers the OpenAI routes in
     # OpenAI's error shape, the limit handler only knows the native one.
-    return ApiError(
+    return ServiceError(
         413,
         "audio_too_large",
         f"the request body is over the {settings.max_upload_bytes} byte upload limit",
@@ -102,9 +102,9 @@ async def read_form(request: Request, settings: Settings) -> FormData:
         except _BodyTooLargeError:
             raise too_large(settings) from None
         except HTTPException as exc:  # Starlette's verdict on a malformed multipart body
-            raise ApiError(400, "invalid_form", f"malformed form body: {exc.detail}") from None
+            raise ServiceError(400, "invalid_form", f"malformed form body: {exc.detail}") from None
         except (ValueError, UnicodeError, KeyError):
-            raise ApiError(400, "invalid_form", "malformed form body") from None
+            raise ServiceError(400, "invalid_form", "malformed form body") from None
 
 
 def _copy_capped(src: BinaryIO, dest: Path, *, limit: int) -> tuple[int, str]:
@@ -132,7 +132,7 @@ def _store_and_probe(src: BinaryIO, settings: Settings) -> tuple[str, int, str]:
         except _BodyTooLargeError:
             raise too_large(settings) from None
         if size == 0:
-            raise ApiError(400, "empty_audio", "the audio file is empty", field="audio")
+            raise ServiceError(400, "empty_audio", "the audio file is empty", field="audio")
         length_ms = probe_and_store(path, name, settings=settings)
     return name, length_ms, sha256
 
@@ -141,7 +141,7 @@ async def store_upload(upload: UploadFile, settings: Settings) -> tuple[str, int
     """Copy an uploaded file into the blob store in chunks and probe it.
 
     Returns the blob name, the length its header claims in ms (the worker checks the
-    decoded length again) and the content's SHA-256. ApiError for an empty, undecodable,
+    decoded length again) and the content's SHA-256. ServiceError for an empty, undecodable,
     too large or too long file.
     """
     if upload.size is not None and upload.size > settings.max_upload_bytes:

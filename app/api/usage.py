@@ -14,7 +14,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from app.api.deps import CurrentKey, SessionDep
-from app.api.errors import ApiError
+from app.errors import ServiceError
 from app.infra.models import TERMINAL_STATUSES, ApiKey, Job, JobStatus
 
 router = APIRouter()
@@ -58,7 +58,7 @@ def parse_instant(value: str | None, *, field: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise ApiError(
+        raise ServiceError(
             422, "invalid_date", f"{field} must be a date or ISO 8601 time", field=field
         ) from None
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
@@ -72,7 +72,7 @@ def window(start: str | None, end: str | None, *, now: datetime) -> Window:
     e = e or now
     s = parse_instant(start, field="from") or (e - DEFAULT_WINDOW)
     if s >= e:
-        raise ApiError(422, "invalid_date", "from must be before to", field="from")
+        raise ServiceError(422, "invalid_date", "from must be before to", field="from")
     return Window(s, e)
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import func, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.api.errors import ApiError, ErrorCode
+from app.errors import ErrorCode, ServiceError
 from app.infra import blobs
 from app.infra.db import get_sessionmaker, session_scope, utcnow
 from app.infra.models import (
@@ -114,7 +114,7 @@ def owned_batch(session: Session, *, batch_id: str, api_key_id: int, lock: bool 
         session.get(Batch, batch_id, with_for_update=lock or None) if batch_id.isalnum() else None
     )
     if batch is None or batch.api_key_id != api_key_id:
-        raise ApiError(404, "batch_not_found", f"no batch {batch_id!r}")
+        raise ServiceError(404, "batch_not_found", f"no batch {batch_id!r}")
     return batch
 
 
@@ -208,7 +208,7 @@ def _replay(
         stored = session.get(IdempotencyKey, (api_key_id, BATCH_KEY_PREFIX + idempotency_key))
         # A batch made before fingerprints were kept has none: it is taken as the same.
         if stored is not None and stored.fingerprint != fingerprint:
-            raise ApiError.of(
+            raise ServiceError.of(
                 ErrorCode.idempotency_key_reused,
                 "this Idempotency-Key made a batch from a different request",
                 field="Idempotency-Key",
@@ -320,7 +320,7 @@ def _add_jobs(
         to_send.extend(retry)
     fresh = [i for i in inputs if i.idempotency_key is None or i.idempotency_key not in known]
     if fresh and (batch.sealed_at is not None or batch.canceled_at is not None):
-        raise ApiError(
+        raise ServiceError(
             409,
             "batch_sealed",
             f"batch {batch.id} is {status_of(batch)}: it takes no more inputs",
@@ -378,7 +378,7 @@ def seal(*, batch_id: str, api_key_id: int) -> Batch:
         batch = owned_batch(session, batch_id=batch_id, api_key_id=api_key_id, lock=True)
         if batch.sealed_at is None:
             if not session.scalar(select(func.count()).where(Job.batch_id == batch.id)):
-                raise ApiError(
+                raise ServiceError(
                     409, "batch_empty", "the batch has no inputs: add some, or cancel it"
                 )
             batch.sealed_at = utcnow()
@@ -405,7 +405,7 @@ def cancel(*, batch_id: str, api_key_id: int, settings: Settings) -> Canceled:
     with session_scope() as session:
         batch = owned_batch(session, batch_id=batch_id, api_key_id=api_key_id, lock=True)
         if batch.finished_at is not None and batch.canceled_at is None:
-            raise ApiError(409, "batch_finished", f"batch {batch.id} has already completed")
+            raise ServiceError(409, "batch_finished", f"batch {batch.id} has already completed")
         batch.canceled_at = batch.canceled_at or now
         batch.sealed_at = batch.sealed_at or now
         canceled = list(

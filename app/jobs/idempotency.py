@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 
-from app.api.errors import ApiError, ErrorCode
+from app.errors import ErrorCode, ServiceError
 from app.infra import blobs
 from app.infra.db import session_scope, utcnow
 from app.infra.models import IdempotencyKey, Job
@@ -58,7 +58,7 @@ def check_key(raw: str | None) -> str | None:
     if raw is None:
         return None
     if not 1 <= len(raw) <= MAX_KEY_CHARS or not all(33 <= ord(c) <= 126 for c in raw):
-        raise ApiError.of(
+        raise ServiceError.of(
             ErrorCode.invalid_idempotency_key,
             f"{HEADER} must be 1 to {MAX_KEY_CHARS} printable ASCII characters without spaces",
             field=HEADER,
@@ -91,14 +91,14 @@ def _reserve(api_key_id: int, key: str, fp: str, ttl_s: float) -> Job | None:
                     session.flush()
                     return None
                 if row.fingerprint != fp:
-                    raise ApiError.of(
+                    raise ServiceError.of(
                         ErrorCode.idempotency_key_reused,
                         f"this {HEADER} was used with a different request",
                         field=HEADER,
                     )
                 job = session.get(Job, row.job_id) if row.job_id is not None else None
                 if job is None:
-                    raise ApiError.of(
+                    raise ServiceError.of(
                         ErrorCode.idempotency_key_in_use,
                         f"a request with this {HEADER} is still being submitted; retry shortly",
                         field=HEADER,
@@ -106,7 +106,7 @@ def _reserve(api_key_id: int, key: str, fp: str, ttl_s: float) -> Job | None:
                 return job
         except IntegrityError:
             continue
-    raise ApiError.of(
+    raise ServiceError.of(
         ErrorCode.idempotency_key_in_use, f"this {HEADER} is contended; retry", field=HEADER
     )
 
@@ -147,7 +147,7 @@ def submit_once(
     try:
         key = check_key(key)
         existing = None if key is None else _reserve(api_key_id, key, fingerprint, ttl_s)
-    except ApiError:
+    except ServiceError:
         if upload is not None:
             blobs.delete_blob(upload)
         raise

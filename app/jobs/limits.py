@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.api.errors import ApiError
+from app.errors import ServiceError
 from app.settings import Settings
 
 
-class LimitError(ApiError):
-    """An ApiError for a limit, answered with extra headers (Retry-After; Connection: close
+class LimitError(ServiceError):
+    """An ServiceError for a limit, answered with extra headers (Retry-After; Connection: close
     so a server stops reading an oversized body instead of draining it). app.api.errors answers
-    it like any ApiError: in OpenAI's shape on the OpenAI routes."""
+    it like any ServiceError: in OpenAI's shape on the OpenAI routes."""
 
     def __init__(
         self, status: int, code: str, message: str, *, headers: dict[str, str], **kw: Any

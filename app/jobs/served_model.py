@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import redis
 
-from app.api.errors import ApiError, ErrorCode
+from app.errors import ErrorCode, ServiceError
 from app.jobs.options import TranscribeOptions
 from app.settings import Settings
 
@@ -38,7 +38,7 @@ class ServedModel:
     multilingual: bool
     published_at: float  # unix seconds
 
-    def refusal(self, options: TranscribeOptions) -> ApiError | None:
+    def refusal(self, options: TranscribeOptions) -> ServiceError | None:
         """Why this model cannot run ``options``, as the caller's error; None when it can."""
         if self.multilingual:
             return None
@@ -48,7 +48,7 @@ class ServedModel:
             field = "language"
         else:
             return None
-        return ApiError.of(
+        return ServiceError.of(
             ErrorCode.unsupported_option,
             f"this server runs an English-only model ({self.name}): task=translate and "
             "languages other than 'en' are not available",

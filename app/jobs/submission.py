@@ -12,7 +12,7 @@ from urllib.parse import unquote_to_bytes
 
 from sqlalchemy import update
 
-from app.api.errors import ApiError
+from app.errors import ServiceError
 from app.infra import blobs
 from app.infra.audio_probe import AudioError, probe_duration_s
 from app.infra.db import session_scope, utcnow
@@ -49,18 +49,18 @@ def upload_name(filename: str | None) -> str | None:
 def decode_data_url(value: str, *, max_bytes: int) -> bytes:
     header, comma, payload = value[5:].partition(",")
     if not comma:
-        raise ApiError(422, "invalid_audio_url", "malformed data: URL", field="audio")
+        raise ServiceError(422, "invalid_audio_url", "malformed data: URL", field="audio")
     try:
         if header.endswith(";base64"):
             data = base64.b64decode(payload, validate=True)
         else:
             data = unquote_to_bytes(payload)
     except (binascii.Error, ValueError):
-        raise ApiError(
+        raise ServiceError(
             422, "invalid_audio_url", "data: URL is not valid base64", field="audio"
         ) from None
     if len(data) > max_bytes:
-        raise ApiError(413, "audio_too_large", f"audio over {max_bytes} bytes", field="audio")
+        raise ServiceError(413, "audio_too_large", f"audio over {max_bytes} bytes", field="audio")
     return data
 
 
@@ -74,14 +74,14 @@ def check_url(value: str, *, field: str, allowlist: list[str]) -> str:
         message = str(exc)
         if exc.code == "forbidden_address":  # say which setting lets an operator allow it
             message += f" (an operator may allow it in WHISPERQ_{field.upper()}_ALLOWLIST)"
-        raise ApiError(422, code, message, field=field) from None
+        raise ServiceError(422, code, message, field=field) from None
     return value
 
 
 def store_and_probe(job_id: str, data: bytes, *, settings: Settings) -> int:
     """Write the upload to the blob store and check it is audio we will accept; returns ms."""
     if not data:
-        raise ApiError(400, "empty_audio", "the audio file is empty", field="audio")
+        raise ServiceError(400, "empty_audio", "the audio file is empty", field="audio")
     # Probed in a local scratch file, then handed to the blob store (maybe another host's).
     with tempfile.TemporaryDirectory(prefix="whisperq-up-") as tmp:
         path = Path(tmp) / job_id
@@ -91,13 +91,13 @@ def store_and_probe(job_id: str, data: bytes, *, settings: Settings) -> int:
 
 def probe_and_store(path: Path, name: str, *, settings: Settings) -> int:
     """Check a local file is audio we will accept, then put it in the blob store as ``name``;
-    returns its length in ms. ApiError (and nothing stored) when it is not acceptable."""
+    returns its length in ms. ServiceError (and nothing stored) when it is not acceptable."""
     try:
         duration = probe_duration_s(path)
     except AudioError as exc:
-        raise ApiError(400, exc.code, exc.message, field="audio") from None
+        raise ServiceError(400, exc.code, exc.message, field="audio") from None
     if duration > settings.max_audio_seconds:
-        raise ApiError(
+        raise ServiceError(
             413,
             "audio_too_long",
             f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
@@ -118,7 +118,7 @@ def submit_job(
 ) -> Job:
     try:
         served_model.check_options(options, settings=settings)
-    except ApiError:
+    except ServiceError:
         if audio.blob is not None:  # an upload that never becomes a job is not kept
             blobs.delete_blob(audio.blob)
         raise
@@ -164,7 +164,7 @@ def enqueue_jobs(job_ids: list[str], *, queue: str, settings: Settings) -> None:
             log.exception("enqueue failed for job %s", job_id)
             _fail_unsent(job_ids[sent:], exc)
             drop_ended_audio(job_ids[sent:], settings=settings)
-            raise ApiError(
+            raise ServiceError(
                 503,
                 "queue_unavailable",
                 "the job queue is unreachable; retry later",
