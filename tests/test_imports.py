@@ -327,3 +327,22 @@ def test_app_layers_import_downward() -> None:
     for base in ("app.errors", "app.settings"):
         reach = sorted({str(project_target(i.target)) for i in all_imports() if i.module == base})
         assert all(_layer(t) is None for t in reach if t != "None"), (base, reach)
+
+
+# kombu's private Redis layout (its unacked hash and index, its priority-list separator) is
+# spelled in worker/broker.py only: a kombu upgrade that moves them is then fixed in one place.
+KOMBU_PRIVATE_NAMES = frozenset({"unacked", "unacked_index", "\x06\x16"})
+KOMBU_HOME = "worker.broker"
+
+
+def test_kombu_private_names_live_in_one_module() -> None:
+    spelled: dict[str, list[str]] = {}
+    for module, path in project_modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            named = isinstance(node, ast.Constant) and isinstance(node.value, str)
+            if named and node.value in KOMBU_PRIVATE_NAMES:  # type: ignore[attr-defined]
+                spelled.setdefault(module, []).append(f"{module_path(module)}:{node.lineno}")
+    assert KOMBU_HOME in spelled, "worker/broker.py no longer names kombu's structures?"
+    others = sorted(w for m, where in spelled.items() if m != KOMBU_HOME for w in where)
+    assert not others, "kombu's private names outside worker/broker.py:\n" + "\n".join(others)

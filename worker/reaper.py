@@ -8,19 +8,17 @@
 - due webhook deliveries nobody took are sent again.
 
 The count of wake-ups: messages waiting in the job queues, plus messages workers hold
-(kombu's ``unacked`` hash), minus the held ones already spent on a running job. Workers
+(worker/broker.py), minus the held ones already spent on a running job. Workers
 refresh what they hold on every heartbeat, so a dead worker's messages go back to their queue
 after ``visibility_timeout_s`` and count as waiting again.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -33,14 +31,10 @@ from app.infra.queue import send_delivery, send_job
 from app.jobs import claims
 from app.jobs.batches import end_finished_batches
 from app.settings import Settings
+from worker.broker import BrokerCounts, broker_counts
 from worker.waiters import notify_done
 
 log = logging.getLogger(__name__)
-
-# kombu's Redis transport: a queue is a list, with one more list per priority step.
-PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (3, 6, 9)
-UNACKED = "unacked"
 
 
 def expire_and_dispatch(settings: Settings) -> int:
@@ -54,35 +48,6 @@ def expire_and_dispatch(settings: Settings) -> int:
     if expired.requeued:
         log.info("reaper: %d jobs whose worker stopped are queued again", len(expired.requeued))
     return len(expired.requeued)
-
-
-@dataclass(frozen=True)
-class BrokerCounts:
-    waiting: dict[str, int]  # messages in each job queue
-    held: int  # job messages taken by workers and not yet acked
-
-
-def broker_counts(client: Any, queues: Sequence[str]) -> BrokerCounts:
-    """One atomic read (MULTI) of the job queues' lengths and the held messages."""
-    pipe = client.pipeline(transaction=True)
-    for queue in queues:
-        pipe.llen(queue)
-        for step in PRIORITY_STEPS:
-            pipe.llen(f"{queue}{PRIORITY_SEP}{step}")
-    pipe.hvals(UNACKED)
-    replies = pipe.execute()
-    per_queue = 1 + len(PRIORITY_STEPS)
-    waiting = {
-        queue: sum(replies[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(queues)
-    }
-    held = 0
-    for raw in replies[-1]:
-        try:
-            _payload, _exchange, routing_key = json.loads(raw)
-        except (ValueError, TypeError):
-            continue
-        held += routing_key in queues
-    return BrokerCounts(waiting=waiting, held=held)
 
 
 @dataclass

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.jobs import claims
 from app.settings import Settings, get_settings
+from worker import broker
 from worker.engine import Engine
 from worker.model_loading import load_model_or_fallback, pick_device
 from worker.null_engine import NullEngine
@@ -181,35 +181,9 @@ def heartbeat_once(settings: Settings, held_tags: list[str], redis_client: Any) 
                     entry.stop(STOP_LEASE_LOST)
     if held_tags:
         try:
-            now = time.time()
-            # XX: only refresh; a message already acked or restored must not come back.
-            redis_client.zadd(UNACKED_INDEX, dict.fromkeys(held_tags, now), xx=True)
+            broker.refresh_held(redis_client, held_tags)
         except Exception as exc:
             log.warning("could not refresh held messages in Redis (%s)", exc)
-
-
-UNACKED_INDEX = "unacked_index"  # kombu's Redis transport: delivery time of held messages
-
-
-def held_delivery_tags() -> list[str]:
-    """Delivery tags of the messages this worker holds: reserved, running, or waiting for
-    their countdown (webhook retries)."""
-    from celery.worker import state
-
-    for _ in range(5):
-        try:  # the worker's sets change under us; a retry is cheaper than a lock
-            requests = [
-                *state.reserved_requests,
-                *state.active_requests,
-                *state.scheduled_requests,
-            ]
-            break
-        except RuntimeError:
-            continue
-    else:
-        return []
-    tags = (getattr(getattr(r, "message", None), "delivery_tag", None) for r in requests)
-    return [str(t) for t in tags if t]
 
 
 def heartbeat_interval(settings: Settings) -> float:
@@ -224,7 +198,7 @@ def start_heartbeat(settings: Settings, stop: threading.Event) -> threading.Thre
     def loop() -> None:
         while not stop.wait(heartbeat_interval(settings)):
             try:
-                heartbeat_once(settings, held_delivery_tags(), client)
+                heartbeat_once(settings, broker.held_delivery_tags(), client)
             except Exception:  # never let the heartbeat die
                 log.exception("heartbeat failed")
 
