@@ -84,6 +84,23 @@ def wait_running(stack: Stack, job_id: str, *, attempt: int, timeout: float = 60
     )
 
 
+def wait_held(stack: Stack, n: int, timeout: float = 30) -> None:
+    """Until workers hold n job messages and none waits in Redis."""
+    import redis
+
+    from worker.broker import broker_counts
+
+    client = redis.Redis.from_url(stack.redis_url)
+    queues = [stack.settings().queue_interactive, stack.settings().queue_bulk]
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = broker_counts(client, queues)
+        if counts.held == n and not any(counts.waiting.values()):
+            return
+        assert time.monotonic() < deadline, f"workers hold {counts} after {timeout} s"
+        time.sleep(0.05)
+
+
 def test_sigkill_mid_job_reruns_once_and_strands_nothing(
     stack: Stack, key: CreatedKey, model: Path, tmp_path: Path
 ) -> None:
@@ -100,7 +117,10 @@ def test_sigkill_mid_job_reruns_once_and_strands_nothing(
         )[0]
         short = stack.enqueue(api_key_id=key.row.id, audio=noise_wav(1.0), n=3, webhook_url=NEVER)
         wait_running(stack, long_id, attempt=1)
-        time.sleep(1.0)  # the other three messages reach the worker's free threads
+        # The other three messages reach the worker's free threads (checked in Redis, or
+        # the assertion below would also pass with nothing delivered), and their tasks run.
+        wait_held(stack, 4)
+        time.sleep(0.5)
         # It holds four messages but started one job: the others are still anybody's.
         assert {r.status for r in stack.jobs(short).values()} == {"queued"}
         first.kill()
