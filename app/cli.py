@@ -135,9 +135,9 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from app.api.usage import usage_by_key, window
     from app.errors import ServiceError
     from app.infra.db import session_scope
+    from app.jobs.usage import usage_by_key, window
 
     try:
         w = window(args.start, args.end, now=datetime.now(UTC))
