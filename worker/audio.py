@@ -1,7 +1,7 @@
 """Getting a job's audio as 16 kHz float32: blob or URL, through a hardened ffmpeg.
 
 Hostile input (issue 14):
-* URLs are fetched by :func:`worker.webhook_http.fetch_to_file`, the webhooks' guarded path:
+* URLs are fetched by :func:`worker.audio_fetch.fetch_to_file`, the webhooks' guarded path:
   vetted and pinned addresses, re-vetted redirects, no proxies, one overall deadline and a
   size cap while streaming.
 * The container header is only a first, cheap refusal: a FLAC can claim 1 s and hold hours.
@@ -27,7 +27,7 @@ from app.infra import blobs
 from app.infra.audio_probe import DEMUXER_WHITELIST, AudioError, probe_duration_s
 from app.infra.ssrf import AllowList
 from app.settings import Settings
-from worker.webhook_http import FetchError, fetch_to_file
+from worker.audio_fetch import FetchError, fetch_to_file
 
 log = logging.getLogger(__name__)
 
