@@ -33,7 +33,7 @@ COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
 # Non-editable: migrations travel inside the package, so nothing here needs the source tree.
-RUN pip install --no-cache-dir -c requirements.lock ".[worker]" \
+RUN pip install --no-cache-dir -c requirements.lock ".[server,worker]" \
  && rm -rf app worker migrations
 
 # /cache/whisper: downloads and the tiny.en fallback (a named volume starts with this owner).

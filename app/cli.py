@@ -576,10 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from app.client.cli import CLIENT_COMMANDS
-    from app.settings import settings_or_exit
 
-    # Clients (and the webhook receiver) run where no server settings exist.
-    if args.command not in CLIENT_COMMANDS and args.command != "listen":
+    # Clients (and the webhook receiver) run where no server settings exist, from an install
+    # without the server's dependencies (`pip install whisperq`: httpx and rich only).
+    client = args.command in CLIENT_COMMANDS or args.command == "listen"
+    if not client:
+        from app.settings import settings_or_exit
+
         settings_or_exit()  # weak secrets or bad settings: one line and exit, before any work
     try:
         return int(args.func(args))
@@ -587,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"whisperq {args.command}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        if client:
+            raise
         from pydantic import ValidationError
         from sqlalchemy.exc import OperationalError
 

@@ -37,8 +37,8 @@ if [ "$have" != "$want" ] && [ "$have" != "${want%-0}-1" ]; then
   # resolver beside other packages, pip may pick a multi-GB CUDA build of the same release.
   torch_pin=$(grep -E '^torch==' requirements.lock)
   .venv/bin/pip install -q -c requirements.lock "$torch_pin"
-  extras="worker"
-  [ "${WHISPERQ_BOOTSTRAP_TEST:-0}" = 1 ] && extras="worker,dev"
+  extras="server,worker"
+  [ "${WHISPERQ_BOOTSTRAP_TEST:-0}" = 1 ] && extras="server,worker,dev"
   .venv/bin/pip install -q -c requirements.lock -e ".[${extras}]"
   echo "$want" > "$stamp"
 fi

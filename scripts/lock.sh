@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/pip-compile ] || bash scripts/bootstrap.sh
-.venv/bin/pip-compile --quiet --extra worker --extra dev --strip-extras \
+.venv/bin/pip-compile --quiet --extra server --extra worker --extra dev --strip-extras \
   --no-emit-index-url --no-emit-find-links "$@" \
   --output-file requirements.lock pyproject.toml scripts/lock-pins.in
 # pip-compile records the local CPU build this machine resolved (torch==2.13.0+cpu); the

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -164,6 +165,74 @@ def test_user_mistakes_are_one_clear_line(
     )
     assert "cannot reach" in capsys.readouterr().err
     assert cli_batch(key) is None  # nothing was created by any of these
+
+
+# What `pip install whisperq[server]` adds: none of it may load for a client command.
+SERVER_ONLY = [
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "multipart",
+    "pydantic",
+    "pydantic_settings",
+    "sqlalchemy",
+    "alembic",
+    "psycopg",
+    "celery",
+    "kombu",
+    "redis",
+    "boto3",
+    "botocore",
+    "prometheus_client",
+    "jinja2",
+    "fastapi_offline",
+    "torch",
+    "whisper",
+]
+# A finder first on sys.meta_path refuses them, as their absence from a client-only install
+# would; then the real command runs against the real server.
+CLIENT_ONLY = f"""
+import sys
+BLOCKED = {SERVER_ONLY!r}
+class ClientOnlyInstall:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (a client-only install)")
+        return None
+sys.meta_path.insert(0, ClientOnlyInstall())
+from app.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_client_commands_run_without_the_servers_dependencies(
+    server: str, key: CreatedKey, tmp_path: Path
+) -> None:
+    audio = tmp_path / "hello.wav"
+    audio.write_bytes(noise_wav(0.5, seed=7))
+
+    def client(*args: str, to_server: bool = True) -> subprocess.CompletedProcess[str]:
+        connection = ["--url", server, "--api-key", key.key] if to_server else []
+        argv = [sys.executable, "-c", CLIENT_ONLY, *args, *connection]
+        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    sent = client("transcribe", str(audio), "--no-wait")
+    assert sent.returncode == 0, sent.stderr
+    job_id = sent.stdout.split()[-1]
+    shown = client("job", job_id)
+    # Queued (no worker here): neither success nor failure yet, and said so.
+    assert shown.returncode == 3, shown.stdout + shown.stderr
+    assert shown.stderr == f"job {job_id}: queued\n"
+    with session_scope() as session:
+        assert session.get(Job, job_id) is not None
+    assert client("listen", "--help", to_server=False).returncode == 0
+    # The guard itself: a server command in the same interpreter needs what it refuses.
+    refused = client("keys", "list", to_server=False)
+    assert refused.returncode != 0 and "a client-only install" in refused.stderr
+    # And a plain `pip install whisperq` brings the client's two dependencies, nothing else.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=\[ ]", d)[0] for d in project["dependencies"]}
+    assert names == {"httpx", "rich"}, names
 
 
 # About 0.5 s of CPU per file over all processes (probe, upload, decode, engine, Celery,
