@@ -5,10 +5,6 @@ database is a JSON 503 with Retry-After."""
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,45 +21,17 @@ from app.infra.notify import publish_done
 from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import INFER, auth, new_key, noise_wav
-from tests.support.services import REPO
+from tests.support.services import ApiProcess, free_port
 
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def api_process(tmp_path: Path, **env: str) -> Iterator[str]:
-    port = _free_port()
-    log_path = tmp_path / f"api-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.2)
-            yield base
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    with ApiProcess(
+        log_path=tmp_path / f"api-{len(list(tmp_path.glob('api-*')))}.log", env=env
+    ) as api:
+        yield api.url
 
 
 @pytest.fixture
@@ -166,7 +134,7 @@ def test_a_sync_caller_is_woken_by_the_completion_signal(tmp_path: Path, key: Cr
 
 def test_an_unreachable_database_is_a_json_503_with_retry_after(tmp_path: Path) -> None:
     env = {
-        "WHISPERQ_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:{_free_port()}/x",
+        "WHISPERQ_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x",
         "WHISPERQ_RETRY_AFTER_S": "7",
     }
     with api_process(tmp_path, **env) as base:

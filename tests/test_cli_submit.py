@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +29,7 @@ from app.infra.models import Batch, Job, JobStatus
 from app.jobs.keys import CreatedKey
 from tests.support.api import new_key, noise_wav
 from tests.support.random_model import random_model
-from tests.support.services import REPO, Receiver, WorkerProcess
+from tests.support.services import REPO, ApiProcess, Receiver, WorkerProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -61,46 +59,15 @@ def quick_checkpoint(path: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 API_PIDS: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``whisperq api`` (uvicorn) in its own process, on loopback."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("api") / "api.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"API did not start:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        API_PIDS[base] = proc.pid
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-        log.close()
+    with ApiProcess(log_path=tmp_path_factory.mktemp("api") / "api.log") as api:
+        API_PIDS[api.url] = api.pid
+        yield api.url
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pytest
 
 from app.jobs.keys import CreatedKey
 from tests.support.api import INFER, new_key, noise_wav
-from tests.support.services import REPO
+from tests.support.services import ApiProcess
 
 pytestmark = pytest.mark.integration
 
@@ -34,17 +33,18 @@ HUGE = 2 * 1024 * MIB  # the body offered: 2 GiB, generated lazily
 TRIP = 64 * MIB  # a sampler stops the test long before a broken guard spools 2 GiB
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Api:
-    proc: subprocess.Popen[bytes]
-    port: int
+    server: ApiProcess
     tmpdir: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.server.proc
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     def _status(self, field: str) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -79,37 +79,17 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     tmp = tmp_path_factory.mktemp("uploads")
     tmpdir = tmp / "tmp"
     tmpdir.mkdir()
-    port = free_port()
     env = {
-        **os.environ,
         "TMPDIR": str(tmpdir),
         "WHISPERQ_MAX_UPLOAD_BYTES": str(CAP),
         "WHISPERQ_UPLOAD_OVERHEAD_BYTES": str(OVERHEAD),
         "WHISPERQ_SUBMIT_RATE_PER_MINUTE": "0",
         "WHISPERQ_SYNC_WAIT_S": "0",
     }
-    log = (tmp / "api.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.api.main:app", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    api = Api(proc, port, tmpdir)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        raise AssertionError((tmp / "api.log").read_text())
+    server = ApiProcess(log_path=tmp / "api.log", env=env)
+    api = Api(server, tmpdir)
     yield api
-    proc.terminate()
-    proc.wait(20)
-    log.close()
+    server.stop()
 
 
 @pytest.fixture(scope="module")

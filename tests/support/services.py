@@ -294,9 +294,13 @@ class PostgresServer:
 
 
 class ApiProcess:
-    """``whisperq api`` (uvicorn) in a subprocess on a free loopback port."""
+    """``whisperq api`` (uvicorn) in a subprocess on a free loopback port, ready once its
+    /healthz answers: the one way the tests start a real API server. Use it as a context
+    manager, or call ``stop()``."""
 
-    def __init__(self, *, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *, log_path: Path, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> None:
         self.port = free_port()
         self.log_path = log_path
         self._log = log_path.open("wb")
@@ -317,11 +321,33 @@ class ApiProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _wait_port(self.port, timeout=60)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start:\n{self.log()}")
+            time.sleep(0.1)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -333,7 +359,14 @@ class ApiProcess:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
         self._log.close()
+
+    def __enter__(self) -> ApiProcess:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
 
 def migrate(database_url: str) -> None:
