@@ -170,3 +170,7 @@ class ServiceError(Exception):
                 "code": str(self.code),
             }
         }
+
+
+class UserError(Exception):
+    """A mistake the user of a command can fix: printed as one line, never a traceback."""

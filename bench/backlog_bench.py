@@ -33,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from app.cli import redis_server_argv
+from app.stack import redis_server_argv
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get(

@@ -32,7 +32,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from app.cli import redis_server_argv
+from app.stack import redis_server_argv
 from bench.backlog_bench import queued_row
 
 REPO = Path(__file__).resolve().parent.parent

@@ -98,8 +98,9 @@ def test_flower_serves_its_pages_metrics_and_healthcheck_with_the_login(
 
 
 def test_flower_password_without_a_user_is_refused() -> None:
-    from app.cli import UserError, flower_argv
+    from app.errors import UserError
     from app.settings import get_settings
+    from app.stack import flower_argv
 
     s = get_settings().model_copy(
         update={"flower_user": "", "flower_password": SecretStr(FLOWER_PASSWORD)}

@@ -23,17 +23,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("app", "worker")
 
-# app/ → worker/: only app/cli.py's worker, flower and import-ct2 commands, which start a
+# app/ → worker/: only app/stack.py's worker, flower and import-ct2 commands, which start a
 # worker process (or convert a model for one), and only inside them: `whisperq api` and the
 # client commands must not load the worker (nor torch with it). A new pair fails here: move
 # the code to worker/ instead, or add the pair with a reason.
 WORKER_COMMANDS = frozenset({"cmd_worker", "cmd_flower", "cmd_import_ct2"})
 ALLOWED_APP_TO_WORKER = frozenset(
     {
-        ("app.cli", "worker.model_loading"),  # worker: says "cannot load the model" and exits 2
-        ("app.cli", "worker.runtime"),  # worker: loads the model before consuming anything
-        ("app.cli", "worker.celery_app"),  # worker and flower: the Celery app they start
-        ("app.cli", "worker.ct2_import"),  # import-ct2: converts a CTranslate2 model
+        ("app.stack", "worker.model_loading"),  # worker: says "cannot load the model" and exits 2
+        ("app.stack", "worker.runtime"),  # worker: loads the model before consuming anything
+        ("app.stack", "worker.celery_app"),  # worker and flower: the Celery app they start
+        ("app.stack", "worker.ct2_import"),  # import-ct2: converts a CTranslate2 model
     }
 )
 

@@ -192,7 +192,8 @@ def test_user_mistakes_are_one_line(tmp_path: Path) -> None:
 def test_flower_arguments_carry_basic_auth() -> None:
     from pydantic import SecretStr
 
-    from app.cli import UserError, flower_argv
+    from app.errors import UserError
+    from app.stack import flower_argv
 
     s = get_settings().model_copy(update={"flower_user": "ops", "flower_password": SecretStr("pw")})
     assert "--basic-auth=ops:pw" in flower_argv(s, host="0.0.0.0", port=5555)

@@ -182,7 +182,7 @@ def test_the_worker_command_exits_with_the_workers_status(
     import argparse
 
     import app.infra.logging
-    from app import cli
+    from app import stack
     from worker import runtime
     from worker.celery_app import celery
     from worker.null_engine import NullEngine
@@ -196,5 +196,5 @@ def test_the_worker_command_exits_with_the_workers_status(
     monkeypatch.setattr(app.infra.logging, "configure_logging", lambda _settings: None)
     monkeypatch.setattr(runtime, "_engine", NullEngine())
     monkeypatch.setattr(celery, "start", start)
-    assert cli.cmd_worker(argparse.Namespace(concurrency=0, queues="")) == 1
+    assert stack.cmd_worker(argparse.Namespace(concurrency=0, queues="")) == 1
     assert started and started[0][0] == "worker"

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from app.cli import redis_server_argv
+from app.stack import redis_server_argv
 
 REPO = Path(__file__).resolve().parents[2]
 
