@@ -389,3 +389,28 @@ def test_a_claim_reads_a_few_pages_however_long_the_backlog(
     # 2,700 jobs still queued and 300 claimed: a walk over either would read hundreds.
     assert keys_with_work <= 60, keys_with_work
     assert oldest <= 20, oldest
+
+
+def test_a_bulk_enqueue_sends_one_message_per_job_in_order(database: str) -> None:
+    """send_jobs pipelines its messages (kombu publish batches, several chunks here): each
+    job still gets its own message, with its id as the task id, none twice, none missing."""
+    import base64
+    import json
+
+    import redis
+
+    from app.infra.queue import RUN_JOB, SEND_CHUNK, send_jobs
+    from app.settings import get_settings
+
+    queue = f"sendjobs-{uuid.uuid4().hex[:8]}"
+    ids = [uuid.uuid4().hex for _ in range(2 * SEND_CHUNK + 7)]
+    client = redis.Redis.from_url(get_settings().redis_url)
+    try:
+        send_jobs(ids, queue=queue)
+        raw = client.lrange(queue, 0, -1)
+        messages = [json.loads(m) for m in reversed(raw)]  # LPUSH: newest first
+        assert [m["headers"]["id"] for m in messages] == ids
+        assert {m["headers"]["task"] for m in messages} == {RUN_JOB}
+        assert [json.loads(base64.b64decode(m["body"]))[0] for m in messages] == [[i] for i in ids]
+    finally:
+        client.delete(queue)

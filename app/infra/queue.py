@@ -56,6 +56,39 @@ def send_job(job_id: str, *, queue: str) -> None:
     get_celery().send_task(RUN_JOB, args=[job_id], queue=queue, task_id=job_id or None)
 
 
+# Messages a bulk enqueue pipelines into one Redis round trip (kombu's publish batches).
+SEND_CHUNK = 500
+
+
+class SendError(Exception):
+    """The broker failed partway: the first ``sent`` messages are in Redis, the rest may not
+    be."""
+
+    def __init__(self, sent: int, cause: Exception) -> None:
+        super().__init__(f"{sent} messages sent, then: {cause}")
+        self.sent, self.cause = sent, cause
+
+
+def send_jobs(job_ids: list[str], *, queue: str) -> None:
+    """One message per job, as :func:`send_job` sends them, over one connection and in
+    pipelined chunks: a 1,000-input batch costs a few round trips, not 1,000 (and kombu does
+    not build a Redis client per message). Raises :class:`SendError`."""
+    celery = get_celery()
+    sent = 0
+    try:
+        with celery.producer_or_acquire() as producer:
+            for start in range(0, len(job_ids), SEND_CHUNK):
+                chunk = job_ids[start : start + SEND_CHUNK]
+                with producer.batch(max_size=2 * len(chunk) + 1):
+                    for job_id in chunk:
+                        celery.send_task(
+                            RUN_JOB, args=[job_id], queue=queue, task_id=job_id, producer=producer
+                        )
+                sent += len(chunk)
+    except Exception as exc:
+        raise SendError(sent, exc) from exc
+
+
 def send_delivery(delivery_id: str, *, countdown: float = 0.0) -> None:
     get_celery().send_task(
         DELIVER_WEBHOOK,
