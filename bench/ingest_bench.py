@@ -135,14 +135,14 @@ def run(n: int, per_request: int, workdir: Path) -> Result:
             key = create_key(session, name="ingest", pepper=settings.key_pepper).key
         api_port = free_port()
         log = workdir / "api.log"
+        # WHISPERQ_BENCH_API_ARGV: another command line ending in the port (a profiler
+        # around uvicorn, say).
+        api_cmd = os.environ.get(
+            "WHISPERQ_BENCH_API_ARGV", f"{sys.executable} -m app.cli api --port"
+        )
         with log.open("wb") as out:
             api = subprocess.Popen(
-                # WHISPERQ_BENCH_API_ARGV: another command line ending in the port (a
-                # profiler around uvicorn, say).
-                os.environ.get(
-                    "WHISPERQ_BENCH_API_ARGV", f"{sys.executable} -m app.cli api --port"
-                ).split()
-                + [str(api_port)],
+                [*api_cmd.split(), str(api_port)],
                 cwd=REPO,
                 env=env,
                 stdout=out,
