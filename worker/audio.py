@@ -24,7 +24,7 @@ import numpy as np
 
 from app.errors import ErrorCode
 from app.infra import blobs
-from app.infra.audio_probe import DEMUXER_WHITELIST, AudioError, probe_duration_s
+from app.infra.audio_probe import DEMUXER_WHITELIST, AudioError, probe_duration_s, wav_layout
 from app.infra.ssrf import AllowList
 from app.settings import Settings
 from worker.audio_fetch import FetchError, fetch_to_file
@@ -143,6 +143,40 @@ def decode(path: Path, *, timeout_s: float, max_seconds: float | None = None) ->
     return samples
 
 
+# The one layout read without ffmpeg: what ffmpeg itself would produce, 16 kHz mono signed
+# 16-bit PCM in a WAV file. Its samples pass through ffmpeg unchanged, so reading them here
+# gives the same array without the two processes (ffprobe, ffmpeg) that cost more CPU than a
+# short clip's whole control-plane path. Anything else goes to ffmpeg.
+PLAIN_WAV = (1, 1, SAMPLE_RATE, 16)  # PCM, mono, 16 kHz, 16 bits
+
+
+def read_plain_wav(path: Path, *, max_seconds: float | None = None) -> np.ndarray | None:
+    """The samples of a 16 kHz mono s16le WAV as :func:`decode` returns them, or None when
+    the file is anything else (ffmpeg decodes it then). Read to the data chunk's end or the
+    file's, whichever comes first, as ffmpeg's WAV demuxer does; the limit applies to what
+    is read, never to what the header claims."""
+    layout = wav_layout(path)
+    if layout is None or (layout.tag, layout.channels, layout.rate, layout.bits) != PLAIN_WAV:
+        return None
+    limit = (
+        (int(max_seconds * SAMPLE_RATE) + 1) * BYTES_PER_SAMPLE
+        if max_seconds is not None
+        else layout.data_size
+    )
+    with path.open("rb") as fh:
+        fh.seek(layout.data_offset)
+        data = fh.read(min(layout.data_size, limit + BYTES_PER_SAMPLE))
+    if max_seconds is not None and len(data) > limit:
+        raise AudioError(
+            "audio_too_long", f"the decoded audio is longer than the {max_seconds:.0f} s limit"
+        )
+    usable = len(data) - len(data) % BYTES_PER_SAMPLE
+    samples = np.frombuffer(data[:usable], np.int16).astype(np.float32) / 32768.0
+    if samples.size == 0:
+        raise AudioError("invalid_audio", "the audio decodes to no samples")
+    return samples
+
+
 def fetch_url(url: str, dest: Path, *, settings: Settings) -> None:
     """Download an audio URL through the guarded HTTP path; AudioError with a safe message."""
     with dest.open("wb") as fh:
@@ -183,6 +217,9 @@ def load_job_audio(
                 raise AudioError("empty_audio", "the audio URL returned an empty body")
         else:
             raise AudioError("audio_missing", "the job has no audio")
+        plain = read_plain_wav(path, max_seconds=settings.max_audio_seconds)
+        if plain is not None:
+            return plain, round(len(plain) * 1000 / SAMPLE_RATE)
         # The header's claim: a cheap early refusal only, never trusted for the limit.
         duration = probe_duration_s(path)
         if duration > settings.max_audio_seconds:

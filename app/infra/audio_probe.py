@@ -6,6 +6,7 @@ import json
 import logging
 import struct
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,23 @@ _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 _WAV_MAX_CHUNKS = 64  # a header with more chunks before "data" is left to ffprobe
 
 
-def wav_duration_s(path: Path) -> float | None:
-    """Duration of a well-formed PCM or float WAV from its header; None when unsure."""
+@dataclass(frozen=True)
+class WavLayout:
+    """What a strict reading of a WAV header found: its format and where its samples are."""
+
+    tag: int  # 1 PCM, 3 IEEE float (an extensible header's sub-format)
+    channels: int
+    rate: int
+    bits: int
+    byte_rate: int
+    data_offset: int
+    data_size: int  # as declared: the file may end sooner
+    file_size: int
+
+
+def wav_layout(path: Path) -> WavLayout | None:
+    """The layout of a well-formed PCM or float WAV, up to its data chunk; None when unsure
+    (then ffprobe and ffmpeg judge the file)."""
     try:
         with path.open("rb") as f:
             size = path.stat().st_size
@@ -97,16 +113,27 @@ def wav_duration_s(path: Path) -> float | None:
                     ):
                         return None
                 elif cid == b"data":
-                    # ffprobe would report a truncated or empty body differently: let it.
-                    if fmt is None or clen == 0 or pos + clen > size:
+                    if fmt is None:
                         return None
-                    return float(clen / fmt[3])
+                    tag, channels, rate, byte_rate, bits = fmt
+                    return WavLayout(tag, channels, rate, bits, byte_rate, pos, clen, size)
                 else:
                     f.seek(clen + (clen & 1), 1)
                 pos += clen + (clen & 1)
             return None
     except (OSError, struct.error):
         return None
+
+
+def wav_duration_s(path: Path) -> float | None:
+    """Duration of a well-formed PCM or float WAV from its header; None when unsure."""
+    layout = wav_layout(path)
+    # ffprobe would report a truncated or empty body differently: let it.
+    if layout is None or layout.data_size == 0:
+        return None
+    if layout.data_offset + layout.data_size > layout.file_size:
+        return None
+    return float(layout.data_size / layout.byte_rate)
 
 
 def probe_duration_s(path: Path, *, timeout_s: float = 30.0) -> float:
