@@ -1,22 +1,22 @@
 """Backlog bench (issue 13): N queued jobs drained through the real queue path, claim → finish.
 
-Real Postgres, a throwaway redis-server, real Celery workers (threads pool) running
-``worker.tasks.run_job`` with its claim policy, slots, heartbeat, reaper and guarded finish.
-Only the numerics are taken out: the engine returns an empty transcript at once and audio
-loading returns silence, so what is measured is the queue, not ffmpeg or the model.
+Real Postgres, a throwaway redis-server, and real ``whisperq worker`` processes with the null
+engine (``WHISPERQ_ENGINE=null``: an empty transcript at once, no model): the claim policy,
+slots, heartbeat, reaper, audio loading (one plain 1 s WAV blob every job names, read
+without ffmpeg) and the guarded finish all run as in production; only the model is out,
+so what is measured is the control plane.
 
 Per backlog size it prints: drain rate (jobs/s), Postgres transactions and row operations
 per job, Redis commands per job (enqueue and drain), Redis memory per waiting job and at peak,
 and how many jobs were claimed more than once or re-sent (must be 0).
 
     .venv/bin/python -m bench.backlog_bench                # 1k, 5k, 20k
-    .venv/bin/python -m bench.backlog_bench --sizes 1000 --workers 2 --slots 8
+    .venv/bin/python -m bench.backlog_bench --sizes 1000 --workers 1
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import shutil
@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import uuid
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -64,65 +63,21 @@ def queued_row(
     }
 
 
-class NoopEngine:
-    """The engine seam with nothing behind it: every job is done at once."""
+def plain_wav(seconds: float) -> bytes:
+    """Quiet noise as a 16 kHz mono WAV: the worker reads it without ffmpeg."""
+    import io
+    import wave
 
-    def __init__(self, slots: int) -> None:
-        self.max_in_flight = slots
-
-    def announcing(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def withdraw(self) -> None:
-        pass
-
-    def submit(self, job: Any) -> Future[Any]:
-        from worker.engine import EngineResult
-
-        fut: Future[Any] = Future()
-        fut.set_result(
-            EngineResult(
-                text="",
-                segments=(),
-                language="en",
-                runtime_ms=1,
-                tokens_generated=0,
-                tokens_input=50,
-            )
-        )
-        return fut
-
-
-def run_worker(slots: int) -> None:
-    """A bench worker: the real Celery worker and tasks, with the no-op engine."""
     import numpy as np
 
-    from app.settings import get_settings
-    from worker import runtime, tasks
-
-    runtime._engine = NoopEngine(slots)  # type: ignore[assignment]
-
-    def silence(**_: Any) -> tuple[Any, int]:
-        return np.zeros(16_000, dtype=np.float32), 1000
-
-    setattr(tasks, "load_job_audio", silence)  # noqa: B010 (the bench takes ffmpeg out)
-    from worker.celery_app import celery
-
-    s = get_settings()
-    celery.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={slots}",
-            "-Q",
-            f"{s.queue_interactive},{s.queue_bulk},{s.queue_webhooks}",
-            "--loglevel=WARNING",
-            "-n",
-            f"bench-{os.getpid()}@%h",
-            "--without-mingle",
-            "--without-gossip",
-        ]
-    )
+    samples = (np.random.default_rng(0).standard_normal(int(seconds * 16_000)) * 300).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(samples.tobytes())
+    return buf.getvalue()
 
 
 def free_port() -> int:
@@ -248,7 +203,7 @@ def _explain_claim(engine: Any, queue: str, key_id: int, batch_id: str) -> None:
 
 
 def run_size(
-    size: int, *, workers: int, slots: int, workdir: Path, drain: int = 0, explain: bool = False
+    size: int, *, workers: int, workdir: Path, drain: int = 0, explain: bool = False
 ) -> Row:
     """Queue ``size`` jobs, then drain them all (or the first ``drain``, when set: rates and
     per-job counts are then taken over those, with the rest of the backlog still waiting)."""
@@ -274,6 +229,7 @@ def run_size(
         "WHISPERQ_BLOB_DIR": str(workdir / "blobs"),
         "WHISPERQ_KEEP_AUDIO_DAYS": "1",
         "WHISPERQ_ENVIRONMENT": "test",
+        "WHISPERQ_ENGINE": "null",
     }
     procs: list[subprocess.Popen[bytes]] = []
     engine = create_engine(db_url)
@@ -288,6 +244,7 @@ def run_size(
         os.environ.update({k: v for k, v in env.items() if k.startswith("WHISPERQ_")})
         from sqlalchemy.orm import Session
 
+        from app.infra.blobs import build_store
         from app.infra.models import Batch, Job
         from app.infra.queue import RUN_JOB, build_celery
         from app.jobs.keys import create_key
@@ -296,6 +253,9 @@ def run_size(
 
         settings = Settings()
         client = redis.Redis(port=port)
+        clip = workdir / "clip.wav"
+        clip.write_bytes(plain_wav(1.0))
+        build_store(settings).put_file("bench", clip)
         with Session(engine, expire_on_commit=False) as session, session.begin():
             keys = [
                 create_key(session, name=f"k{i}", pepper=settings.key_pepper) for i in range(KEYS)
@@ -357,14 +317,7 @@ def run_size(
         for _ in range(workers):
             procs.append(
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.backlog_bench",
-                        "--worker",
-                        "--slots",
-                        str(slots),
-                    ],
+                    [sys.executable, "-m", "app.cli", "worker"],
                     cwd=REPO,
                     env=env,
                     stdout=(workdir / "worker.log").open("ab"),
@@ -474,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     ap.add_argument("--workers", type=int, default=2, help="worker processes")
-    ap.add_argument("--slots", type=int, default=8, help="jobs in flight per worker")
     ap.add_argument(
         "--drain", type=int, default=0, help="measure over the first N jobs only (0: all)"
     )
@@ -483,15 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also print index entries and statement buffers per job (pg_stat_statements)",
     )
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.worker:
-        run_worker(args.slots)
-        return 0
     print(
         f"# backlog bench, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {args.workers} workers x "
-        f"{args.slots} slots, {KEYS} keys"
+        f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {args.workers} x `whisperq "
+        f"worker` (WHISPERQ_ENGINE=null, default slots), {KEYS} keys"
     )
     print(
         "| backlog | drained | drain jobs/s | PG xacts/job | PG rows/job | Redis cmds/job enqueue |"
@@ -505,7 +453,6 @@ def main(argv: list[str] | None = None) -> int:
             r = run_size(
                 size,
                 workers=args.workers,
-                slots=args.slots,
                 workdir=workdir,
                 drain=args.drain,
                 explain=args.explain,
