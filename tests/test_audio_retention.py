@@ -19,7 +19,8 @@ from sqlalchemy import select, update
 
 from app.infra import blobs
 from app.infra.db import session_scope, utcnow
-from app.infra.models import Batch, Job, JobStatus, new_job_id
+from app.infra.models import Batch, IdempotencyKey, Job, JobStatus, new_job_id
+from app.infra.queue import SendError
 from app.jobs import claims
 from app.jobs.keys import CreatedKey
 from app.jobs.options import TranscribeOptions
@@ -93,6 +94,7 @@ def submit(api: TestClient, key: CreatedKey, *, seed: int = 0, **headers: str) -
     [
         (JobStatus.succeeded, {"result": {"text": "", "segments": [], "language": "en"}}),
         (JobStatus.failed, {"error_code": "invalid_audio", "error_message": "not audio"}),
+        (JobStatus.canceled, {"error_code": "canceled", "runtime_ms": 500}),  # while running
     ],
 )
 def test_the_workers_finish_deletes_the_audio(
@@ -148,6 +150,26 @@ def test_canceling_a_batch_deletes_its_queued_jobs_audio(
     assert not names & stored()
 
 
+def test_a_batch_input_that_is_not_audio_ends_failed_with_no_blob(
+    api: TestClient, key: CreatedKey, keep0: Settings
+) -> None:
+    before = stored()
+    files = [
+        ("file", ("bad.wav", b"not audio at all", "audio/wav")),
+        ("file", ("good.wav", noise_wav(0.3, seed=30), "audio/wav")),
+    ]
+    r = api.post("/v1/batches", headers=auth(key), files=files)
+    assert r.status_code == 201, r.text
+    bad, good = (i["job_id"] for i in r.json()["inputs"])
+    with session_scope() as session:
+        job = session.get(Job, bad)
+        assert job is not None
+        assert (job.status, job.audio_blob, job.finished_at is not None) == ("failed", None, True)
+        assert job.error_code is not None
+    # Only the good input's upload is kept: the bad one was never stored.
+    assert stored() - before == {audio_of(good)}
+
+
 @pytest.mark.parametrize("canceled", [False, True], ids=["worker_lost", "canceled_while_dead"])
 def test_lease_expiry_that_ends_a_job_deletes_its_audio(
     key: CreatedKey, keep0: Settings, canceled: bool
@@ -180,10 +202,10 @@ def test_a_job_the_broker_never_got_deletes_its_audio(
 ) -> None:
     import app.jobs.submission
 
-    def broker_down(job_id: str, *, queue: str) -> None:
-        raise ConnectionError("Error 111 connecting to redis")
+    def broker_down(job_ids: list[str], *, queue: str) -> None:
+        raise SendError(0, ConnectionError("Error 111 connecting to redis"))
 
-    monkeypatch.setattr(app.jobs.submission, "send_job", broker_down)
+    monkeypatch.setattr(app.jobs.submission, "send_jobs", broker_down)
     before = stored()
     r = submit(api, key, seed=2)
     assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable", r.text
@@ -201,15 +223,15 @@ def test_a_batch_job_the_broker_never_got_takes_the_resent_upload(
     audio instead of being dropped as a duplicate, so the job can run."""
     import app.jobs.submission
 
-    def broker_down(job_id: str, *, queue: str) -> None:
-        raise ConnectionError("Error 111 connecting to redis")
+    def broker_down(job_ids: list[str], *, queue: str) -> None:
+        raise SendError(0, ConnectionError("Error 111 connecting to redis"))
 
     wav = noise_wav(0.3, seed=20)
     parts = [
         ("manifest", ("m.jsonl", b'{"file": "a.wav", "idempotency_key": "a"}\n', "text/plain")),
         ("file", ("a.wav", wav, "audio/wav")),
     ]
-    monkeypatch.setattr(app.jobs.submission, "send_job", broker_down)
+    monkeypatch.setattr(app.jobs.submission, "send_jobs", broker_down)
     r = api.post("/v1/batches", headers={**auth(key), "Idempotency-Key": "ret"}, files=parts)
     assert r.status_code == 503, r.text
     with session_scope() as session:
@@ -257,6 +279,51 @@ def test_an_upload_the_openai_route_refuses_is_deleted(
         data={"model": "whisper-1"},
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_idempotency_key"
+    assert stored() == before
+
+
+def test_an_upload_the_openai_route_refuses_for_a_reused_key_is_deleted(
+    api: TestClient, key: CreatedKey, keep0: Settings
+) -> None:
+    """A 409 with the file already streamed in (the key is read after the upload)."""
+    with session_scope() as session:  # the key already stands for another request
+        now = utcnow()
+        session.add(
+            IdempotencyKey(
+                api_key_id=key.row.id,
+                key="openai-reused",
+                fingerprint="another request",
+                created_at=now,
+                expires_at=now + timedelta(hours=1),
+            )
+        )
+    before = stored()
+    r = api.post(
+        "/v1/audio/transcriptions",
+        headers={**auth(key), "Idempotency-Key": "openai-reused"},
+        files={"file": ("a.wav", noise_wav(0.4, seed=7))},
+        data={"model": "whisper-1"},
+    )
+    assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_reused"
+    assert stored() == before
+
+
+def test_an_upload_whose_submission_fails_is_deleted(
+    api: TestClient, key: CreatedKey, keep0: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a refusal but a failure (Postgres gone while the key is reserved): no job names
+    the upload, so it goes before the error answers."""
+    from sqlalchemy.exc import OperationalError
+
+    from app.jobs import idempotency
+
+    def db_down(*_args: Any) -> None:
+        raise OperationalError("SELECT", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(idempotency, "_reserve", db_down)
+    before = stored()
+    r = submit(api, key, seed=8, **{"Idempotency-Key": "db-down"})
+    assert r.status_code == 503, r.text
     assert stored() == before
 
 

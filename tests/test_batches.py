@@ -19,6 +19,7 @@ from sqlalchemy import func, select, update
 from app.api import uploads
 from app.infra.db import session_scope, utcnow
 from app.infra.models import Batch, Job, JobStatus, WebhookDelivery
+from app.infra.queue import SendError
 from app.infra.webhook_signing import sign
 from app.jobs import batches
 from app.jobs.keys import CreatedKey
@@ -564,15 +565,15 @@ def test_broker_down_mid_batch_fails_the_unsent_jobs_with_a_503(
     import app.jobs.submission
 
     sent: list[str] = []
-    real_send = app.jobs.submission.send_job
+    real_send = app.jobs.submission.send_jobs
 
-    def flaky(job_id: str, *, queue: str) -> None:
-        if sent:
-            raise ConnectionError("Error 111 connecting to redis")
-        sent.append(job_id)
-        real_send(job_id, queue=queue)
+    def flaky(job_ids: list[str], *, queue: str) -> None:
+        # The first message reaches Redis, then the connection drops.
+        real_send(job_ids[:1], queue=queue)
+        sent.append(job_ids[0])
+        raise SendError(1, ConnectionError("Error 111 connecting to redis"))
 
-    monkeypatch.setattr(app.jobs.submission, "send_job", flaky)
+    monkeypatch.setattr(app.jobs.submission, "send_jobs", flaky)
     r = post(
         api, key, files=[(f"{i}.wav", wav) for i in range(3)], headers={"Idempotency-Key": "down"}
     )
@@ -585,7 +586,7 @@ def test_broker_down_mid_batch_fails_the_unsent_jobs_with_a_503(
     assert len(states) == 2
     # The client sends the same inputs again once Redis is back: the failed ones are
     # re-sent, nothing is duplicated.
-    monkeypatch.setattr(app.jobs.submission, "send_job", real_send)
+    monkeypatch.setattr(app.jobs.submission, "send_jobs", real_send)
     keyed = [{"file": f"{i}.wav", "idempotency_key": f"k{i}"} for i in range(3)]
     again = post(
         api,

@@ -16,6 +16,7 @@ from standardwebhooks import Webhook
 
 from app.infra.db import session_scope
 from app.infra.models import Job
+from app.infra.queue import SendError
 from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import (
@@ -375,10 +376,10 @@ def test_broker_down_at_submission_is_a_503_and_the_job_ends_failed(
 ) -> None:
     import app.jobs.submission
 
-    def broker_down(job_id: str, *, queue: str) -> None:
-        raise ConnectionError("Error 111 connecting to redis")
+    def broker_down(job_ids: list[str], *, queue: str) -> None:
+        raise SendError(0, ConnectionError("Error 111 connecting to redis"))
 
-    monkeypatch.setattr(app.jobs.submission, "send_job", broker_down)
+    monkeypatch.setattr(app.jobs.submission, "send_jobs", broker_down)
     r = api.post(INFER, headers=auth(key), files={"audio": ("a.wav", speech_wav)})
     assert r.status_code == 503 and r.json()["error"]["code"] == "queue_unavailable"
     job = api.get(f"/v1/jobs/{r.json()['request_id']}", headers=auth(key)).json()

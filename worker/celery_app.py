@@ -67,7 +67,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
 
 celery = get_celery()
 celery.conf.update(include=["worker.tasks"], worker_consumer=f"{__name__}:Consumer")
-install_observability(celery)  # metrics, /readyz, request-id logs, audio cleanup (issue 16)
+install_observability(celery)  # metrics, /readyz, request-id logs, the retention purge
 # The engine's batch sizes on the worker's /metrics: runtime cannot import observability,
 # which reads it.
 runtime.observe_batches(observe_batch)

@@ -1,9 +1,13 @@
-"""Webhook deliveries: claim one, make one signed attempt, record it, schedule the next."""
+"""Webhook deliveries: claim one, make one signed attempt, record it, schedule the next.
+
+Whatever else should see each attempt (the worker's metrics and logs) registers with
+``on_attempt``."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,6 +21,26 @@ from app.settings import Settings
 from worker.webhook_http import AttemptResult, deliver_once, retry_delay
 
 log = logging.getLogger(__name__)
+
+
+AttemptHook = Callable[[str, AttemptResult], None]
+_attempt_hooks: list[AttemptHook] = []
+
+
+def on_attempt(hook: AttemptHook) -> None:
+    """Call ``hook(delivery_id, result)`` after each attempt this process makes, before it is
+    recorded (once per hook, however often it is registered). It must not raise; if it
+    does, the error is logged and the attempt is recorded all the same."""
+    if hook not in _attempt_hooks:
+        _attempt_hooks.append(hook)
+
+
+def _attempted(delivery_id: str, result: AttemptResult) -> None:
+    for hook in list(_attempt_hooks):
+        try:
+            hook(delivery_id, result)
+        except Exception:
+            log.exception("a webhook-attempt hook failed")
 
 
 @dataclass(frozen=True)
@@ -106,6 +130,8 @@ def attempt(delivery_id: str, *, settings: Settings) -> Scheduled:
             error=f"delivery error: {type(exc).__name__}",
             retry_after_s=None,
         )
+    # Before the record: whoever sees the attempt in the database finds it counted too.
+    _attempted(delivery_id, result)
     made = claimed.attempts + 1
 
     delay: float | None = None

@@ -1,9 +1,10 @@
 """The worker's metrics, health endpoints, request-id logging and retention purge, hooked
 in from outside the tasks so worker/tasks.py stays about jobs.
 
-``install(celery)`` (called once from worker/celery_app.py) wraps the two functions every
-job and webhook attempt pass through, ``claims.finish`` and ``deliveries.deliver_once``, and
-connects Celery signals. A job counts once: only the run whose guarded finish stored it.
+``install(celery)`` (called once from worker/celery_app.py) registers the metrics hooks
+with what every job end and webhook attempt pass through (``lifecycle.on_job_ended``,
+``deliveries.on_attempt``) and connects Celery signals. A job counts once: it ends once.
+Audio is not ours to delete: every end does that itself (app/jobs/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -22,11 +23,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app.infra.db import session_scope
 from app.infra.logging import bind_request_id, configure_logging
 from app.infra.metrics import WorkerMetrics, worker_metrics
-from app.infra.models import Job, JobStatus, WebhookDelivery
+from app.infra.models import JobStatus, WebhookDelivery
 from app.infra.queue import DELIVER_WEBHOOK, RUN_JOB
+from app.jobs.lifecycle import EndedJob, on_job_ended
 from app.settings import Settings, get_settings
-from worker import runtime
+from worker import deliveries, runtime
 from worker.gpu_metrics import GpuMemoryCollector
+from worker.webhook_http import AttemptResult
 
 log = logging.getLogger("whisperq.worker")
 METRICS = worker_metrics()
@@ -42,58 +45,53 @@ def observe_batch(rows: int) -> None:
     METRICS.batch_size.observe(rows)
 
 
-def record_finished(job_id: str, *, attempt: int, status: JobStatus, m: WorkerMetrics) -> None:
-    """Count a job this run stored (its audio is dropped by ``claims.finish`` itself)."""
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != status or job.attempts != attempt:
-            return  # another run owns it, or it was canceled: not ours to count
+def record_ended(jobs: Sequence[EndedJob], m: WorkerMetrics = METRICS) -> None:
+    """Count the jobs this process ended (a run's finish, or its reaper's lease expiry):
+    each job ends once, in one process, so a job is counted once."""
+    for job in jobs:
         queue = job.queue
-        m.jobs.labels(status=str(status), queue=queue).inc()
+        m.jobs.labels(status=str(job.status), queue=queue).inc()
         if job.started_at is not None and job.enqueued_at is not None:
             wait = (job.started_at - job.enqueued_at).total_seconds()
             m.queue_wait.labels(queue=queue).observe(max(wait, 0.0))
-        if status == JobStatus.succeeded:
+        if job.status == JobStatus.succeeded:
             model_s = job.runtime_ms / 1000
             m.model_time.labels(queue=queue).observe(model_s)
             audio_s = (job.input_length_ms or 0) / 1000
             m.audio_seconds.labels(queue=queue).inc(audio_s)
             if audio_s > 0:
                 m.real_time_factor.observe(model_s / audio_s)
+        log.info(
+            "job finished",
+            extra={
+                "event": "job_finished",
+                "status": str(job.status),
+                "queue": queue,
+                # Its own id, whatever task or sweep ended it.
+                "request_id": job.id,
+            },
+        )
+
+
+def record_attempt(delivery_id: str, result: AttemptResult, m: WorkerMetrics = METRICS) -> None:
+    m.webhook_attempts.labels(outcome=str(result.outcome)).inc()
     log.info(
-        "job finished",
-        extra={"event": "job_finished", "status": str(status), "queue": queue},
+        "webhook attempt",
+        extra={
+            "event": "webhook_attempt",
+            "outcome": str(result.outcome),
+            "status_code": result.status_code,
+            "latency_ms": result.latency_ms,
+        },
     )
 
 
-def _wrap_finish(original: Callable[..., Any]) -> Callable[..., Any]:
-    def finish(claimed: Any, *, status: JobStatus, **kwargs: Any) -> Any:
-        out = original(claimed, status=status, **kwargs)
-        try:
-            record_finished(claimed.id, attempt=claimed.attempt, status=status, m=METRICS)
-        except Exception:  # metrics must never fail a job that is already stored
-            log.exception("recording a finished job failed")
-        return out
-
-    return finish
-
-
-def _wrap_deliver(original: Callable[..., Any]) -> Callable[..., Any]:
-    def deliver_once(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        METRICS.webhook_attempts.labels(outcome=str(result.outcome)).inc()
-        log.info(
-            "webhook attempt",
-            extra={
-                "event": "webhook_attempt",
-                "outcome": str(result.outcome),
-                "status_code": result.status_code,
-                "latency_ms": result.latency_ms,
-            },
-        )
-        return result
-
-    return deliver_once
+def register_hooks() -> None:
+    """Metrics and logs for every job this process ends and every webhook attempt it makes:
+    registered with the code that ends and attempts (never wrapped around it), so they run
+    however that code is imported."""
+    on_job_ended(record_ended)
+    deliveries.on_attempt(record_attempt)
 
 
 def _job_of_delivery(delivery_id: str) -> str | None:
@@ -225,12 +223,8 @@ def install(celery: Celery) -> None:
     if _installed:
         return
     _installed = True
-    from app.jobs import claims
-    from worker import deliveries
-
     configure_logging(get_settings())
-    claims.finish = _wrap_finish(claims.finish)
-    deliveries.deliver_once = _wrap_deliver(deliveries.deliver_once)  # type: ignore[attr-defined]
+    register_hooks()
     task_prerun.connect(_on_prerun, weak=False)
     task_postrun.connect(_on_postrun, weak=False)
     worker_ready.connect(_on_ready, weak=False)

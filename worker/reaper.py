@@ -32,7 +32,6 @@ from app.jobs import claims
 from app.jobs.batches import end_finished_batches
 from app.settings import Settings
 from worker.broker import BrokerCounts, broker_counts
-from worker.waiters import notify_done
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +39,9 @@ log = logging.getLogger(__name__)
 def expire_and_dispatch(settings: Settings) -> int:
     """Expire dead workers' leases; returns how many jobs went back to the queue."""
     expired = claims.expire_leases(settings)
-    for job_id, delivery_id in expired.failed:
+    # Their end (app/jobs/lifecycle.py) woke their waiters and sent their webhook events.
+    for job_id, _delivery_id in expired.failed:
         log.warning("job %s failed: its worker died %d times", job_id, settings.job_max_attempts)
-        notify_done(job_id, settings)
-        if delivery_id is not None:
-            send_delivery(delivery_id)
     if expired.requeued:
         log.info("reaper: %d jobs whose worker stopped are queued again", len(expired.requeued))
     return len(expired.requeued)

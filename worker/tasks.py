@@ -30,7 +30,6 @@ from worker import deliveries, reaper, runtime
 from worker.audio import load_job_audio
 from worker.celery_app import celery
 from worker.engine import EngineInputError, EngineJob, EngineResult, EngineStopped
-from worker.waiters import notify_done
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +64,8 @@ def _store(claimed: claims.ClaimedJob, settings: Settings, **outcome: Any) -> bo
     if not done.stored:
         log.info("job %s: another run owns it now; this run's outcome is dropped", claimed.id)
         return False
-    notify_done(claimed.id, settings)
-    if done.delivery_id is not None:
-        try:
-            send_delivery(done.delivery_id)
-        except Exception:  # the reaper re-sends a due delivery nobody took
-            log.exception("job %s: could not queue its webhook delivery", claimed.id)
+    # Its webhook event, the API's waiter and the audio were seen to by the end itself
+    # (app/jobs/lifecycle.py), after the commit.
     return True
 
 

@@ -52,13 +52,12 @@ from app.api.jobs import _delivery as delivery_out
 from app.api.ratelimit import check_request_rate
 from app.api.uploads import _upload_slot as upload_slot
 from app.errors import ServiceError
-from app.infra import blobs
-from app.infra.db import get_sessionmaker, session_scope, utcnow
+from app.infra.db import get_sessionmaker, utcnow
 from app.infra.models import ApiKey, Batch, Job, JobStatus, WebhookDelivery
 from app.jobs import batches
 from app.jobs.limits import LimitError
 from app.jobs.serialize import iso
-from app.jobs.submission import check_url
+from app.jobs.submission import check_url, drop_unclaimed
 from app.settings import Settings
 
 router = APIRouter(tags=["batches"])
@@ -342,14 +341,7 @@ def _fingerprint(
 async def _drop_uploads(inputs: list[batches.NewInput]) -> None:
     for item in inputs:
         if item.audio_blob is not None and item.error_code is None:
-            await run_in_threadpool(_drop_unclaimed, item.audio_blob)
-
-
-def _drop_unclaimed(name: str) -> None:
-    """A blob whose job was never committed (the request failed after the upload)."""
-    with session_scope() as session:
-        if session.get(Job, name) is None:
-            blobs.delete_blob(name)
+            await run_in_threadpool(drop_unclaimed, item.audio_blob)
 
 
 @router.post("/v1/batches/{batch_id}/files", response_model=BatchAccepted)
@@ -370,7 +362,7 @@ async def add_to_batch(
     except BaseException:
         for item in inputs:
             if item.audio_blob is not None and item.error_code is None:
-                await run_in_threadpool(_drop_unclaimed, item.audio_blob)
+                await run_in_threadpool(drop_unclaimed, item.audio_blob)
         raise
     return await run_in_threadpool(_accepted, batch_id, key, accepted)
 

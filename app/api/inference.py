@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -22,9 +23,17 @@ from app.infra.db import get_sessionmaker
 from app.infra.models import TERMINAL_STATUSES, Job, JobStatus
 from app.infra.notify import CompletionListener
 from app.jobs import idempotency
+from app.jobs.idempotency import Submitted
 from app.jobs.options import OptionError, TranscribeOptions, parse_options
 from app.jobs.serialize import inference_response
-from app.jobs.submission import AudioInput, check_url, decode_data_url, submit_job, upload_name
+from app.jobs.submission import (
+    AudioInput,
+    check_url,
+    decode_data_url,
+    drop_unclaimed,
+    submit_job,
+    upload_name,
+)
 from app.settings import Settings
 
 router = APIRouter()
@@ -72,6 +81,18 @@ async def _read_audio(value: Any, settings: Settings) -> AudioInput:
         check_url, text, field="audio_url", allowlist=settings.audio_url_allowlist
     )
     return AudioInput(url=url)
+
+
+async def submit_owning_upload(audio: AudioInput, submit: Callable[[], Submitted]) -> Submitted:
+    """Run ``submit`` in a worker thread. Until a job names the upload, this request owns
+    it: whatever refuses or fails the submission, the upload is deleted before the error
+    answers (an orphan would otherwise wait a day for the purge)."""
+    try:
+        return await run_in_threadpool(submit)
+    except Exception:
+        if audio.blob is not None:
+            await run_in_threadpool(drop_unclaimed, audio.blob)
+        raise
 
 
 def _load(job_id: str) -> Job | None:
@@ -163,7 +184,8 @@ async def infer(
     finally:
         await form.close()  # spooled upload files must not outlive the request
 
-    submitted = await run_in_threadpool(
+    submitted = await submit_owning_upload(
+        audio,
         lambda: idempotency.submit_once(
             api_key_id=key.id,
             key=idempotency_key,
@@ -180,7 +202,7 @@ async def infer(
                 settings=settings,
             ),
             ttl_s=settings.idempotency_ttl_s,
-        )
+        ),
     )
     job = submitted.job
     headers = {"Idempotent-Replayed": "true"} if submitted.replayed else None

@@ -17,11 +17,10 @@ from app.api.deps import CurrentKey, SessionDep, SettingsDep, owned_job
 from app.errors import ErrorCode, ServiceError
 from app.infra.db import utcnow
 from app.infra.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
-from app.infra.notify import publish_cancel, publish_done
+from app.infra.notify import publish_cancel
 from app.infra.queue import send_delivery
-from app.jobs import batches
-from app.jobs.lifecycle import delete_unreferenced, drop_ended_audio
-from app.jobs.serialize import delivery_event, iso, job_status, job_summary, transcript_document
+from app.jobs.lifecycle import delete_unreferenced, end_job
+from app.jobs.serialize import iso, job_status, job_summary, transcript_document
 from app.jobs.transcripts import DEFAULT_LINE_WIDTH, to_srt, to_txt, to_vtt
 from app.settings import Settings
 
@@ -123,30 +122,22 @@ def get_job(job_id: str, key: CurrentKey, session: SessionDep) -> schemas.JobVie
 
 
 def _cancel_queued(session: Session, job: Job, settings: Settings) -> bool:
-    """Queued → canceled in one guarded UPDATE: if a worker claimed the row first, this
-    matches nothing and the job is running, never both."""
+    """Queued → canceled, guarded: if a worker claimed the row first, this ends nothing and
+    the job is running, never both. ``job`` is refreshed when it ended."""
     now = utcnow()
-    done = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.queued)
-        .values(status=JobStatus.canceled, finished_at=now, cancel_requested_at=now)
+    ended = end_job(
+        session,
+        job.id,
+        JobStatus.canceled,
+        where=Job.status == JobStatus.queued,
+        settings=settings,
+        cancel_requested_at=now,
     )
-    if not done.rowcount:  # type: ignore[attr-defined]
+    if ended is None:
         return False
-    session.refresh(job)
-    to_send = []
-    if (event := delivery_event(job)) is not None:
-        session.add(event)
-        session.flush()
-        to_send.append(event.id)
-    # A batch whose last open job this was ends now, in the same transaction.
-    if (batch_event := batches.on_job_finished(session, job)) is not None:
-        to_send.append(batch_event)
+    # The commit sends its webhook event, wakes a sync caller waiting on it and, unless
+    # retention keeps audio, deletes its audio (app/jobs/lifecycle.py).
     session.commit()
-    for delivery_id in to_send:
-        send_delivery(delivery_id)
-    publish_done(job.id, redis_url=settings.redis_url)  # a sync caller waiting on it wakes
-    drop_ended_audio([job.id], settings=settings)
     return True
 
 

@@ -219,7 +219,8 @@ async def _serve(
     finally:
         await form.close()
     with _openai_fields():
-        submitted = await run_in_threadpool(
+        submitted = await inference.submit_owning_upload(
+            req.audio,
             lambda: idempotency.submit_once(
                 api_key_id=key.id,
                 key=idempotency_key,
@@ -236,7 +237,7 @@ async def _serve(
                 ),
                 ttl_s=settings.idempotency_ttl_s,
                 upload=req.audio.blob,
-            )
+            ),
         )
     if submitted.replayed and req.audio.blob is not None:
         blobs.delete_blob(req.audio.blob)  # this request's copy: the replayed job has its own

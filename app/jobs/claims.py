@@ -11,7 +11,6 @@ result, one bill and one webhook event.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 from collections.abc import Sequence
@@ -23,12 +22,10 @@ from sqlalchemy import Integer, and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from app.infra.db import UTCDateTime, session_scope, utcnow
-from app.infra.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
-from app.infra.queue import send_delivery
-from app.jobs.batches import on_job_finished
-from app.jobs.lifecycle import drop_ended_audio
+from app.infra.models import Job, JobStatus
+from app.jobs.batch_state import end_batches_if_done
+from app.jobs.lifecycle import EndedJob, end_job, end_jobs
 from app.jobs.options import TranscribeOptions
-from app.jobs.serialize import webhook_payload
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -230,70 +227,10 @@ def hand_back(claimed: ClaimedJob) -> bool:
         return bool(done.rowcount)  # type: ignore[attr-defined]
 
 
-AFTER_COMMIT_DELIVERIES = "whisperq_after_commit_deliveries"
-
-
-def send_after_commit(delivery_ids: list[str]) -> None:
-    """Send committed batch events; a broker hiccup only delays them (the reaper re-sends
-    any due delivery nobody took)."""
-    for delivery_id in delivery_ids:
-        try:
-            send_delivery(delivery_id)
-        except Exception:
-            log.warning("batch event %s not sent now; the reaper will", delivery_id)
-
-
-def _finish_row(
-    session: Session,
-    job: Job,
-    *,
-    status: JobStatus,
-    settings: Settings,
-    result: dict[str, Any] | None = None,
-    input_length_ms: int | None = None,
-    runtime_ms: int = 0,
-    tokens_generated: int = 0,
-    tokens_input: int = 0,
-    error_code: str | None = None,
-    error_message: str | None = None,
-) -> str | None:
-    job.status = status
-    job.finished_at = utcnow()
-    job.lease_expires_at = None
-    job.result = result
-    if input_length_ms is not None:
-        job.input_length_ms = input_length_ms
-    job.runtime_ms = runtime_ms
-    job.cost = round(runtime_ms / 1000 * settings.price_per_second, 10)
-    job.tokens_generated = tokens_generated
-    job.tokens_input = tokens_input
-    job.error_code = error_code
-    job.error_message = error_message
-    # The last job of a batch ends the batch in this same transaction (exactly once); its
-    # batch event is sent after the commit, by whoever opened the session.
-    batch_delivery = on_job_finished(session, job)
-    if batch_delivery is not None:
-        session.info.setdefault(AFTER_COMMIT_DELIVERIES, []).append(batch_delivery)
-    if job.webhook_url is None:
-        return None
-    # The event is written with the result, so it cannot be lost between the two.
-    delivery = WebhookDelivery(
-        job_id=job.id,
-        url=job.webhook_url,
-        body=json.dumps(webhook_payload(job)),
-        status=DeliveryStatus.pending,
-        next_attempt_at=job.finished_at,
-        dispatched_at=job.finished_at,
-    )
-    session.add(delivery)
-    session.flush()
-    return delivery.id
-
-
 @dataclass(frozen=True)
 class Finished:
     stored: bool
-    delivery_id: str | None = None
+    delivery_id: str | None = None  # its webhook event, sent once stored
 
 
 def finish(
@@ -315,17 +252,14 @@ def finish(
     after its lease ran out, ``queued`` again but not yet claimed by anyone else (a stall
     or a Postgres outage longer than the lease), never once a newer run claimed it."""
     with session_scope() as session:
-        job = session.get(Job, claimed.id, with_for_update=True)
-        if (
-            job is None
-            or job.status not in (JobStatus.running, JobStatus.queued)
-            or job.attempts != claimed.attempt
-        ):
-            return Finished(stored=False)  # canceled, or a newer run owns it now
-        delivery_id = _finish_row(
+        ended = end_job(
             session,
-            job,
-            status=status,
+            claimed.id,
+            status,
+            where=and_(
+                Job.status.in_([JobStatus.running, JobStatus.queued]),
+                Job.attempts == claimed.attempt,
+            ),
             settings=settings,
             result=result,
             input_length_ms=input_length_ms,
@@ -335,16 +269,16 @@ def finish(
             error_code=error_code,
             error_message=error_message,
         )
-        batch_deliveries = session.info.get(AFTER_COMMIT_DELIVERIES, [])
-    send_after_commit(batch_deliveries)
-    drop_ended_audio([claimed.id], settings=settings)
-    return Finished(stored=True, delivery_id=delivery_id)
+    if ended is None:
+        return Finished(stored=False)  # canceled, or a newer run owns it now
+    return Finished(stored=True, delivery_id=ended.delivery_id)
 
 
 @dataclass(frozen=True)
 class Expired:
     requeued: list[tuple[str, str]]  # (job id, queue): back to queued, to be run again
-    # (job id, delivery id): ended here, out of attempts (or canceled meanwhile)
+    # (job id, delivery id): ended here, out of attempts (or canceled meanwhile); the
+    # delivery is sent once ended, like any job's event
     failed: list[tuple[str, str | None]]
 
 
@@ -352,7 +286,8 @@ def expire_leases(settings: Settings, *, limit: int = 500) -> Expired:
     """Jobs whose worker stopped renewing: queued again, or failed once out of attempts."""
     now = utcnow()
     requeued: list[tuple[str, str]] = []
-    failed: list[tuple[str, str | None]] = []
+    canceled: list[str] = []
+    out_of_attempts: dict[int, list[str]] = {}
     with session_scope() as session:
         rows = session.scalars(
             select(Job)
@@ -363,38 +298,43 @@ def expire_leases(settings: Settings, *, limit: int = 500) -> Expired:
         for job in rows:
             if job.cancel_requested_at is not None:
                 # Canceled while its worker died: it ends here, never runs again.
-                delivery_id = _finish_row(
-                    session,
-                    job,
-                    status=JobStatus.canceled,
-                    settings=settings,
-                    error_code="canceled",
-                    error_message="canceled on request while running",
-                )
-                failed.append((job.id, delivery_id))
+                canceled.append(job.id)
             elif job.attempts >= settings.job_max_attempts:
-                delivery_id = _finish_row(
-                    session,
-                    job,
-                    status=JobStatus.failed,
-                    settings=settings,
-                    error_code=WORKER_LOST,
-                    error_message=(
-                        f"the worker running this job stopped {job.attempts} times; it was "
-                        "not run again (a job that crashes its worker every time)"
-                    ),
-                )
-                failed.append((job.id, delivery_id))
+                out_of_attempts.setdefault(job.attempts, []).append(job.id)
             else:
                 job.status = JobStatus.queued
                 job.lease_expires_at = None
                 job.worker = None
                 job.enqueued_at = now
                 requeued.append((job.id, job.queue))
-        batch_deliveries = session.info.get(AFTER_COMMIT_DELIVERIES, [])
-    send_after_commit(batch_deliveries)
-    drop_ended_audio([job_id for job_id, _ in failed], settings=settings)
-    return Expired(requeued=requeued, failed=failed)
+        # Rows this transaction holds locked since it read them running: no guard but theirs.
+        # Their batches are ended once, below, all in one lock order.
+        ended: list[EndedJob] = []
+        if canceled:
+            ended += end_jobs(
+                session,
+                JobStatus.canceled,
+                where=Job.id.in_(canceled),
+                settings=settings,
+                error_code="canceled",
+                error_message="canceled on request while running",
+                batch_hook=False,
+            )
+        for attempts, job_ids in out_of_attempts.items():
+            ended += end_jobs(
+                session,
+                JobStatus.failed,
+                where=Job.id.in_(job_ids),
+                settings=settings,
+                error_code=WORKER_LOST,
+                error_message=(
+                    f"the worker running this job stopped {attempts} times; it was "
+                    "not run again (a job that crashes its worker every time)"
+                ),
+                batch_hook=False,
+            )
+        end_batches_if_done(session, {j.batch_id for j in ended if j.batch_id is not None})
+    return Expired(requeued=requeued, failed=[(j.id, j.delivery_id) for j in ended])
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,10 @@ the full transcript behind exports and OpenAI's verbose_json (app/api/schemas.py
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
-from app.infra.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
+from app.infra.models import Job, JobStatus
 
 
 def iso(value: datetime | None) -> str | None:
@@ -132,18 +131,3 @@ def transcript_document(job: Job) -> dict[str, Any]:
         "text": job.result["text"],
         "segments": [detailed_segment(s) for s in job.result["segments"]],
     }
-
-
-def delivery_event(job: Job) -> WebhookDelivery | None:
-    """The webhook event of a job that just ended, to add in the transaction that ended it
-    (so it cannot be lost between the two). None when the job has no webhook."""
-    if job.webhook_url is None:
-        return None
-    return WebhookDelivery(
-        job_id=job.id,
-        url=job.webhook_url,
-        body=json.dumps(webhook_payload(job)),
-        status=DeliveryStatus.pending,
-        next_attempt_at=job.finished_at,
-        dispatched_at=job.finished_at,
-    )

@@ -10,17 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
-from sqlalchemy import update
+from sqlalchemy import and_, select
 
 from app.errors import ServiceError
 from app.infra import blobs
 from app.infra.audio_probe import AudioError, probe_duration_s
 from app.infra.db import session_scope, utcnow
 from app.infra.models import Job, JobStatus, new_job_id
-from app.infra.queue import send_job
+from app.infra.queue import SendError, send_jobs
 from app.infra.ssrf import AllowList, UnsafeURLError, validate_webhook_url
 from app.jobs import served_model
-from app.jobs.lifecycle import drop_ended_audio
+from app.jobs.lifecycle import end_jobs
 from app.jobs.options import TranscribeOptions
 from app.settings import Settings
 
@@ -157,30 +157,43 @@ def submit_job(
 def enqueue_jobs(job_ids: list[str], *, queue: str, settings: Settings) -> None:
     """Send committed jobs to the broker; if it is down, fail the ones not sent (a job must
     not be left queued forever in silence) and answer 503."""
-    for sent, job_id in enumerate(job_ids):
-        try:
-            send_job(job_id, queue=queue)
-        except Exception as exc:
-            log.exception("enqueue failed for job %s", job_id)
-            _fail_unsent(job_ids[sent:], exc)
-            drop_ended_audio(job_ids[sent:], settings=settings)
-            raise ServiceError(
-                503,
-                "queue_unavailable",
-                "the job queue is unreachable; retry later",
-                extra={"request_id": job_id},
-            ) from None
+    try:
+        send_jobs(job_ids, queue=queue)
+    except SendError as failed:
+        job_id = job_ids[failed.sent]
+        log.error("enqueue failed from job %s on: %r", job_id, failed.cause)
+        _fail_unsent(job_ids[failed.sent :], failed.cause, settings)
+        raise ServiceError(
+            503,
+            "queue_unavailable",
+            "the job queue is unreachable; retry later",
+            extra={"request_id": job_id},
+        ) from None
 
 
-def _fail_unsent(job_ids: list[str], exc: Exception) -> None:
+def _fail_unsent(job_ids: list[str], exc: Exception, settings: Settings) -> None:
     with session_scope() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(job_ids), Job.status == JobStatus.queued)
-            .values(
-                status=JobStatus.failed,
-                error_code="queue_unavailable",
-                error_message=f"could not reach the job queue: {exc}",
-                finished_at=utcnow(),
-            )
+        end_jobs(
+            session,
+            JobStatus.failed,
+            where=and_(Job.id.in_(job_ids), Job.status == JobStatus.queued),
+            settings=settings,
+            error_code="queue_unavailable",
+            error_message=f"could not reach the job queue: {exc}",
+            # The client may send a batch's inputs again once the broker is back, and they
+            # run then (app/jobs/batches.py): their batch must not end on them now. The
+            # reaper's sweep ends it if nobody does.
+            batch_hook=False,
         )
+
+
+def drop_unclaimed(name: str) -> None:
+    """Delete an upload that no job names (its request was refused, or failed before a job
+    took it). Never raises: if the database cannot say, the orphan purge deletes it later."""
+    try:
+        with session_scope() as session:
+            named = session.scalar(select(Job.id).where(Job.audio_blob == name).limit(1))
+        if named is None:
+            blobs.delete_blob(name)
+    except Exception:
+        log.warning("upload %s not deleted now; the orphan purge will", name, exc_info=True)
