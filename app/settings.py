@@ -172,8 +172,9 @@ class Settings(BaseSettings):
     model_download_root: Path | None = None
     # Batched engine (issue 12). Rows = jobs whose current 30 s window is decoded together;
     # the worker sizes its threads pool and claims from Engine.max_in_flight, so the jobs in
-    # flight can fill the batches. A lone job waits at most max_wait.
-    engine_max_batch_rows: int = Field(default=16, ge=1, le=1024)
+    # flight can fill the batches. A lone job waits at most max_wait. None: 16 on a CPU; on
+    # CUDA the rows that fit the device's free memory (worker/engine/sizing.py).
+    engine_max_batch_rows: int | None = Field(default=None, ge=1, le=1024)
     # Jobs held claimed, loaded and waiting in the engine beyond one batch (None: as many as
     # a batch), so the window after a batch ends starts full: without them the jobs that
     # replace finished ones were still saving, claiming and loading audio, and windows ran

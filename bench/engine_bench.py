@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.jobs.options import BEAM_SIZE, TranscribeOptions
+from bench.engine_ops import CountingEngine, OpCounter
 from worker.engine import Engine, EngineJob
 
 SAMPLE_RATE = 16_000
@@ -337,25 +337,6 @@ def section_throughput(
 # --------------------------------------------------- section 2: host work per token
 
 
-# torch's dispatch-mode base class is unannotated.
-class OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Counts every aten op dispatched on the thread where the mode is active."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.ops = 0
-
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 @dataclass(frozen=True)
 class DecodeCount:
     ops: int
@@ -428,22 +409,6 @@ def decode_per_step(
     return PerStep(per_step, a.ops - per_step * a.steps)
 
 
-class _CountingEngine(Engine):
-    """The real Engine with an op counter active on its own thread.
-
-    Dispatch modes are thread-local, so counting around submit() would see nothing; the
-    engine's runner thread must enter the mode itself.
-    """
-
-    def __init__(self, model: Any, counter: OpCounter, **kwargs: Any) -> None:
-        self.counter = counter  # set before Engine.__init__ starts the thread
-        super().__init__(model, **kwargs)
-
-    def _run(self) -> None:
-        with self.counter:
-            super()._run()
-
-
 @dataclass(frozen=True)
 class EngineCount:
     jobs: int
@@ -480,7 +445,7 @@ def count_engine(
     ]
     # max_wait long enough that all N jobs form one batch (it closes as soon as it is full)
     # One lane: the counter is entered on the lane's thread, and every job is in its batch.
-    engine = _CountingEngine(
+    engine = CountingEngine(
         model, counter, max_batch_rows=jobs, max_wait_ms=60_000, sample_len=sample_len, lanes=1
     )
     rows: list[int] = []

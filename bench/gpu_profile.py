@@ -18,7 +18,7 @@ import torch
 from app.jobs.options import TranscribeOptions
 from bench.gpu_bench import load_corpus, run_engine
 from worker import engine as engine_mod
-from worker.batch_decoding import BatchDecoder
+from worker.engine.decoding import BatchDecoder
 
 TOTALS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     eng = engine_mod.Engine(model, max_batch_rows=args.rows, max_wait_ms=5)
     run_engine(eng, variants * 2, opts)  # warm-up
 
-    timed(engine_mod, "log_mel", "log-mel (CPU, per job, on the submitting threads)", False)
+    timed(engine_mod.scheduler, "log_mel", "log-mel (per job, on the submitting threads)", False)
     timed(engine_mod._JobState, "next_window", "window slice", False)
     timed(engine_mod._JobState, "row", "row spec (prompt, per job)", False)
     timed(engine_mod._JobState, "accept", "accept (seek, segments, per job)", False)

@@ -201,10 +201,10 @@ def test_beam_search_jobs_share_one_pass_and_equal_whisper(
         dict(NO_FALLBACK),  # greedy, in the same window
     ]
     jobs = [EngineJob(noise(5.0, seed), options_of(f)) for seed, f in enumerate(fields)]
-    before = engine.stats["beam_jobs"]
+    before = engine.stats.beam_jobs
     results = [f.result(timeout=300) for f in [engine.submit(j) for j in jobs]]
     assert sorted(passes) == [1, 4]  # one greedy pass, one beam pass of four jobs
-    assert engine.stats["beam_jobs"] - before == 4
+    assert engine.stats.beam_jobs - before == 4
     for job, got in zip(jobs, results, strict=True):
         ref = engine.transcribe(job)
         assert (got.text, key(got)) == (ref.text, key(ref)), job.options
@@ -221,7 +221,7 @@ def test_batched_beam_decoder_is_whispers_decode(sample_len: int) -> None:
     from whisper.decoding import DecodingOptions
 
     from app.jobs.options import BEAM_SIZE
-    from worker.batch_decoding import RowSpec, suppress_list
+    from worker.engine.decoding import RowSpec, suppress_list
 
     model = random_model(seed=3)
     tok = get_tokenizer(True, num_languages=model.num_languages, language="en")
@@ -586,6 +586,7 @@ def test_english_only_model_refuses_translate() -> None:
 
     dims = ModelDimensions(**{**TINY_RANDOM.__dict__, "n_vocab": 51864})
     eng = Engine(random_model(dims=dims))
+    assert eng.max_batch_rows == 16  # unset, on a CPU: the fixed default
     try:
         for fields in ({"task": "translate"}, {"language": "de"}):
             with pytest.raises(EngineInputError) as err:
@@ -645,3 +646,87 @@ def test_the_faster_projection_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
         assert dec.pick_projection() == "onednn" and dec._embed_onednn is dec._onednn_weight
     finally:
         eng.close(5)
+
+
+def test_split_segments_by_timestamps_is_transcribes_split() -> None:
+    """The window's segments and seek, as whisper.transcribe() cuts them (pure function)."""
+    from worker.engine.longform import Span, split_segments_by_timestamps
+
+    tb = 50364  # <|0.00|>
+    text = [400, 401]
+
+    def split(tokens: list[int]) -> tuple[list[Span], int]:
+        return split_segments_by_timestamps(tokens, tb, 10.0, 3000, 30.0)
+
+    # two closed segments, then a single timestamp at the end: no speech after it
+    spans, advance = split([tb, *text, tb + 50, tb + 50, *text, tb + 100])
+    assert [(s.start, s.end) for s in spans] == [(10.0, 11.0), (11.0, 12.0)]
+    assert spans[1].tokens == [tb + 50, *text, tb + 100]
+    assert advance == 3000
+    # ending on a pair: seek moves to the pair, not past the window
+    spans, advance = split([tb, *text, tb + 50, tb + 50, *text, tb + 100, tb + 100])
+    assert [(s.start, s.end) for s in spans] == [(10.0, 11.0), (11.0, 12.0)]
+    assert advance == 100 * 2  # mel frames: two per timestamp position
+    # the last segment unfinished: dropped, and seek moves to the end of the one before
+    spans, advance = split([tb, *text, tb + 50, tb + 60, *text])
+    assert [(s.start, s.end) for s in spans] == [(10.0, 11.0)]
+    assert advance == 50 * 2
+    # no consecutive timestamps: one segment, as long as its last timestamp says
+    spans, advance = split([tb, *text, tb + 75])
+    assert [(s.start, s.end, s.tokens) for s in spans] == [(10.0, 11.5, [tb, *text, tb + 75])]
+    assert advance == 3000
+    # no timestamp at all (or only <|0.00|>): the whole window
+    assert [(s.start, s.end) for s in split(text)[0]] == [(10.0, 40.0)]
+    assert [(s.start, s.end) for s in split([*text, tb])[0]] == [(10.0, 40.0)]
+
+
+def test_stats_are_typed_and_still_read_as_a_mapping(engine: Engine) -> None:
+    run(engine, 1.0, **NO_FALLBACK)
+    stats = engine.stats
+    assert stats.windows >= 1 and stats.decode_passes >= 1
+    assert stats["windows"] == stats.windows  # the benchmarks' dict reading
+    assert set(dict(stats)) == set(stats.snapshot()) >= {"windows", "beam_jobs", "exact_s"}
+    with pytest.raises(KeyError):
+        stats["_lock"]
+
+
+def test_rows_for_memory_buckets_free_memory_to_a_power_of_two() -> None:
+    """ENGINE_MAX_BATCH_ROWS unset on CUDA: the rows the free device memory fits (made-up
+    numbers, no GPU needed)."""
+    from whisper.model import ModelDimensions
+
+    from worker.engine.sizing import MAX_AUTO_ROWS, MEMORY_SHARE, bytes_per_row, rows_for_memory
+
+    tiny = ModelDimensions(80, 1500, 384, 6, 4, 51864, 448, 384, 6, 4)
+    large = ModelDimensions(128, 1500, 1280, 20, 32, 51866, 448, 1280, 20, 32)
+    fp16 = torch.float16
+    per_row = bytes_per_row(tiny, fp16)
+    assert 16 * 2**20 < per_row < 32 * 2**20  # the H200 run measured 16 MiB per tiny.en row
+    assert bytes_per_row(tiny, torch.float32) > per_row
+    gib = 2**30
+    # exactly 100 rows fit: 64, the power of two below
+    assert rows_for_memory(int(100 * per_row / MEMORY_SHARE) + 1, tiny, fp16) == 64
+    assert rows_for_memory(int(128 * per_row / MEMORY_SHARE) + 1, tiny, fp16) == 128
+    assert rows_for_memory(0, tiny, fp16) == 1  # never none
+    assert rows_for_memory(10**15, tiny, fp16) == MAX_AUTO_ROWS
+    assert rows_for_memory(10**15, tiny, fp16, cap=256) == 256
+    # a large model gets fewer rows of the same memory, and more memory never fewer rows
+    assert rows_for_memory(75 * gib, large, fp16) < rows_for_memory(75 * gib, tiny, fp16)
+    counts = [rows_for_memory(g * gib, large, fp16) for g in range(1, 141)]
+    assert counts == sorted(counts) and all(c & (c - 1) == 0 for c in counts)
+
+
+def test_default_batch_rows_follow_device_memory_only_on_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.support.random_model import TINY_RANDOM
+    from worker.engine.scheduler import DEFAULT_MAX_BATCH_ROWS
+    from worker.engine.sizing import default_batch_rows, rows_for_memory
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d=None: (40 * 2**30, 80 * 2**30))
+    expected = rows_for_memory(40 * 2**30, TINY_RANDOM, torch.float16)
+    assert default_batch_rows(cuda, TINY_RANDOM, torch.float16, fixed=16) == expected
+    assert default_batch_rows(cpu, TINY_RANDOM, torch.float32, fixed=16) == 16
+    assert DEFAULT_MAX_BATCH_ROWS == 16
+    assert Engine.__init__.__kwdefaults__["max_batch_rows"] is None  # unset: the rule above

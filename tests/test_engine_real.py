@@ -86,7 +86,7 @@ def test_mixed_batch_matches_sequential_transcribe(tiny_en: Engine, tmp_path: Pa
         short, dataclasses.replace(parse_options({"patience": "1"}), logprob_threshold=0.0)
     )
     jobs = [EngineJob(audio, parse_options(fields)) for _, audio, fields in greedy]
-    beam_before = tiny_en.stats["beam_jobs"]
+    beam_before = tiny_en.stats.beam_jobs
     futures = [tiny_en.submit(j) for j in [*jobs, fallback, beam_fallback]]
     ours = [f.result(timeout=600) for f in futures]
     for (text, _, fields), job, got in zip(greedy, jobs, ours[:-2], strict=True):
@@ -96,8 +96,8 @@ def test_mixed_batch_matches_sequential_transcribe(tiny_en: Engine, tmp_path: Pa
     assert len({s.seek for s in ours[1].segments}) >= 2  # really several windows
     assert len({s.seek for s in ours[6].segments}) >= 2  # the long file under beam search
     # beam windows: 1 + 2 (long) + 1, and the beam fallback's first rung
-    assert tiny_en.stats["beam_jobs"] - beam_before >= 5
-    assert tiny_en.stats["exact_jobs"] == 0  # nothing went through whisper's own decoder
+    assert tiny_en.stats.beam_jobs - beam_before >= 5
+    assert tiny_en.stats.exact_jobs == 0  # nothing went through whisper's own decoder
     for job, got in zip((fallback, beam_fallback), ours[-2:], strict=True):
         ref = tiny_en.transcribe(job)
         assert {s.temperature for s in got.segments} == {1.0}

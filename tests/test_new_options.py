@@ -26,7 +26,7 @@ from app.jobs.options import (
     TranscribeOptions,
     parse_options,
 )
-from worker.engine import Engine, EngineJob, EngineResult, Segment, _batched, _clips_within
+from worker.engine import Engine, EngineJob, EngineResult, Segment, batched, clips_within
 
 ENGLISH = (
     "Good morning everyone. Today we will talk about the new product and the plans for "
@@ -160,28 +160,28 @@ def test_defaults_are_whispers_and_old_stored_jobs_load() -> None:
 
 
 def test_only_what_the_batch_does_exactly_is_batched() -> None:
-    assert _batched(parse_options({"patience": "1", "length_penalty": "0"}))
-    assert _batched(parse_options({"initial_prompt": "x", "carry_initial_prompt": "true"}))
-    assert _batched(parse_options({"best_of": "1"}))  # one sample: the greedy pass's own
-    assert not _batched(parse_options({"best_of": "2"}))
-    assert not _batched(parse_options({"best_of": "2", "temperature": "0.5"}))
-    assert not _batched(parse_options({"clip_timestamps": "1,2"}))
-    assert not _batched(
+    assert batched(parse_options({"patience": "1", "length_penalty": "0"}))
+    assert batched(parse_options({"initial_prompt": "x", "carry_initial_prompt": "true"}))
+    assert batched(parse_options({"best_of": "1"}))  # one sample: the greedy pass's own
+    assert not batched(parse_options({"best_of": "2"}))
+    assert not batched(parse_options({"best_of": "2", "temperature": "0.5"}))
+    assert not batched(parse_options({"clip_timestamps": "1,2"}))
+    assert not batched(
         parse_options({"word_timestamps": "true", "hallucination_silence_threshold": "2"})
     )
     # stored options that never met the API's check still take the exact path
-    assert not _batched(dataclasses.replace(TranscribeOptions(), hallucination_silence_threshold=2))
+    assert not batched(dataclasses.replace(TranscribeOptions(), hallucination_silence_threshold=2))
 
 
 def test_clips_past_the_end_of_the_audio_are_cut_there() -> None:
     n = 16_000 * 10  # 10 s: 1,000 mel frames
-    assert _clips_within([0.0], n) == [0.0]
-    assert _clips_within([1.5, 3.0, 9.0], n) == [1.5, 3.0, 9.0]
-    assert _clips_within([1.5, 3.0, 10.0], n) == [1.5, 3.0]  # whisper skips that one too
-    assert _clips_within([1.0, 2.0, 5.0, 100.0], n) == [1.0, 2.0, 5.0, 10.0]
-    assert _clips_within([1.0, 2.0, 12.0, 14.0], n) == [1.0, 2.0]
-    assert _clips_within([12.0, 14.0], n) == [10.0, 10.0]  # nothing, not the whole file
-    assert _clips_within([10.0], n) == [10.0, 10.0]
+    assert clips_within([0.0], n) == [0.0]
+    assert clips_within([1.5, 3.0, 9.0], n) == [1.5, 3.0, 9.0]
+    assert clips_within([1.5, 3.0, 10.0], n) == [1.5, 3.0]  # whisper skips that one too
+    assert clips_within([1.0, 2.0, 5.0, 100.0], n) == [1.0, 2.0, 5.0, 10.0]
+    assert clips_within([1.0, 2.0, 12.0, 14.0], n) == [1.0, 2.0]
+    assert clips_within([12.0, 14.0], n) == [10.0, 10.0]  # nothing, not the whole file
+    assert clips_within([10.0], n) == [10.0, 10.0]
 
 
 API_BAD = [
@@ -289,9 +289,9 @@ def _differ(a: dict[str, Any], b: dict[str, Any]) -> None:
 @pytest.mark.slow
 def test_length_penalty_ranks_beams_batched(tiny_en: Engine, clips: dict[str, np.ndarray]) -> None:
     audio = clips["english"]
-    exact_before = tiny_en.stats["exact_jobs"]
+    exact_before = tiny_en.stats.exact_jobs
     got = _engine(tiny_en, audio, parse_options({"patience": "1", "length_penalty": "0"}))
-    assert tiny_en.stats["exact_jobs"] == exact_before  # batched beam search
+    assert tiny_en.stats.exact_jobs == exact_before  # batched beam search
     ref = _whisper(tiny_en, audio, beam_size=5, patience=1.0, length_penalty=0.0)
     _same(got, ref)
     _differ(ref, _whisper(tiny_en, audio, beam_size=5, patience=1.0))
@@ -301,9 +301,9 @@ def test_length_penalty_ranks_beams_batched(tiny_en: Engine, clips: dict[str, np
 def test_carry_initial_prompt_batched(tiny_en: Engine, clips: dict[str, np.ndarray]) -> None:
     audio = clips["long_then_english"]
     fields = {"initial_prompt": PLAIN_PROMPT, "condition_on_previous_text": "false"}
-    exact_before = tiny_en.stats["exact_jobs"]
+    exact_before = tiny_en.stats.exact_jobs
     got = _engine(tiny_en, audio, parse_options({**fields, "carry_initial_prompt": "true"}))
-    assert tiny_en.stats["exact_jobs"] == exact_before
+    assert tiny_en.stats.exact_jobs == exact_before
     kw: dict[str, Any] = {"initial_prompt": PLAIN_PROMPT, "condition_on_previous_text": False}
     ref = _whisper(tiny_en, audio, carry_initial_prompt=True, **kw)
     _same(got, ref)
@@ -320,9 +320,9 @@ def test_best_of_samples_seeded_like_whisper(tiny_en: Engine, clips: dict[str, n
     opts = parse_options(
         {"temperature": "0.5", "temperature_increment_on_fallback": "none", "best_of": "3"}
     )
-    exact_before = tiny_en.stats["exact_jobs"]
+    exact_before = tiny_en.stats.exact_jobs
     got = _engine(tiny_en, audio, opts, seed=1234)
-    assert tiny_en.stats["exact_jobs"] == exact_before + 1
+    assert tiny_en.stats.exact_jobs == exact_before + 1
     ref = _whisper(tiny_en, audio, seed=1234, temperature=0.5, best_of=3)
     _same(got, ref, whole=True)
     assert {s.temperature for s in got.segments} == {0.5}

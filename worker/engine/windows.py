@@ -1,0 +1,252 @@
+"""One window of many jobs: the batched ``decode_with_fallback`` of ``whisper.transcribe()``.
+
+:func:`step_window` takes the jobs a lane admitted, detects the languages still unknown (one
+batch), cuts each job's current 30 s window, encodes them (on a GPU all at once, on a CPU a
+window per call), then decodes them with the temperature fallback: every row at its first
+temperature, then only the rows still failing at their next one, reusing their encoder
+output. Beam-search rows (``patience``, at temperature 0) run as a pass of their own beside
+the greedy and sampled rows. Each job is charged its share of the wall time of every batch it
+was in (metering), and out of memory splits a batch in two and retries each half.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import torch
+
+from app.jobs.options import BEAM_SIZE
+from worker.engine.lanes import torch_threads
+from worker.engine.longform import JobState
+from worker.engine.types import Decoded
+
+if TYPE_CHECKING:
+    from whisper.model import Whisper
+    from whisper.tokenizer import Tokenizer
+
+    from worker.engine.decoding import BatchDecoder
+    from worker.engine.stats import EngineStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineView(Protocol):
+    """What a window needs of the engine (:class:`worker.engine.scheduler.Engine`)."""
+
+    model: Whisper
+    device: torch.device
+    dtype: torch.dtype
+    decoder: BatchDecoder
+    stats: EngineStats
+    encoder_chunk: int | None  # windows per encoder call; None: all at once
+    sample_len: int
+    decode_threads: int | None
+    on_batch: Callable[[int], None] | None
+
+    def suppress_ids(self, tokenizer: Tokenizer, suppress_tokens: str) -> tuple[int, ...]: ...
+
+    def _encode(self, mels: list[torch.Tensor]) -> torch.Tensor: ...
+
+
+def step_window(engine: EngineView, states: list[JobState]) -> None:
+    """The current window of every job in `states`, decoded with fallback, in batches."""
+    need = [s for s in states if s.tokenizer is None and s.language is None]
+    if need:
+        detect_languages(engine, need)
+    for s in states:
+        if s.tokenizer is None:
+            assert s.language is not None
+            s.set_language(engine.model, s.language)
+    states = [s for s in states if not s.done]
+    if not states:
+        return
+    n_ctx = engine.model.dims.n_text_ctx
+    mels = [s.next_window(n_ctx)[0] for s in states]
+    engine.stats.add_windows(len(states))
+
+    def encode(idx: list[int]) -> list[torch.Tensor]:
+        sub = [states[i] for i in idx]
+        feats = charged(
+            sub, [1.0] * len(sub), lambda: engine._encode([mels[i] for i in idx]), engine.device
+        )
+        return list(feats)
+
+    features = with_oom_split(encode, list(range(len(states))), engine.device)
+    # temperature fallback: rows still failing re-decode at their next temperature
+    level = [0] * len(states)
+    final: list[Decoded | None] = [None] * len(states)
+    pending = list(range(len(states)))
+    while pending:
+        decoded = with_oom_split(
+            lambda idx: decode_rows(engine, states, features, level, idx),
+            pending,
+            engine.device,
+        )
+        still = []
+        for i, d in zip(pending, decoded, strict=True):
+            s = states[i]
+            if s.needs_fallback(d) and level[i] + 1 < len(s.temps):
+                level[i] += 1
+                still.append(i)
+            else:
+                final[i] = d
+        pending = still
+    for s, chosen in zip(states, final, strict=True):
+        assert chosen is not None
+        start = time.perf_counter()
+        s.accept(chosen)
+        s.runtime_s += time.perf_counter() - start
+
+
+def encode(engine: EngineView, mels: list[torch.Tensor]) -> torch.Tensor:
+    """The encoder over windows, `engine.encoder_chunk` windows per call (None: all)."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        mel = torch.stack(mels).to(engine.device, engine.dtype)
+        chunk = engine.encoder_chunk or len(mels)
+        parts = [engine.model.encoder(mel[i : i + chunk]) for i in range(0, len(mels), chunk)]
+        features: torch.Tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+    engine.stats.add_encoder(time.perf_counter() - start)
+    return features
+
+
+def detect_languages(engine: EngineView, states: list[JobState]) -> None:
+    """Language detection of jobs without a language, batched: on each one's first 30 s."""
+    from whisper.tokenizer import get_tokenizer
+
+    model = engine.model
+    tokenizer = get_tokenizer(model.is_multilingual, num_languages=model.num_languages)
+
+    def run(idx: list[int]) -> list[str]:
+        with torch.inference_mode():
+            sub = [states[i] for i in idx]
+            ones = [1.0] * len(sub)
+            features = charged(
+                sub, ones, lambda: engine._encode([s.detection_mel() for s in sub]), engine.device
+            )
+            _, probs = charged(
+                sub, ones, lambda: model.detect_language(features, tokenizer), engine.device
+            )
+        return [max(p, key=p.get) for p in probs]
+
+    languages = with_oom_split(run, list(range(len(states))), engine.device)
+    for s, lang in zip(states, languages, strict=True):
+        s.set_language(model, lang)
+
+
+def decode_rows(
+    engine: EngineView,
+    states: list[JobState],
+    features: list[torch.Tensor],
+    level: list[int],
+    idx: list[int],
+) -> list[Decoded]:
+    """One decoding pass per group of rows: beam search (patience, at temperature 0, as
+    whisper runs it) and greedy or sampled rows (the rest, fallbacks of beam jobs
+    included: whisper samples at t > 0 without beams)."""
+    temps = {i: states[i].temps[level[i]] for i in idx}
+    beams = [i for i in idx if states[i].opts.patience is not None and temps[i] == 0]
+    beam_set = set(beams)
+    single = [i for i in idx if i not in beam_set]
+    out: dict[int, Decoded] = {}
+    for group, beam in ((single, False), (beams, True)):
+        if group:
+            decoded = decode_group(engine, states, features, temps, group, beam)
+            out.update(zip(group, decoded, strict=True))
+    return [out[i] for i in idx]
+
+
+def decode_group(
+    engine: EngineView,
+    states: list[JobState],
+    features: list[torch.Tensor],
+    temps: dict[int, float],
+    idx: list[int],
+    beam: bool,
+) -> list[Decoded]:
+    """One decode pass of the rows idx, metered: each job pays for the row-steps it was live."""
+    sub = [states[i] for i in idx]
+    rows = [
+        s.row(temps[i], engine.suppress_ids(s.tok, s.opts.suppress_tokens))
+        for s, i in zip(sub, idx, strict=True)
+    ]
+    feats = torch.stack([features[i] for i in idx])
+    start = time.perf_counter()
+    with torch_threads(engine.decode_threads):
+        if beam:
+            results = engine.decoder.decode_beam(
+                feats,
+                rows,
+                engine.sample_len,
+                BEAM_SIZE,
+                [p for s in sub if (p := s.opts.patience) is not None],  # all of them
+                [s.opts.length_penalty for s in sub],
+            )
+        else:
+            results = engine.decoder.decode(feats, rows, engine.sample_len)
+    if engine.on_batch is not None:
+        engine.on_batch(len(rows))
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    wall = time.perf_counter() - start
+    rows_per_job = BEAM_SIZE if beam else 1
+    row_steps = sum(r.steps for r in results)
+    engine.stats.add_pass(
+        rows=len(rows) * rows_per_job,
+        seconds=wall,
+        steps=max((r.steps for r in results), default=0) // rows_per_job,
+        row_steps=row_steps,
+        beam_jobs=len(rows) if beam else None,
+    )
+    # metering: a pass's wall time split by the decoder row-steps each job was live
+    # (a beam job's steps count once per beam)
+    total = row_steps or 1
+    out = []
+    for s, r, i in zip(sub, results, idx, strict=True):
+        s.runtime_s += wall * r.steps / total
+        out.append(s.to_decoded(r, temps[i]))
+    return out
+
+
+def charged(
+    states: list[JobState], weights: list[float], fn: Callable[[], T], device: torch.device
+) -> T:
+    """Run fn and charge its wall time to the jobs, in proportion to their weights."""
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+    total = sum(weights) or 1.0
+    for s, w in zip(states, weights, strict=True):
+        s.runtime_s += wall * w / total
+    return out
+
+
+def with_oom_split(
+    fn: Callable[[list[int]], list[T]], idx: list[int], device: torch.device
+) -> list[T]:
+    """Run fn over rows idx; out of memory splits the rows in two and retries each half."""
+    try:
+        return fn(idx)
+    except BaseException as exc:
+        if not is_oom(exc) or len(idx) == 1:
+            raise
+        log.warning("out of memory at %d rows: splitting the batch", len(idx))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(idx) // 2
+        return with_oom_split(fn, idx[:half], device) + with_oom_split(fn, idx[half:], device)
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
