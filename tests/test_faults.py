@@ -17,6 +17,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.infra.db import utcnow
+from app.infra.logging import Event
 from app.infra.models import Job
 from app.jobs.keys import CreatedKey
 from app.jobs.options import TranscribeOptions
@@ -156,7 +157,7 @@ def test_duplicate_wakeups_never_rerun_a_healthy_job_longer_than_its_lease(
         row = stack.wait_ended([job_id])[job_id]
         assert (row.status, row.attempts) == ("succeeded", 1), [w.log() for w in workers]
         assert stack.deliveries([job_id]) == {job_id: 1}
-        assert any("is not claimable" in w.log() for w in workers)
+        assert any(w.events(Event.not_claimable) for w in workers)
     finally:
         for w in workers:
             w.stop()
@@ -180,7 +181,7 @@ def test_a_stalled_worker_cannot_store_a_second_result(
         assert (done.status, done.attempts) == ("succeeded", 2)
         first.resume()
         deadline = time.monotonic() + 60
-        while "dropping this one" not in first.log() and "dropped" not in first.log():
+        while not (first.events(Event.lease_lost) or first.events(Event.outcome_dropped)):
             assert time.monotonic() < deadline, first.log()
             time.sleep(0.2)
         row = stack.jobs([job_id])[job_id]
@@ -233,7 +234,7 @@ def test_redis_restarted_empty_with_jobs_queued_every_job_ends_once(
         rows = stack.wait_ended(ids, timeout=120)
         assert {r.status for r in rows.values()} == {"succeeded"}, w.log()
         assert {r.attempts for r in rows.values()} == {1}
-        assert "jobs (their messages were missing" in w.log()
+        assert w.events(Event.jobs_resent)
     finally:
         w.stop()
 
@@ -265,7 +266,7 @@ def test_sigterm_hands_jobs_back_at_once(
         rows = stack.wait_ended([long_id, *short], timeout=90)
         assert {(r.status, r.attempts) for r in rows.values()} == {("succeeded", 1)}
         # The messages went back with the jobs: nothing had to be re-sent.
-        assert "jobs (their messages were missing" not in second.log()
+        assert not second.events(Event.jobs_resent)
     finally:
         first.kill()
         if second is not None:

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.infra.logging import Event
 from app.infra.models import Job
 from app.jobs.keys import create_key
 from app.jobs.options import TranscribeOptions
@@ -101,9 +102,9 @@ def test_postgres_restart_while_clients_submit(pg: PostgresServer, tmp_path: Pat
         for job_id in late:
             stack.send(job_id, stack.settings().queue_interactive)
         deadline = time.monotonic() + 90
-        while (
-            "saving its outcome failed" not in worker.log() + idle.log()
-            or "goes back to the queue" not in worker.log() + idle.log()
+        while not (
+            (worker.events(Event.store_retry) or idle.events(Event.store_retry))
+            and (worker.events(Event.claim_failed) or idle.events(Event.claim_failed))
         ):
             assert time.monotonic() < deadline, worker.log() + idle.log()
             time.sleep(0.2)

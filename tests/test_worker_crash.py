@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from standardwebhooks import Webhook
 
 from app.infra.db import session_scope
+from app.infra.logging import Event
 from app.infra.models import Job
 from app.jobs.keys import CreatedKey
 from app.settings import get_settings
@@ -57,7 +58,7 @@ def test_worker_killed_mid_delivery_leaves_it_to_be_retried(
         assert Webhook(key.webhook_secret).verify(got[1].body, got[1].headers)
         delivery = wait_delivery(api, key, job_id, status="delivered")
         assert delivery["attempts"][-1]["outcome"] == "delivered"
-        assert "re-sent" in second.log()
+        assert second.events(Event.deliveries_resent)
     finally:
         first.kill()
         if second is not None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from app.infra.logging import Event
 from app.jobs.keys import CreatedKey
 from app.jobs.options import TranscribeOptions
 from tests.support.api import new_key, noise_wav
@@ -158,7 +159,7 @@ def test_null_engine_ends_jobs_through_the_real_queue_path_without_a_model(
     missing = tmp_path / "no-such-model.pt"
     w = WorkerProcess(model=missing, log_path=tmp_path / "null.log", env=stack.env)
     try:
-        assert "null engine" in w.log()
+        assert w.wait_event(Event.engine_ready)["engine"] == "null"
         ids = stack.enqueue(api_key_id=key.row.id, audio=noise_wav(1.0), n=20, webhook_url=None)
         ids += stack.enqueue(api_key_id=key.row.id, audio=noise_wav(1.0), n=5, bulk=True)
         rows = stack.wait_ended(ids, timeout=120)
@@ -168,7 +169,7 @@ def test_null_engine_ends_jobs_through_the_real_queue_path_without_a_model(
             assert r.result is not None and r.result["text"] == "", r.result
             assert r.result["segments"] == []
             assert (r.runtime_ms, r.tokens_generated, r.tokens_input) == (0, 0, 0)
-        assert "serving Whisper model" not in w.log()
+        assert [e["engine"] for e in w.events(Event.engine_ready)] == ["null"]  # no model
         assert w.proc.poll() is None, w.log()
     finally:
         w.stop()

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 
 from app.infra.db import session_scope, utcnow
+from app.infra.logging import Event
 from app.infra.models import DeliveryStatus, WebhookDelivery
 from app.infra.queue import send_delivery, send_job
 from app.jobs import claims
@@ -113,7 +114,11 @@ def top_up(settings: Settings, client: Any, shortfall: Shortfall) -> int:
         hints = claims.oldest_queued(queue, count)
         for i in range(count):
             send_job(hints[i] if i < len(hints) else "", queue=queue)
-    log.info("reaper re-sent %d jobs (their messages were missing from Redis)", n)
+    log.info(
+        "reaper re-sent %d jobs (their messages were missing from Redis)",
+        n,
+        extra={"event": Event.jobs_resent, "count": n},
+    )
     return n
 
 
@@ -160,7 +165,11 @@ def resend_deliveries(settings: Settings) -> int:
     for delivery_id in due:
         send_delivery(delivery_id)
     if due:
-        log.info("reaper re-sent %d webhook deliveries", len(due))
+        log.info(
+            "reaper re-sent %d webhook deliveries",
+            len(due),
+            extra={"event": Event.deliveries_resent, "count": len(due)},
+        )
     return len(due)
 
 

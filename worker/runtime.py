@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.infra.logging import Event
 from app.jobs import claims
 from app.settings import Settings, get_settings
 from worker import broker
@@ -74,6 +75,7 @@ def get_engine() -> Engine | NullEngine:
                     " succeeds at once with an empty transcript; a capacity test of the"
                     " control plane, never for real traffic (%d jobs in flight)",
                     _engine.max_in_flight,
+                    extra={"event": Event.engine_ready, "engine": "null"},
                 )
                 return _engine
             device = pick_device(settings.device)
@@ -100,6 +102,7 @@ def get_engine() -> Engine | NullEngine:
                 _engine.max_batch_rows,
                 _engine.max_in_flight,
                 _engine.projection,
+                extra={"event": Event.engine_ready, "engine": "batched", "model": _served},
             )
         return _engine
 

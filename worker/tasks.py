@@ -21,6 +21,7 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.infra.audio_probe import AudioError
+from app.infra.logging import Event
 from app.infra.models import JobStatus
 from app.infra.queue import DELIVER_WEBHOOK, RUN_JOB, send_delivery
 from app.jobs import claims
@@ -58,11 +59,20 @@ def _store(claimed: claims.ClaimedJob, settings: Settings, **outcome: Any) -> bo
         except SQLAlchemyError as exc:
             if time.monotonic() > give_up:
                 raise
-            log.warning("job %s: saving its outcome failed (%s); retrying", claimed.id, exc)
+            log.warning(
+                "job %s: saving its outcome failed (%s); retrying",
+                claimed.id,
+                exc,
+                extra={"event": Event.store_retry, "job_id": claimed.id},
+            )
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
     if not done.stored:
-        log.info("job %s: another run owns it now; this run's outcome is dropped", claimed.id)
+        log.info(
+            "job %s: another run owns it now; this run's outcome is dropped",
+            claimed.id,
+            extra={"event": Event.outcome_dropped, "job_id": claimed.id},
+        )
         return False
     # Its webhook event, the API's waiter and the audio were seen to by the end itself
     # (app/jobs/lifecycle.py), after the commit.
@@ -195,11 +205,20 @@ def _run(claimed: claims.ClaimedJob, entry: runtime.InFlight, settings: Settings
             "the audio length)",
         )
     if reason == runtime.STOP_LEASE_LOST:
-        log.warning("job %s: lease lost to another run; dropping this one", claimed.id)
+        log.warning(
+            "job %s: lease lost to another run; dropping this one",
+            claimed.id,
+            extra={"event": Event.lease_lost, "job_id": claimed.id},
+        )
         return "lease_lost"
     # Shutdown: the job goes back to the queue at once, its message with it.
     handed = claims.hand_back(claimed)
-    log.warning("job %s: worker stopping, job handed back (%s)", claimed.id, handed)
+    log.warning(
+        "job %s: worker stopping, job handed back (%s)",
+        claimed.id,
+        handed,
+        extra={"event": Event.handed_back, "job_id": claimed.id},
+    )
     raise Reject("worker shutting down", requeue=True)
 
 
@@ -238,7 +257,11 @@ def _run_claimed(job_id: str | None, settings: Settings, slots: threading.Bounde
         try:
             result = _claim(settings)
         except SQLAlchemyError as exc:
-            log.warning("claim failed (%s); the message goes back to the queue", exc)
+            log.warning(
+                "claim failed (%s); the message goes back to the queue",
+                exc,
+                extra={"event": Event.claim_failed},
+            )
             back_off = True
             result = claims.ClaimResult(None)
         if result.job is not None:
@@ -258,6 +281,7 @@ def _run_claimed(job_id: str | None, settings: Settings, slots: threading.Bounde
     log.info(
         "job %s is not claimable (done, canceled or running elsewhere) and nothing else waits",
         job_id,
+        extra={"event": Event.not_claimable, "job_id": job_id},
     )
     return "idle"
 

@@ -13,6 +13,7 @@ import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from app.settings import Settings
@@ -40,6 +41,21 @@ def mask(text: str) -> str:
 # Celery's own lines about a job's message ("received", "succeeded in"): a message's task id
 # is its job's id (app.infra.queue.send_job), given in the line's arguments.
 JOB_TASK = "whisperq.run_job"
+
+
+class Event(StrEnum):
+    """What a log line records, as a machine reads it: the ``event`` field of a JSON line
+    (WHISPERQ_LOG_FORMAT=json). Tests and alerts match these, never a line's wording."""
+
+    not_claimable = "job.not_claimable"  # a message whose job ended or runs elsewhere
+    claim_failed = "job.claim_failed"  # Postgres refused the claim: the message goes back
+    store_retry = "job.store_retry"  # Postgres refused the outcome: retried until it lands
+    outcome_dropped = "job.outcome_dropped"  # a newer run owns the job: this outcome is not kept
+    lease_lost = "job.lease_lost"  # the run noticed another run took its job
+    handed_back = "job.handed_back"  # shutdown: the job went back to the queue
+    jobs_resent = "reaper.jobs_resent"  # messages Redis lost, sent again (``count``)
+    deliveries_resent = "reaper.deliveries_resent"  # due webhook deliveries nobody took
+    engine_ready = "worker.engine_ready"  # ``engine``: batched (with its ``model``) or null
 
 
 class RequestIdFilter(logging.Filter):

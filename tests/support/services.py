@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class WorkerProcess:
-    """``whisperq worker`` in a subprocess, with its log kept for failure messages."""
+    """``whisperq worker`` in a subprocess, logging JSON lines: ``events()`` reads what it
+    recorded (app/infra/logging.Event), ``log()`` keeps it all for failure messages."""
 
     def __init__(
         self,
@@ -39,7 +40,12 @@ class WorkerProcess:
         wait_ready: bool = True,
     ) -> None:
         self.log_path = log_path
-        run_env = {**os.environ, "WHISPERQ_MODEL": str(model), **(env or {})}
+        run_env = {
+            **os.environ,
+            "WHISPERQ_MODEL": str(model),
+            "WHISPERQ_LOG_FORMAT": "json",
+            **(env or {}),
+        }
         args = [sys.executable, "-m", "app.cli", "worker", "--concurrency", str(concurrency)]
         if queues:
             args += ["--queues", queues]
@@ -57,6 +63,24 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log records of this event, oldest first."""
+        found = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if record.get("event") == event:
+                        found.append(record)
+        return found
+
+    def wait_event(self, event: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not (found := self.events(event)):
+            assert time.monotonic() < deadline, f"no {event} after {timeout} s:\n{self.log()}"
+            time.sleep(0.1)
+        return found[0]
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
