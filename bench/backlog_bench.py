@@ -21,7 +21,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,12 +31,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from app.stack import redis_server_argv
+from bench.throwaway import REPO, Throwaway, throwaway_stack
 
-REPO = Path(__file__).resolve().parent.parent
-PG_ADMIN = os.environ.get(
-    "WHISPERQ_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 KEYS = 10  # tenants sharing the backlog
 
 
@@ -78,12 +73,6 @@ def plain_wav(seconds: float) -> bytes:
         w.setframerate(16_000)
         w.writeframes(samples.tobytes())
     return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -207,40 +196,20 @@ def run_size(
 ) -> Row:
     """Queue ``size`` jobs, then drain them all (or the first ``drain``, when set: rates and
     per-job counts are then taken over those, with the rest of the backlog still waiting)."""
+    with throwaway_stack(workdir, KEEP_AUDIO_DAYS="1", ENGINE="null") as stack:
+        return _drain(stack, size, workers=workers, workdir=workdir, drain=drain, explain=explain)
+
+
+def _drain(
+    stack: Throwaway, size: int, *, workers: int, workdir: Path, drain: int, explain: bool
+) -> Row:
     import redis
     from sqlalchemy import create_engine, func, insert, select, text
 
-    port = free_port()
-    rserver = subprocess.Popen(redis_server_argv(port, workdir), stdout=subprocess.DEVNULL)
-    db = f"whisperq_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
-    db_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + db
-    tag = uuid.uuid4().hex[:6]
-    env = {
-        **os.environ,
-        "WHISPERQ_DATABASE_URL": db_url,
-        "WHISPERQ_REDIS_URL": f"redis://127.0.0.1:{port}/0",
-        "WHISPERQ_QUEUE_INTERACTIVE": f"interactive-{tag}",
-        "WHISPERQ_QUEUE_BULK": f"bulk-{tag}",
-        "WHISPERQ_QUEUE_WEBHOOKS": f"webhooks-{tag}",
-        "WHISPERQ_KEY_PEPPER": os.environ.get("WHISPERQ_KEY_PEPPER", "bench-pepper-" + tag),
-        "WHISPERQ_BLOB_DIR": str(workdir / "blobs"),
-        "WHISPERQ_KEEP_AUDIO_DAYS": "1",
-        "WHISPERQ_ENVIRONMENT": "test",
-        "WHISPERQ_ENGINE": "null",
-    }
+    env, db, admin, port = stack.env, stack.db, stack.admin, stack.redis_port
     procs: list[subprocess.Popen[bytes]] = []
-    engine = create_engine(db_url)
+    engine = create_engine(stack.db_url)
     try:
-        subprocess.run(
-            [sys.executable, "-m", "app.cli", "migrate"],
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
         os.environ.update({k: v for k, v in env.items() if k.startswith("WHISPERQ_")})
         from sqlalchemy.orm import Session
 
@@ -413,12 +382,7 @@ def run_size(
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        rserver.kill()
-        rserver.wait()
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:

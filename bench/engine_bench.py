@@ -29,7 +29,7 @@ import numpy.typing as npt
 import torch
 
 from app.jobs.options import BEAM_SIZE, TranscribeOptions
-from bench.engine_ops import CountingEngine, OpCounter
+from bench.engine_ops import CountingEngine, OpCounter, markdown_table
 from worker.engine import Engine, EngineJob
 
 SAMPLE_RATE = 16_000
@@ -93,16 +93,6 @@ Audio = npt.NDArray[np.float32]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
 
 
 def say(text: str = "") -> None:

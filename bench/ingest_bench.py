@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,10 +29,9 @@ from typing import Any
 
 import httpx
 
-from app.stack import redis_server_argv
-from bench.backlog_bench import PG_ADMIN, _pg_stats, _redis_cmds, free_port
+from bench.backlog_bench import _pg_stats, _redis_cmds
+from bench.throwaway import REPO, Throwaway, free_port, throwaway_stack
 
-REPO = Path(__file__).resolve().parent.parent
 TARGET_PER_S = 1000.0  # issue 23: accepted and queued at >= 1,000 inputs/s
 
 
@@ -91,37 +89,25 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 def run(n: int, per_request: int, workdir: Path) -> Result:
-    import redis
-    from sqlalchemy import create_engine, func, select, text
-
-    port = free_port()
-    rserver = subprocess.Popen(redis_server_argv(port, workdir), stdout=subprocess.DEVNULL)
-    db = f"whisperq_ingest_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db}"'))
-    db_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + db
-    tag = uuid.uuid4().hex[:6]
-    env = {
-        **os.environ,
-        "WHISPERQ_DATABASE_URL": db_url,
-        "WHISPERQ_REDIS_URL": f"redis://127.0.0.1:{port}/0",
-        "WHISPERQ_QUEUE_INTERACTIVE": f"interactive-{tag}",
-        "WHISPERQ_QUEUE_BULK": f"bulk-{tag}",
-        "WHISPERQ_QUEUE_WEBHOOKS": f"webhooks-{tag}",
-        "WHISPERQ_KEY_PEPPER": os.environ.get("WHISPERQ_KEY_PEPPER", "bench-pepper-" + tag),
-        "WHISPERQ_BLOB_DIR": str(workdir / "blobs"),
-        "WHISPERQ_ENVIRONMENT": "test",
+    with throwaway_stack(
+        workdir,
         # The inputs name a loopback host that is never fetched (no worker runs).
-        "WHISPERQ_AUDIO_URL_ALLOWLIST": "127.0.0.1",
-        "WHISPERQ_SUBMIT_RATE_PER_MINUTE": "0",
-        "WHISPERQ_MAX_ACTIVE_JOBS_PER_KEY": str(n + 1),
-        "WHISPERQ_BATCH_MAX_INPUTS_PER_REQUEST": str(per_request),
-    }
-    engine = create_engine(db_url)
+        AUDIO_URL_ALLOWLIST="127.0.0.1",
+        SUBMIT_RATE_PER_MINUTE="0",
+        MAX_ACTIVE_JOBS_PER_KEY=str(n + 1),
+        BATCH_MAX_INPUTS_PER_REQUEST=str(per_request),
+    ) as stack:
+        return _ingest(stack, n, per_request, workdir)
+
+
+def _ingest(stack: Throwaway, n: int, per_request: int, workdir: Path) -> Result:
+    import redis
+    from sqlalchemy import create_engine, func, select
+
+    env, db, admin, port = stack.env, stack.db, stack.admin, stack.redis_port
+    engine = create_engine(stack.db_url)
     api: subprocess.Popen[bytes] | None = None
     try:
-        subprocess.run([sys.executable, "-m", "app.cli", "migrate"], cwd=REPO, env=env, check=True)
         os.environ.update({k: v for k, v in env.items() if k.startswith("WHISPERQ_")})
         from sqlalchemy.orm import Session
 
@@ -196,12 +182,7 @@ def run(n: int, per_request: int, workdir: Path) -> Result:
         if api is not None:
             api.terminate()
             api.wait(30)
-        rserver.terminate()
-        rserver.wait(10)
         engine.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def print_table(r: Result, per_request: int) -> None:
