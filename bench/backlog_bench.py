@@ -286,7 +286,10 @@ def _drain(
         for _ in range(workers):
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "app.cli", "worker"],
+                    # WHISPERQ_BENCH_WORKER_ARGV: another command line (a profiler, say).
+                    os.environ.get(
+                        "WHISPERQ_BENCH_WORKER_ARGV", f"{sys.executable} -m app.cli worker"
+                    ).split(),
                     cwd=REPO,
                     env=env,
                     stdout=(workdir / "worker.log").open("ab"),

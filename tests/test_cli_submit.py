@@ -172,9 +172,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_client_commands_run_without_the_servers_dependencies(
-    server: str, key: CreatedKey, tmp_path: Path
-) -> None:
+def test_client_commands_run_without_the_servers_dependencies(server: str, tmp_path: Path) -> None:
+    key = new_key("client-only")  # its own: the module's key holds the one backlog batch
     audio = tmp_path / "hello.wav"
     audio.write_bytes(noise_wav(0.5, seed=7))
 

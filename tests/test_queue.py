@@ -90,6 +90,29 @@ def test_per_key_in_flight_cap(database: str, own_stack: Stack) -> None:
     assert third.job is None and third.capped
 
 
+def test_many_claims_in_one_transaction_keep_the_policy_and_the_cap(
+    database: str, own_stack: Stack
+) -> None:
+    """claim_many: interactive first, then the keys in turn, each claim seeing the ones
+    before it in the same transaction (a key at its cap is skipped, not overfilled)."""
+    from app.jobs import claims
+
+    a, b, c = keys(3)
+    settings = own_stack.settings().model_copy(update={"key_max_in_flight": 2})
+    audio = noise_wav(0.2)
+    bulk_a = own_stack.enqueue(api_key_id=a.row.id, audio=audio, n=3, bulk=True, send=False)
+    bulk_b = own_stack.enqueue(api_key_id=b.row.id, audio=audio, n=3, bulk=True, send=False)
+    sync = own_stack.enqueue(api_key_id=c.row.id, audio=audio, send=False)[0]
+    queues = [settings.queue_interactive, settings.queue_bulk]
+    got = claims.claim_many(10, queues=queues, settings=settings)
+    # c's interactive job, then a and b in turn up to their cap of 2 each.
+    assert [j.id for j in got.jobs] == [sync, bulk_a[0], bulk_b[0], bulk_a[1], bulk_b[1]]
+    assert got.capped
+    rows = own_stack.jobs([j.id for j in got.jobs])
+    assert {(r.status, r.attempts) for r in rows.values()} == {("running", 1)}
+    assert claims.claim_many(10, queues=queues, settings=settings).jobs == []
+
+
 def test_queue_counts_are_one_snapshot_while_jobs_are_claimed(
     database: str, own_stack: Stack
 ) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -30,11 +31,14 @@ from app.settings import Settings, get_settings
 from worker import deliveries, reaper, runtime
 from worker.audio import load_job_audio
 from worker.celery_app import celery
+from worker.coalesce import Coalescer
 from worker.engine import EngineInputError, EngineJob, EngineResult, EngineStopped
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
+# Outcomes stored in one transaction at most (a commit per job is what it saves).
+FINISH_BATCH_MAX = 64
 # How often a waiting task looks at its stop reasons (cancel, limit, shutdown, lease).
 POLL_S = 0.25
 # With an engine that stops between windows, how long to let it reach the next one.
@@ -54,7 +58,7 @@ def _store(claimed: claims.ClaimedJob, settings: Settings, **outcome: Any) -> bo
     give_up = time.monotonic() + max(600.0, settings.job_lease_s * 10.0)
     while True:
         try:
-            done = claims.finish(claimed, settings=settings, **outcome)
+            done = _finisher.submit((claimed, claims.Outcome(**outcome)))
             break
         except SQLAlchemyError as exc:
             if time.monotonic() > give_up:
@@ -222,12 +226,33 @@ def _run(claimed: claims.ClaimedJob, entry: runtime.InFlight, settings: Settings
     raise Reject("worker shutting down", requeue=True)
 
 
+def _claim_batch(requests: Sequence[None]) -> list[claims.ClaimResult]:
+    settings = get_settings()
+    got = claims.claim_many(len(requests), queues=runtime.job_queues(settings), settings=settings)
+    missing = [claims.ClaimResult(None, capped=got.capped)] * (len(requests) - len(got.jobs))
+    return [claims.ClaimResult(job) for job in got.jobs] + missing
+
+
+def _finish_batch(
+    outcomes: Sequence[tuple[claims.ClaimedJob, claims.Outcome]],
+) -> list[claims.Finished]:
+    return claims.finish_many(outcomes, settings=get_settings())
+
+
+# The task threads' claims and finishes, each many to a transaction under load
+# (worker/coalesce.py): as many claims as the engine holds jobs, finishes a little more.
+_claimer = Coalescer(
+    "claim", _claim_batch, max_batch=lambda: runtime.engine_slots(runtime.get_engine())
+)
+_finisher = Coalescer("finish", _finish_batch, max_batch=lambda: FINISH_BATCH_MAX)
+
+
 def _claim(settings: Settings) -> claims.ClaimResult:
-    result = claims.claim_next(queues=runtime.job_queues(settings), settings=settings)
+    result = _claimer.submit(None)
     # Nothing claimable: perhaps a dead worker's job whose lease ran out before the reaper saw
     # it; this very message may be the one that worker held, restored by Redis.
     if result.job is None and not result.capped and reaper.expire_and_dispatch(settings):
-        result = claims.claim_next(queues=runtime.job_queues(settings), settings=settings)
+        result = _claimer.submit(None)
     return result
 
 

@@ -43,6 +43,11 @@ def mask(text: str) -> str:
 JOB_TASK = "whisperq.run_job"
 
 
+# Celery's task lines repeat their arguments in ``data``, with the traceback of an expected
+# failure (a JobFailed, whose reason is stored and logged once already): not a field.
+NOT_LOGGED = frozenset({"data"})
+
+
 class Event(StrEnum):
     """What a log line records, as a machine reads it: the ``event`` field of a JSON line
     (WHISPERQ_LOG_FORMAT=json). Tests and alerts match these, never a line's wording."""
@@ -79,7 +84,7 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", None),
         }
         for key, value in vars(record).items():
-            if key not in STANDARD_ATTRS and not key.startswith("_"):
+            if key not in STANDARD_ATTRS and not key.startswith("_") and key not in NOT_LOGGED:
                 out[key] = value if isinstance(value, int | float | bool | None) else str(value)
         if record.exc_info:
             out["exc"] = mask(self.formatException(record.exc_info))

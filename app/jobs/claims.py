@@ -98,19 +98,47 @@ def _fair_order(keys: dict[int, datetime | None], running: dict[int, int]) -> li
 
 def claim_next(*, queues: Sequence[str], settings: Settings, worker: str = HOST) -> ClaimResult:
     """Start the next job by policy, or return none (nothing queued, or all keys capped)."""
-    capped = False
     with session_scope() as session:
-        for queue in queues:
-            rows = session.execute(_KEYS_WITH_WORK, {"queue": queue}).all()
-            keys = {row.id: row.last_started for row in rows}
-            running = {row.id: int(row.running) for row in rows}
-            cap = settings.key_max_in_flight
-            eligible = {k: t for k, t in keys.items() if not cap or running.get(k, 0) < cap}
-            capped = capped or len(eligible) < len(keys)
-            for key in _fair_order(eligible, running):
-                claimed = _claim_oldest(session, queue, key, settings=settings, worker=worker)
-                if claimed is not None:
-                    return ClaimResult(claimed)
+        return _claim_in(session, queues=queues, settings=settings, worker=worker)
+
+
+@dataclass(frozen=True)
+class ClaimBatch:
+    jobs: list[ClaimedJob]
+    capped: bool = False  # fewer than asked for: the rest of the queued work is capped
+
+
+def claim_many(
+    n: int, *, queues: Sequence[str], settings: Settings, worker: str = HOST
+) -> ClaimBatch:
+    """Start up to ``n`` jobs by the same policy as :func:`claim_next`, in one transaction:
+    each claim sees the ones before it (the fair order, the per-key cap), and a worker
+    claiming for many threads at once pays one commit, not one per job."""
+    jobs: list[ClaimedJob] = []
+    with session_scope() as session:
+        for _ in range(n):
+            got = _claim_in(session, queues=queues, settings=settings, worker=worker)
+            if got.job is None:
+                return ClaimBatch(jobs, capped=got.capped)
+            jobs.append(got.job)
+    return ClaimBatch(jobs)
+
+
+def _claim_in(
+    session: Session, *, queues: Sequence[str], settings: Settings, worker: str
+) -> ClaimResult:
+    capped = False
+    for queue in queues:
+        rows = session.execute(_KEYS_WITH_WORK, {"queue": queue}).all()
+        keys = {row.id: row.last_started for row in rows}
+        running = {row.id: int(row.running) for row in rows}
+        cap = settings.key_max_in_flight
+        eligible = {k: t for k, t in keys.items() if not cap or running.get(k, 0) < cap}
+        capped = capped or len(eligible) < len(keys)
+        for key in _fair_order(eligible, running):
+            claimed = _claim_oldest(session, queue, key, settings=settings, worker=worker)
+            if claimed is not None:
+                return ClaimResult(claimed)
     return ClaimResult(None, capped=capped)
 
 
@@ -233,6 +261,20 @@ class Finished:
     delivery_id: str | None = None  # its webhook event, sent once stored
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended, as its finish stores it."""
+
+    status: JobStatus
+    result: dict[str, Any] | None = None
+    input_length_ms: int | None = None
+    runtime_ms: int = 0
+    tokens_generated: int = 0
+    tokens_input: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
+
+
 def finish(
     claimed: ClaimedJob,
     *,
@@ -246,32 +288,52 @@ def finish(
     error_code: str | None = None,
     error_message: str | None = None,
 ) -> Finished:
-    """Store the outcome unless another run took the job over.
+    """Store the outcome unless another run took the job over (:func:`finish_many`)."""
+    outcome = Outcome(
+        status=status,
+        result=result,
+        input_length_ms=input_length_ms,
+        runtime_ms=runtime_ms,
+        tokens_generated=tokens_generated,
+        tokens_input=tokens_input,
+        error_code=error_code,
+        error_message=error_message,
+    )
+    return finish_many([(claimed, outcome)], settings=settings)[0]
+
+
+def finish_many(
+    outcomes: Sequence[tuple[ClaimedJob, Outcome]], *, settings: Settings
+) -> list[Finished]:
+    """Store several runs' outcomes in one transaction, each as if alone.
 
     The guard is the attempt number: a run may finish its job while it is ``running`` or,
     after its lease ran out, ``queued`` again but not yet claimed by anyone else (a stall
     or a Postgres outage longer than the lease), never once a newer run claimed it."""
+    done: list[Finished] = []
     with session_scope() as session:
-        ended = end_job(
-            session,
-            claimed.id,
-            status,
-            where=and_(
-                Job.status.in_([JobStatus.running, JobStatus.queued]),
-                Job.attempts == claimed.attempt,
-            ),
-            settings=settings,
-            result=result,
-            input_length_ms=input_length_ms,
-            runtime_ms=runtime_ms,
-            tokens_generated=tokens_generated,
-            tokens_input=tokens_input,
-            error_code=error_code,
-            error_message=error_message,
-        )
-    if ended is None:
-        return Finished(stored=False)  # canceled, or a newer run owns it now
-    return Finished(stored=True, delivery_id=ended.delivery_id)
+        for claimed, o in outcomes:
+            ended = end_job(
+                session,
+                claimed.id,
+                o.status,
+                where=and_(
+                    Job.status.in_([JobStatus.running, JobStatus.queued]),
+                    Job.attempts == claimed.attempt,
+                ),
+                settings=settings,
+                result=o.result,
+                input_length_ms=o.input_length_ms,
+                runtime_ms=o.runtime_ms,
+                tokens_generated=o.tokens_generated,
+                tokens_input=o.tokens_input,
+                error_code=o.error_code,
+                error_message=o.error_message,
+            )
+            # None: canceled, or a newer run owns it now.
+            stored = ended is not None
+            done.append(Finished(stored, ended.delivery_id if ended is not None else None))
+    return done
 
 
 @dataclass(frozen=True)
