@@ -138,6 +138,38 @@ def test_sigkill_mid_job_reruns_once_and_strands_nothing(
             second.stop()
 
 
+def test_sigkill_with_a_claimed_batch_reruns_each_job_once(
+    stack: Stack, key: CreatedKey, model: Path, tmp_path: Path
+) -> None:
+    """A worker holding 16 jobs, claimed in a few coalesced transactions, dies at once:
+    every one of them is run again by the next worker, once, and ends once."""
+    rows_n = 16
+    stack.overrides["WHISPERQ_ENGINE_MAX_BATCH_ROWS"] = str(rows_n)
+    stack.overrides["WHISPERQ_ENGINE_LANES"] = "1"
+    stack.overrides["WHISPERQ_ENGINE_READY_ROWS"] = "0"
+    first = worker(stack, model, tmp_path, "w1", concurrency=rows_n)
+    second = None
+    try:
+        ids = stack.enqueue(
+            api_key_id=key.row.id,
+            audio=noise_wav(20.0),
+            options=LONG,
+            n=rows_n,
+            bulk=True,
+            webhook_url=NEVER,
+        )
+        stack.wait(ids, until=lambda r: r.status == "running" and r.attempts == 1, timeout=120)
+        first.kill()
+        second = worker(stack, model, tmp_path, "w2", concurrency=rows_n)
+        rows = stack.wait_ended(ids, timeout=240)
+        assert {(r.status, r.attempts) for r in rows.values()} == {("succeeded", 2)}, second.log()
+        assert stack.deliveries(ids) == dict.fromkeys(ids, 1)
+    finally:
+        first.kill()
+        if second is not None:
+            second.stop()
+
+
 def test_duplicate_wakeups_never_rerun_a_healthy_job_longer_than_its_lease(
     stack: Stack, key: CreatedKey, model: Path, tmp_path: Path
 ) -> None:
