@@ -730,3 +730,20 @@ def test_default_batch_rows_follow_device_memory_only_on_cuda(
     assert default_batch_rows(cpu, TINY_RANDOM, torch.float32, fixed=16) == 16
     assert DEFAULT_MAX_BATCH_ROWS == 16
     assert Engine.__init__.__kwdefaults__["max_batch_rows"] is None  # unset: the rule above
+
+
+def test_the_log_mel_is_made_on_the_engines_device_only_on_a_gpu() -> None:
+    """On a CPU the engine's log-mel is transcribe()'s own (no device argument); the device
+    argument reaches whisper's STFT, which runs wherever its input is."""
+    from worker.engine.longform import log_mel
+
+    audio = np.random.default_rng(3).standard_normal(16_000 * 2).astype(np.float32) * 0.1
+    plain, _ = log_mel(audio, 80)
+    on_cpu, _ = log_mel(audio, 80, torch.device("cpu"))
+    assert on_cpu.device.type == "cpu"
+    assert torch.equal(plain, on_cpu)
+    eng = Engine(random_model(seed=1), max_batch_rows=2, lanes=1)
+    try:
+        assert eng.mel_device is None
+    finally:
+        eng.close(5)

@@ -77,15 +77,19 @@ def check_options(model: Whisper, opts: TranscribeOptions) -> None:
         )
 
 
-def log_mel(audio: np.ndarray, n_mels: int) -> tuple[torch.Tensor, float]:
+def log_mel(
+    audio: np.ndarray, n_mels: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, float]:
     """The log-mel of the whole file, padded with 30 s of silence, as transcribe() makes it
     (the log-mel floor is set over the whole file, so it cannot be made per window), and the
-    seconds it took."""
+    seconds it took. On ``device`` when given: whisper's own STFT on a GPU, where a CPU
+    spends more time on it than the GPU on the whole batch (bench/RESULTS.md, the H200
+    profile: log-mel 27 % of wall); its values differ from the CPU's in the last bits."""
     from whisper.audio import N_SAMPLES, log_mel_spectrogram
 
     start = time.perf_counter()
     samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
-    mel = log_mel_spectrogram(samples, n_mels, padding=N_SAMPLES)
+    mel = log_mel_spectrogram(samples, n_mels, padding=N_SAMPLES, device=device)
     return mel, time.perf_counter() - start
 
 

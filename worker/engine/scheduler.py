@@ -85,6 +85,8 @@ class Engine:
         self.model = model
         self.device = next(model.parameters()).device
         self.fp16 = self.device.type == "cuda"
+        # On a GPU the log-mel is made there too; on a CPU exactly as transcribe() makes it.
+        self.mel_device: torch.device | None = self.device if self.fp16 else None
         self.dtype = torch.float16 if self.fp16 else torch.float32
         self.lanes = lanes or default_lanes(self.device)
         # torch threads of each lane: the process's share, so lanes never oversubscribe cores
@@ -168,7 +170,7 @@ class Engine:
         # fails, this job alone fails.
         try:
             with torch_threads(1):
-                mel = log_mel(job.audio, self.model.dims.n_mels)
+                mel = log_mel(job.audio, self.model.dims.n_mels, self.mel_device)
         except Exception as exc:
             fut.set_exception(exc)
         else:
