@@ -7,6 +7,7 @@ finish and the reaper's lease expiry run here as the worker runs them."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -309,6 +310,37 @@ def test_ending_every_job_of_a_batch_at_once_ends_the_batch_once(key: CreatedKey
             session, JobStatus.canceled, where=Job.batch_id == batch_id, settings=settings
         )
         assert sorted(e.id for e in rest) == sorted(ids[1:])  # not the one that had ended
+    with session_scope() as session:
+        assert session.get(Batch, batch_id).finished_at is not None  # type: ignore[union-attr]
+        n = session.scalar(select(func.count()).where(WebhookDelivery.batch_id == batch_id))
+    assert n == 1
+
+
+def test_finishing_a_batchs_jobs_in_one_transaction_ends_it_once(key: CreatedKey) -> None:
+    """claims.finish_many, the worker's coalesced finish: each job ends as alone, a stale
+    run's outcome is refused among them, and the batch ends once, with one event."""
+    from app.jobs import claims
+
+    settings = get_settings()
+    with session_scope() as session:
+        batch = Batch(api_key_id=key.row.id, webhook_url=HOOK, sealed_at=utcnow())
+        session.add(batch)
+        session.flush()
+        batch_id = batch.id
+    _, ids = make_jobs(key, settings, n=3, webhook=None, batch_id=batch_id)
+    runs = [claims.claim(job_id, settings=settings) for job_id in ids]
+    assert all(runs)
+    stale = dataclasses.replace(runs[0], attempt=runs[0].attempt - 1)  # type: ignore[type-var]
+    done = claims.finish_many(
+        [
+            (stale, claims.Outcome(JobStatus.failed, runtime_ms=5)),
+            *((r, claims.Outcome(JobStatus.succeeded, runtime_ms=1000)) for r in runs),
+        ],
+        settings=settings,
+    )
+    assert [d.stored for d in done] == [False, True, True, True]
+    assert {row(j).status for j in ids} == {"succeeded"}
+    assert {row(j).cost for j in ids} == {0.0005}
     with session_scope() as session:
         assert session.get(Batch, batch_id).finished_at is not None  # type: ignore[union-attr]
         n = session.scalar(select(func.count()).where(WebhookDelivery.batch_id == batch_id))

@@ -311,6 +311,7 @@ def finish_many(
     after its lease ran out, ``queued`` again but not yet claimed by anyone else (a stall
     or a Postgres outage longer than the lease), never once a newer run claimed it."""
     done: list[Finished] = []
+    batches: set[str] = set()
     with session_scope() as session:
         for claimed, o in outcomes:
             ended = end_job(
@@ -329,10 +330,15 @@ def finish_many(
                 tokens_input=o.tokens_input,
                 error_code=o.error_code,
                 error_message=o.error_message,
+                # Each batch's end is looked at once for all of them, below.
+                batch_hook=False,
             )
             # None: canceled, or a newer run owns it now.
             stored = ended is not None
             done.append(Finished(stored, ended.delivery_id if ended is not None else None))
+            if ended is not None and ended.batch_id is not None:
+                batches.add(ended.batch_id)
+        end_batches_if_done(session, batches)
     return done
 
 
