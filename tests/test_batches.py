@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, true, update
 
 from app.api import uploads
 from app.infra.db import session_scope, utcnow
@@ -23,6 +23,7 @@ from app.infra.queue import SendError
 from app.infra.webhook_signing import sign
 from app.jobs import batches
 from app.jobs.keys import CreatedKey
+from app.jobs.lifecycle import end_job
 from app.settings import get_settings
 from tests.support.api import auth, new_key, noise_wav, settings_override
 from worker import deliveries
@@ -304,13 +305,13 @@ def test_resent_inputs_never_make_a_second_job(
     assert late.status_code == 409 and late.json()["error"]["code"] == "batch_sealed"
 
 
-def _finish_job(session: Any, job_id: str, status: JobStatus, **values: Any) -> Job:
-    """What the worker's guarded finish does to the row."""
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(status=status, finished_at=utcnow(), lease_expires_at=None, **values)
+def _finish_job(session: Any, job_id: str, status: JobStatus, **outcome: Any) -> Job:
+    """The worker's finish through the one transition (app/jobs/lifecycle.py), without its
+    batch hook: the tests below ask whether the batch is over themselves, when they choose."""
+    ended = end_job(
+        session, job_id, status, where=true(), settings=get_settings(), batch_hook=False, **outcome
     )
+    assert ended is not None
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     return job
@@ -352,7 +353,7 @@ def test_batch_ends_exactly_once_when_its_last_jobs_finish_together(
             job_id: str, barrier: threading.Barrier = barrier, delivered: list[Any] = delivered
         ) -> None:
             with session_scope() as session:
-                job = _finish_job(session, job_id, JobStatus.succeeded, cost=0.001)
+                job = _finish_job(session, job_id, JobStatus.succeeded, runtime_ms=2000)
                 session.flush()
                 barrier.wait()
                 delivered.append(batches.on_job_finished(session, job))
@@ -448,7 +449,6 @@ def test_progress_cost_and_eta_come_from_the_jobs(
             session,
             ids[0],
             JobStatus.succeeded,
-            cost=0.25,
             runtime_ms=500,
             result={
                 "text": "hello",
@@ -460,7 +460,6 @@ def test_progress_cost_and_eta_come_from_the_jobs(
             session,
             ids[1],
             JobStatus.failed,
-            cost=0.5,
             runtime_ms=1000,
             error_code="internal_error",
             error_message="boom",
@@ -478,7 +477,8 @@ def test_progress_cost_and_eta_come_from_the_jobs(
     assert got["audio_seconds_done"] == pytest.approx(1.0 + 2.0)
     assert got["audio_seconds_total"] == pytest.approx(1.0 + 2.0 + 3.0 + 4.0)
     assert got["inputs_without_duration"] == 1  # the URL: its length is known once fetched
-    assert got["cost"] == pytest.approx(0.75) and got["runtime_ms"] == 1500
+    # Metered as every job is: runtime_ms x $0.0005/s.
+    assert got["cost"] == pytest.approx(0.00075) and got["runtime_ms"] == 1500
     # Rates over the 20 s since the first start; with a URL of unknown length left, the ETA
     # counts jobs: 3 left at 2 jobs / 20 s.
     assert got["rate_jobs_per_second"] == pytest.approx(2 / 20, rel=0.05)
@@ -498,7 +498,7 @@ def test_progress_cost_and_eta_come_from_the_jobs(
     assert (
         lines[0]["text"] == "hello"
         and lines[0]["segments"][0]["end"] == 1.0
-        and lines[0]["cost"] == 0.25
+        and lines[0]["cost"] == 0.00025
     )
     assert (
         lines[1]["error"] == {"code": "internal_error", "message": "boom"}
