@@ -101,7 +101,8 @@ def test_a_lost_connection_whose_teardown_fails_keeps_the_consumer_and_its_acks(
     can still be acked once Redis is back."""
     from celery.worker.consumer import Consumer as CeleryConsumer
 
-    from worker.celery_app import Consumer, celery
+    from worker.broker import Consumer
+    from worker.celery_app import celery
 
     redis = RedisServer(tmp_path / "redis").start()
     try:

@@ -1,5 +1,6 @@
 """Kombu's Redis transport as whisperq reads it: the one module that knows the names of its
-private structures (tests/test_imports.py holds that no other module spells them).
+private structures (tests/test_imports.py holds that no other module spells them), and the
+Celery consumer that repairs what its teardown breaks.
 
 kombu 5.x lays a queue out as one Redis list plus one list per priority step, and a message a
 worker took but has not acked sits in the ``unacked`` hash (tag → message) with its delivery
@@ -11,10 +12,15 @@ the messages it holds (its heartbeat) and a dead worker's messages return on the
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+
+log = logging.getLogger(__name__)
 
 PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (3, 6, 9)
@@ -78,3 +84,41 @@ def held_delivery_tags() -> list[str]:
         return []
     tags = (getattr(getattr(r, "message", None), "delivery_tag", None) for r in requests)
     return [str(t) for t in tags if t]
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, surviving a broker that went away while jobs ran.
+
+    On a lost connection Celery first ``collect()``s it, then ``close()``s it and ignores
+    connection errors only. With kombu's Redis transport (5.7.0) ``collect()`` can leave the
+    task channel open: draining its pending BRPOP fails, then closing another channel (an
+    auto-delete broadcast queue) fails before the task channel's turn, and both failures are
+    swallowed; yet ``collect()`` still detaches the transport from its connection
+    (``transport.client = None``). ``close()`` then closes that channel for real: restoring
+    its unacked messages (our running jobs) builds a Redis pool from ``transport.client``
+    and raises ``AttributeError: 'NoneType' object has no attribute 'hostname'``. Celery
+    calls that unrecoverable: the worker finished its jobs and exited, leaving the queue
+    unserved until someone restarted it. Each later ack of those jobs' messages (acks late)
+    goes through the same channel and fails the same way, in the event loop.
+
+    So when the teardown of the discarded connection fails, the transport gets its
+    connection back: the jobs still running ack their messages through it, as they do after
+    a clean teardown. The messages that were not restored are not lost: they stay in Redis's
+    unacked set for ``restore_visible`` (our heartbeat keeps them fresh while their jobs run),
+    and if Redis lost them the reaper re-sends their jobs."""
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        lost = self.connection
+        transport = getattr(lost, "transport", None)
+        try:
+            super().on_connection_error_after_connected(exc)
+        except Exception as teardown:
+            if lost is None or self.connection is not None:
+                raise  # not the discarded connection's teardown: Celery's own handling
+            if transport is not None and getattr(transport, "client", None) is None:
+                transport.client = lost
+            log.warning(
+                "broker connection lost (%r); its teardown failed (%r), reconnecting anyway",
+                exc,
+                teardown,
+            )

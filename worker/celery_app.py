@@ -14,7 +14,6 @@ import threading
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
-from celery.worker.consumer import Consumer as CeleryConsumer
 
 from app.infra.queue import get_celery
 from app.settings import get_settings, settings_or_exit
@@ -27,46 +26,8 @@ settings_or_exit()  # `celery -A worker.celery_app` too refuses weak secrets at 
 log = logging.getLogger(__name__)
 
 
-class Consumer(CeleryConsumer):  # type: ignore[misc]
-    """Celery's consumer, surviving a broker that went away while jobs ran.
-
-    On a lost connection Celery first ``collect()``s it, then ``close()``s it and ignores
-    connection errors only. With kombu's Redis transport (5.7.0) ``collect()`` can leave the
-    task channel open: draining its pending BRPOP fails, then closing another channel (an
-    auto-delete broadcast queue) fails before the task channel's turn, and both failures are
-    swallowed; yet ``collect()`` still detaches the transport from its connection
-    (``transport.client = None``). ``close()`` then closes that channel for real: restoring
-    its unacked messages (our running jobs) builds a Redis pool from ``transport.client``
-    and raises ``AttributeError: 'NoneType' object has no attribute 'hostname'``. Celery
-    calls that unrecoverable: the worker finished its jobs and exited, leaving the queue
-    unserved until someone restarted it. Each later ack of those jobs' messages (acks late)
-    goes through the same channel and fails the same way, in the event loop.
-
-    So when the teardown of the discarded connection fails, the transport gets its
-    connection back: the jobs still running ack their messages through it, as they do after
-    a clean teardown. The messages that were not restored are not lost: they stay in Redis's
-    unacked set for ``restore_visible`` (our heartbeat keeps them fresh while their jobs run),
-    and if Redis lost them the reaper re-sends their jobs."""
-
-    def on_connection_error_after_connected(self, exc: Exception) -> None:
-        lost = self.connection
-        transport = getattr(lost, "transport", None)
-        try:
-            super().on_connection_error_after_connected(exc)
-        except Exception as teardown:
-            if lost is None or self.connection is not None:
-                raise  # not the discarded connection's teardown: Celery's own handling
-            if transport is not None and getattr(transport, "client", None) is None:
-                transport.client = lost
-            log.warning(
-                "broker connection lost (%r); its teardown failed (%r), reconnecting anyway",
-                exc,
-                teardown,
-            )
-
-
 celery = get_celery()
-celery.conf.update(include=["worker.tasks"], worker_consumer=f"{__name__}:Consumer")
+celery.conf.update(include=["worker.tasks"], worker_consumer="worker.broker:Consumer")
 install_observability(celery)  # metrics, /readyz, request-id logs, the retention purge
 # The engine's batch sizes on the worker's /metrics: runtime cannot import observability,
 # which reads it.
