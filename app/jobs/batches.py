@@ -236,19 +236,55 @@ def _add_jobs(
     now: datetime,
 ) -> _Added:
     """The caller holds the batch row (locked, or new in this transaction)."""
-    api_key_id = batch.api_key_id
-    accepted: list[Accepted] = []
+    known = _known_jobs(session, batch, inputs)
     to_send: list[str] = []
-    retry: list[str] = []
-    # Retried jobs whose audio went when the broker refused them (keep_audio_days 0): the
-    # resent upload becomes their audio instead of being dropped as a duplicate.
-    no_audio: set[str] = set()
+    if known.retry:
+        _requeue(session, known.retry, now=now)
+        to_send.extend(known.retry)
+    fresh = [i for i in inputs if i.idempotency_key is None or i.idempotency_key not in known.jobs]
+    if fresh and (batch.sealed_at is not None or batch.canceled_at is not None):
+        raise ServiceError(
+            409,
+            "batch_sealed",
+            f"batch {batch.id} is {status_of(batch)}: it takes no more inputs",
+        )
+    accepted: list[Accepted] = []
     dropped: list[str] = []
     # Inputs unusable as they came (not audio, too long): their jobs are born failed, so a
     # bad file is reported in the results instead of blocking the whole batch.
     unusable: defaultdict[tuple[str, str | None], list[str]] = defaultdict(list)
+    for n, item in enumerate(inputs):
+        hit = known.jobs.get(item.idempotency_key) if item.idempotency_key is not None else None
+        if hit is not None:
+            accepted.append(_accept_known(session, item, hit, known.no_audio, dropped))
+            continue
+        accepted.append(_add_job(session, batch, item, n, settings=settings, now=now))
+        if item.error_code is not None:
+            unusable[item.error_code, item.error_message].append(item.job_id)
+        else:
+            to_send.append(item.job_id)
+        if item.idempotency_key is not None:
+            # A key repeated inside one request is one input too.
+            known.jobs[item.idempotency_key] = (item.job_id, JobStatus.queued, item.custom_id)
+    _fail_unusable(session, unusable, settings=settings)
+    return _Added(accepted, to_send, dropped)
+
+
+@dataclass
+class _Known:
+    """The batch's jobs for a request's idempotency keys, as (job id, status, custom_id)."""
+
+    jobs: dict[str, tuple[str, str, str | None]]
+    # Jobs the broker refused (queue_unavailable) in a batch not yet ended: sent again now.
+    retry: list[str]
+    # Retried jobs whose audio went when the broker refused them (keep_audio_days 0): the
+    # resent upload becomes their audio instead of being dropped as a duplicate.
+    no_audio: set[str]
+
+
+def _known_jobs(session: Session, batch: Batch, inputs: Sequence[NewInput]) -> _Known:
+    known = _Known({}, [], set())
     keys = [i.idempotency_key for i in inputs if i.idempotency_key is not None]
-    known: dict[str, tuple[str, str, str | None]] = {}
     for start in range(0, len(keys), 500):
         for row in session.execute(
             select(
@@ -265,73 +301,86 @@ def _add_jobs(
             if row.error_code == QUEUE_UNAVAILABLE and batch.finished_at is None:
                 # The broker was down when it was accepted: sent again now, not failed.
                 status = JobStatus.queued
-                retry.append(row.id)
+                known.retry.append(row.id)
                 if row.audio_blob is None and row.audio_url is None:
-                    no_audio.add(row.id)
-            known[row.idempotency_key] = (row.id, status, row.custom_id)
-    if retry:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(retry), Job.error_code == QUEUE_UNAVAILABLE)
-            .values(
-                status=JobStatus.queued,
-                error_code=None,
-                error_message=None,
-                finished_at=None,
-                enqueued_at=now,
-            )
+                    known.no_audio.add(row.id)
+            known.jobs[row.idempotency_key] = (row.id, status, row.custom_id)
+    return known
+
+
+def _requeue(session: Session, job_ids: list[str], *, now: datetime) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.error_code == QUEUE_UNAVAILABLE)
+        .values(
+            status=JobStatus.queued,
+            error_code=None,
+            error_message=None,
+            finished_at=None,
+            enqueued_at=now,
         )
-        to_send.extend(retry)
-    fresh = [i for i in inputs if i.idempotency_key is None or i.idempotency_key not in known]
-    if fresh and (batch.sealed_at is not None or batch.canceled_at is not None):
-        raise ServiceError(
-            409,
-            "batch_sealed",
-            f"batch {batch.id} is {status_of(batch)}: it takes no more inputs",
+    )
+
+
+def _accept_known(
+    session: Session,
+    item: NewInput,
+    hit: tuple[str, str, str | None],
+    no_audio: set[str],
+    dropped: list[str],
+) -> Accepted:
+    """An input the batch already has: no new job; its upload kept only as lost audio's stand-in."""
+    job_id, status, custom_id = hit
+    if item.audio_blob is not None and item.error_code is None and job_id in no_audio:
+        no_audio.discard(job_id)
+        session.execute(update(Job).where(Job.id == job_id).values(audio_blob=item.audio_blob))
+    elif item.audio_blob is not None:
+        dropped.append(item.audio_blob)
+    return Accepted(job_id, custom_id, item.idempotency_key, status, True)
+
+
+def _add_job(
+    session: Session,
+    batch: Batch,
+    item: NewInput,
+    n: int,
+    *,
+    settings: Settings,
+    now: datetime,
+) -> Accepted:
+    """The job of the request's ``n``-th input (an unusable one's is then ended as failed)."""
+    failed = item.error_code is not None
+    session.add(
+        Job(
+            id=item.job_id,
+            api_key_id=batch.api_key_id,
+            batch_id=batch.id,
+            status=JobStatus.queued,
+            queue=settings.queue_bulk,
+            options=item.options,
+            audio_blob=None if failed else item.audio_blob,
+            audio_url=item.audio_url,
+            input_length_ms=item.input_length_ms,
+            custom_id=item.custom_id,
+            source_name=item.source_name,
+            idempotency_key=item.idempotency_key,
+            content_sha256=item.content_sha256,
+            # Results list in (created_at, id) order: a microsecond apart keeps a
+            # request's inputs in the order they were sent.
+            created_at=now + timedelta(microseconds=n),
+            enqueued_at=None if failed else now,
         )
-    for n, item in enumerate(inputs):
-        hit = known.get(item.idempotency_key) if item.idempotency_key is not None else None
-        if hit is not None:
-            if item.audio_blob is not None and item.error_code is None and hit[0] in no_audio:
-                no_audio.discard(hit[0])
-                session.execute(
-                    update(Job).where(Job.id == hit[0]).values(audio_blob=item.audio_blob)
-                )
-            elif item.audio_blob is not None:
-                dropped.append(item.audio_blob)
-            accepted.append(Accepted(hit[0], hit[2], item.idempotency_key, hit[1], True))
-            continue
-        failed = item.error_code is not None
-        session.add(
-            Job(
-                id=item.job_id,
-                api_key_id=api_key_id,
-                batch_id=batch.id,
-                status=JobStatus.queued,
-                queue=settings.queue_bulk,
-                options=item.options,
-                audio_blob=None if failed else item.audio_blob,
-                audio_url=item.audio_url,
-                input_length_ms=item.input_length_ms,
-                custom_id=item.custom_id,
-                source_name=item.source_name,
-                idempotency_key=item.idempotency_key,
-                content_sha256=item.content_sha256,
-                # Results list in (created_at, id) order: a microsecond apart keeps a
-                # request's inputs in the order they were sent.
-                created_at=now + timedelta(microseconds=n),
-                enqueued_at=None if failed else now,
-            )
-        )
-        if item.error_code is not None:
-            unusable[item.error_code, item.error_message].append(item.job_id)
-        if item.idempotency_key is not None:
-            # A key repeated inside one request is one input too.
-            known[item.idempotency_key] = (item.job_id, JobStatus.queued, item.custom_id)
-        status = JobStatus.failed if failed else JobStatus.queued
-        accepted.append(Accepted(item.job_id, item.custom_id, item.idempotency_key, status, False))
-        if not failed:
-            to_send.append(item.job_id)
+    )
+    status = JobStatus.failed if failed else JobStatus.queued
+    return Accepted(item.job_id, item.custom_id, item.idempotency_key, status, False)
+
+
+def _fail_unusable(
+    session: Session,
+    unusable: dict[tuple[str, str | None], list[str]],
+    *,
+    settings: Settings,
+) -> None:
     for (code, message), job_ids in unusable.items():
         end_jobs(
             session,
@@ -341,7 +390,6 @@ def _add_jobs(
             error_code=code,
             error_message=message,
         )
-    return _Added(accepted, to_send, dropped)
 
 
 def seal(*, batch_id: str, api_key_id: int) -> Batch:

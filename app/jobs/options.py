@@ -292,13 +292,72 @@ def parse_suppress_tokens(raw: str | None) -> str:
 
 
 def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
-    """Validate the hosted API's form fields; raise :class:`OptionError` naming the field."""
+    """Validate the hosted API's form fields; raise :class:`OptionError` naming the field.
+
+    Fields are checked one after another and the first invalid one is the one reported, so
+    the order of the steps below is part of the contract."""
+    task = _parse_task(form)
+    language = _parse_language(form)
+    prompt = _parse_initial_prompt(form)
+    temperature, increment = _parse_temperature_ladder(form)
+    patience = _float(
+        "patience", form.get("patience"), None, lo=PATIENCE_RANGE[0], hi=PATIENCE_RANGE[1]
+    )
+    word_timestamps = _bool("word_timestamps", form.get("word_timestamps"), False)
+    best_of = _parse_best_of(form, temperature, increment)
+    length_penalty = _parse_length_penalty(form, patience, best_of)
+    silence = _parse_silence_threshold(form, word_timestamps)
+    carry = _bool("carry_initial_prompt", form.get("carry_initial_prompt"), False)
+    if carry and prompt is None:
+        raise OptionError("carry_initial_prompt", "carry_initial_prompt needs an initial_prompt")
+    suppress_tokens = parse_suppress_tokens(form.get("suppress_tokens"))
+    condition = _bool("condition_on_previous_text", form.get("condition_on_previous_text"), True)
+    compression_ratio, logprob, no_speech = _parse_fallback_thresholds(form)
+    prepend = _punctuation(
+        "prepend_punctuations", form.get("prepend_punctuations"), PREPEND_PUNCTUATIONS
+    )
+    append = _punctuation(
+        "append_punctuations", form.get("append_punctuations"), APPEND_PUNCTUATIONS
+    )
+    clip_timestamps = parse_clip_timestamps(form.get("clip_timestamps"))
+    return TranscribeOptions(
+        task=task,  # type: ignore[arg-type]
+        language=language,
+        temperature=temperature,
+        patience=patience,
+        suppress_tokens=suppress_tokens,
+        initial_prompt=prompt,
+        condition_on_previous_text=condition,
+        temperature_increment_on_fallback=increment,
+        compression_ratio_threshold=compression_ratio,
+        logprob_threshold=logprob,
+        no_speech_threshold=no_speech,
+        word_timestamps=word_timestamps,
+        prepend_punctuations=prepend,
+        append_punctuations=append,
+        best_of=best_of,
+        length_penalty=length_penalty,
+        clip_timestamps=clip_timestamps,
+        hallucination_silence_threshold=silence,
+        carry_initial_prompt=carry,
+    )
+
+
+def _parse_task(form: dict[str, str | None]) -> str:
     task = (form.get("task") or "transcribe").strip().lower()
     if task not in ("transcribe", "translate"):
         raise OptionError("task", f"task must be 'transcribe' or 'translate', got {_excerpt(task)}")
+    return task
+
+
+def _parse_language(form: dict[str, str | None]) -> str | None:
     language = (form.get("language") or "").strip().lower() or None
     if language is not None and language not in LANGUAGE_CODES:
         raise OptionError("language", f"unknown language code {_excerpt(language)}")
+    return language
+
+
+def _parse_initial_prompt(form: dict[str, str | None]) -> str | None:
     prompt = form.get("initial_prompt") or None
     if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
         raise OptionError("initial_prompt", f"initial_prompt longer than {MAX_PROMPT_CHARS} chars")
@@ -307,6 +366,11 @@ def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
             "initial_prompt",
             "initial_prompt must not contain special tokens such as <|endoftext|>",
         )
+    return prompt
+
+
+def _parse_temperature_ladder(form: dict[str, str | None]) -> tuple[float, float | None]:
+    """temperature and temperature_increment_on_fallback, the ladder they make bounded."""
     temperature = _float("temperature", form.get("temperature"), 0.0, lo=0.0, hi=1.0)
     assert temperature is not None
     increment = _float(
@@ -326,10 +390,12 @@ def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
             f"at most {MAX_TEMPERATURES} are allowed "
             f"(increment >= {(1.0 - temperature) / (MAX_TEMPERATURES - 1):.3g}, or 0 for none)",
         )
-    patience = _float(
-        "patience", form.get("patience"), None, lo=PATIENCE_RANGE[0], hi=PATIENCE_RANGE[1]
-    )
-    word_timestamps = _bool("word_timestamps", form.get("word_timestamps"), False)
+    return temperature, increment
+
+
+def _parse_best_of(
+    form: dict[str, str | None], temperature: float, increment: float | None
+) -> int | None:
     best_of = _int("best_of", form.get("best_of"), lo=1, hi=MAX_BEST_OF)
     if best_of is not None and temperature == 0 and not increment:
         # whisper drops best_of at t = 0 (greedy or beam search): without a rung above 0 it
@@ -339,6 +405,12 @@ def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
             "best_of is the number of samples at temperature > 0: give a temperature > 0 or "
             "keep the fallbacks (temperature_increment_on_fallback)",
         )
+    return best_of
+
+
+def _parse_length_penalty(
+    form: dict[str, str | None], patience: float | None, best_of: int | None
+) -> float | None:
     length_penalty = _float(
         "length_penalty",
         form.get("length_penalty"),
@@ -353,6 +425,10 @@ def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
             "length_penalty ranks several candidates: it needs beam search (patience) or "
             "best_of >= 2",
         )
+    return length_penalty
+
+
+def _parse_silence_threshold(form: dict[str, str | None], word_timestamps: bool) -> float | None:
     silence = _float(
         "hallucination_silence_threshold",
         form.get("hallucination_silence_threshold"),
@@ -368,54 +444,35 @@ def parse_options(form: dict[str, str | None]) -> TranscribeOptions:
             "hallucination_silence_threshold works on word timestamps: it needs "
             "word_timestamps=true",
         )
-    carry = _bool("carry_initial_prompt", form.get("carry_initial_prompt"), False)
-    if carry and prompt is None:
-        raise OptionError("carry_initial_prompt", "carry_initial_prompt needs an initial_prompt")
-    return TranscribeOptions(
-        task=task,  # type: ignore[arg-type]
-        language=language,
-        temperature=temperature,
-        patience=patience,
-        suppress_tokens=parse_suppress_tokens(form.get("suppress_tokens")),
-        initial_prompt=prompt,
-        condition_on_previous_text=_bool(
-            "condition_on_previous_text", form.get("condition_on_previous_text"), True
-        ),
-        temperature_increment_on_fallback=increment,
-        compression_ratio_threshold=_float(
-            "compression_ratio_threshold",
-            form.get("compression_ratio_threshold"),
-            2.4,
-            lo=COMPRESSION_RATIO_RANGE[0],
-            hi=COMPRESSION_RATIO_RANGE[1],
-            nullable=True,
-        ),
-        logprob_threshold=_float(
-            "logprob_threshold",
-            form.get("logprob_threshold"),
-            -1.0,
-            lo=LOGPROB_THRESHOLD_RANGE[0],
-            hi=LOGPROB_THRESHOLD_RANGE[1],
-            nullable=True,
-        ),
-        no_speech_threshold=_float(
-            "no_speech_threshold",
-            form.get("no_speech_threshold"),
-            0.6,
-            lo=0.0,
-            hi=1.0,
-            nullable=True,
-        ),
-        word_timestamps=word_timestamps,
-        prepend_punctuations=_punctuation(
-            "prepend_punctuations", form.get("prepend_punctuations"), PREPEND_PUNCTUATIONS
-        ),
-        append_punctuations=_punctuation(
-            "append_punctuations", form.get("append_punctuations"), APPEND_PUNCTUATIONS
-        ),
-        best_of=best_of,
-        length_penalty=length_penalty,
-        clip_timestamps=parse_clip_timestamps(form.get("clip_timestamps")),
-        hallucination_silence_threshold=silence,
-        carry_initial_prompt=carry,
+    return silence
+
+
+def _parse_fallback_thresholds(
+    form: dict[str, str | None],
+) -> tuple[float | None, float | None, float | None]:
+    """compression_ratio_threshold, logprob_threshold, no_speech_threshold, in that order."""
+    compression_ratio = _float(
+        "compression_ratio_threshold",
+        form.get("compression_ratio_threshold"),
+        2.4,
+        lo=COMPRESSION_RATIO_RANGE[0],
+        hi=COMPRESSION_RATIO_RANGE[1],
+        nullable=True,
     )
+    logprob = _float(
+        "logprob_threshold",
+        form.get("logprob_threshold"),
+        -1.0,
+        lo=LOGPROB_THRESHOLD_RANGE[0],
+        hi=LOGPROB_THRESHOLD_RANGE[1],
+        nullable=True,
+    )
+    no_speech = _float(
+        "no_speech_threshold",
+        form.get("no_speech_threshold"),
+        0.6,
+        lo=0.0,
+        hi=1.0,
+        nullable=True,
+    )
+    return compression_ratio, logprob, no_speech
