@@ -53,6 +53,7 @@ import httpx
 
 from app.infra.ssrf import (
     AllowList,
+    IPAddress,
     UnsafeURLError,
     parse_webhook_url,
     validate_webhook_url,
@@ -193,6 +194,45 @@ def _request_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """One attempt's fixed inputs and clock, shared by each hop of its redirect chain."""
+
+    body: bytes
+    headers: Mapping[str, str]
+    allow: AllowList
+    max_redirects: int
+    timeout_s: float
+    started: float  # time.monotonic() when the attempt began
+    deadline: Deadline
+
+    def done(
+        self,
+        outcome: Outcome,
+        status_code: int | None = None,
+        error: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> AttemptResult:
+        latency_ms = round((time.monotonic() - self.started) * 1000)
+        return AttemptResult(
+            outcome=outcome,
+            status_code=status_code,
+            latency_ms=latency_ms,
+            error=_short(error) if error is not None else None,
+            retry_after_s=retry_after_s,
+        )
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """One request of the redirect chain."""
+
+    url: str
+    redirects: int = 0  # redirects followed to reach ``url``
+    # Status of the redirect that led to ``url``: reported when its target is refused.
+    redirect_status: int | None = None
+
+
 def deliver_once(
     url: str,
     body: bytes,
@@ -206,103 +246,133 @@ def deliver_once(
     """POST ``body`` to ``url`` once (following up to ``max_redirects`` redirects by hand)."""
     started = time.monotonic()
     deadline = Deadline(timeout_s)
-
-    def done(
-        outcome: Outcome,
-        status_code: int | None = None,
-        error: str | None = None,
-        retry_after_s: float | None = None,
-    ) -> AttemptResult:
-        latency_ms = round((time.monotonic() - started) * 1000)
-        return AttemptResult(
-            outcome=outcome,
-            status_code=status_code,
-            latency_ms=latency_ms,
-            error=_short(error) if error is not None else None,
-            retry_after_s=retry_after_s,
-        )
-
-    send_headers = _request_headers(headers)
-    backend: PinnedBackend | None = None
-    if client is None:
-        backend = PinnedBackend(deadline)
-        http = httpx.Client(
-            transport=PinnedTransport(backend),
-            trust_env=False,
-            follow_redirects=False,
-            timeout=timeout_s,
-        )
-    else:
-        http = client
-
+    attempt = _Attempt(
+        body=body,
+        headers=_request_headers(headers),
+        allow=allow,
+        max_redirects=max_redirects,
+        timeout_s=timeout_s,
+        started=started,
+        deadline=deadline,
+    )
+    http, backend = _client(client, deadline, timeout_s)
     try:
-        current = url
-        redirects = 0
-        # Status of the redirect that led to ``current``: reported when its target is refused.
-        redirect_status: int | None = None
+        hop = _Hop(url)
         while True:
-            where = "redirect target: " if redirect_status is not None else ""
+            vetted = _vet(attempt, hop)
+            if isinstance(vetted, AttemptResult):
+                return vetted
+            target, addresses = vetted
+            response = _send(attempt, http, backend, target, addresses)
+            if isinstance(response, AttemptResult):
+                return response
             try:
-                parsed = parse_webhook_url(current)
-                addresses = validate_webhook_url(current, allow=allow)
-                target = httpx.URL(current)
-            except UnsafeURLError as exc:
-                return done("refused", redirect_status, f"{exc.code}: {where}{exc}")
-            except (httpx.InvalidURL, ValueError) as exc:
-                return done("refused", redirect_status, f"invalid_url: {where}{exc}")
-            if target.scheme != parsed.scheme or not same_host(parsed.host, parsed.ip, target):
-                return done("refused", redirect_status, f"invalid_url: {where}ambiguous host")
-
-            left = deadline.remaining()
-            if left <= 0:
-                return done("retry", error=f"timeout: no response within {timeout_s:g} s")
-            if backend is not None:
-                backend.pin(target.raw_host.decode("ascii"), addresses)
-                http.cookies.clear()
-
-            request = http.build_request(
-                "POST", target, content=body, headers=send_headers, timeout=httpx.Timeout(left)
-            )
-            try:
-                response = http.send(request, stream=True, follow_redirects=False)
-            except httpx.TimeoutException as exc:
-                return done(
-                    "retry",
-                    error=f"timeout: no response within {timeout_s:g} s ({type(exc).__name__})",
-                )
-            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-                return done("refused", error=f"invalid_url: {exc}")
-            except httpx.HTTPError as exc:
-                return done("retry", error=f"connection error: {exc}")
-
-            try:
-                status = response.status_code
-                if status in REDIRECT_STATUSES:
-                    location = response.headers.get("location")
-                    if not location:
-                        return done("retry", status, f"HTTP {status} redirect without Location")
-                    if redirects >= max_redirects:
-                        return done("retry", status, f"too many redirects (> {max_redirects})")
-                    try:
-                        next_url = target.join(location)
-                    except (httpx.InvalidURL, ValueError) as exc:  # IDNAError is a ValueError
-                        return done("refused", status, f"invalid_url: redirect target: {exc}")
-                    if target.scheme == "https" and next_url.scheme == "http":
-                        return done("refused", status, "invalid_url: redirect from https to http")
-                    redirects += 1
-                    redirect_status = status
-                    current = str(next_url)
-                    continue
-                if 200 <= status < 300:
-                    return done("delivered", status)
-                retry_after = parse_retry_after(response.headers.get("retry-after"))
-                excerpt = _read_excerpt(response, deadline)
-                reason = f"HTTP {status}" + (f": {excerpt}" if excerpt else "")
-                if status == 410:
-                    return done("gone", status, reason, retry_after)
-                return done("retry", status, reason, retry_after)
+                answer = _classify(attempt, hop, target, response)
             finally:
                 response.close()
+            if isinstance(answer, AttemptResult):
+                return answer
+            hop = answer
     finally:
         if client is None:
             http.close()
+
+
+def _client(
+    client: httpx.Client | None, deadline: Deadline, timeout_s: float
+) -> tuple[httpx.Client, PinnedBackend | None]:
+    """The client to send with and, when it is our own, the backend that pins its addresses."""
+    if client is not None:
+        return client, None
+    backend = PinnedBackend(deadline)
+    http = httpx.Client(
+        transport=PinnedTransport(backend),
+        trust_env=False,
+        follow_redirects=False,
+        timeout=timeout_s,
+    )
+    return http, backend
+
+
+def _vet(attempt: _Attempt, hop: _Hop) -> tuple[httpx.URL, list[IPAddress]] | AttemptResult:
+    """The hop's URL and the addresses it may connect to, or why it is refused."""
+    where = "redirect target: " if hop.redirect_status is not None else ""
+    try:
+        parsed = parse_webhook_url(hop.url)
+        addresses = validate_webhook_url(hop.url, allow=attempt.allow)
+        target = httpx.URL(hop.url)
+    except UnsafeURLError as exc:
+        return attempt.done("refused", hop.redirect_status, f"{exc.code}: {where}{exc}")
+    except (httpx.InvalidURL, ValueError) as exc:
+        return attempt.done("refused", hop.redirect_status, f"invalid_url: {where}{exc}")
+    if target.scheme != parsed.scheme or not same_host(parsed.host, parsed.ip, target):
+        return attempt.done("refused", hop.redirect_status, f"invalid_url: {where}ambiguous host")
+    return target, addresses
+
+
+def _send(
+    attempt: _Attempt,
+    http: httpx.Client,
+    backend: PinnedBackend | None,
+    target: httpx.URL,
+    addresses: list[IPAddress],
+) -> httpx.Response | AttemptResult:
+    """POST to ``target`` within the time left; the streamed response, or why there is none."""
+    timeout_s = attempt.timeout_s
+    left = attempt.deadline.remaining()
+    if left <= 0:
+        return attempt.done("retry", error=f"timeout: no response within {timeout_s:g} s")
+    if backend is not None:
+        backend.pin(target.raw_host.decode("ascii"), addresses)
+        http.cookies.clear()
+
+    request = http.build_request(
+        "POST", target, content=attempt.body, headers=attempt.headers, timeout=httpx.Timeout(left)
+    )
+    try:
+        return http.send(request, stream=True, follow_redirects=False)
+    except httpx.TimeoutException as exc:
+        return attempt.done(
+            "retry",
+            error=f"timeout: no response within {timeout_s:g} s ({type(exc).__name__})",
+        )
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        return attempt.done("refused", error=f"invalid_url: {exc}")
+    except httpx.HTTPError as exc:
+        return attempt.done("retry", error=f"connection error: {exc}")
+
+
+def _classify(
+    attempt: _Attempt, hop: _Hop, target: httpx.URL, response: httpx.Response
+) -> _Hop | AttemptResult:
+    """The redirect to follow next, or the attempt's result."""
+    status = response.status_code
+    if status in REDIRECT_STATUSES:
+        return _redirect(attempt, hop, target, response)
+    if 200 <= status < 300:
+        return attempt.done("delivered", status)
+    retry_after = parse_retry_after(response.headers.get("retry-after"))
+    excerpt = _read_excerpt(response, attempt.deadline)
+    reason = f"HTTP {status}" + (f": {excerpt}" if excerpt else "")
+    if status == 410:
+        return attempt.done("gone", status, reason, retry_after)
+    return attempt.done("retry", status, reason, retry_after)
+
+
+def _redirect(
+    attempt: _Attempt, hop: _Hop, target: httpx.URL, response: httpx.Response
+) -> _Hop | AttemptResult:
+    status = response.status_code
+    max_redirects = attempt.max_redirects
+    location = response.headers.get("location")
+    if not location:
+        return attempt.done("retry", status, f"HTTP {status} redirect without Location")
+    if hop.redirects >= max_redirects:
+        return attempt.done("retry", status, f"too many redirects (> {max_redirects})")
+    try:
+        next_url = target.join(location)
+    except (httpx.InvalidURL, ValueError) as exc:  # IDNAError is a ValueError
+        return attempt.done("refused", status, f"invalid_url: redirect target: {exc}")
+    if target.scheme == "https" and next_url.scheme == "http":
+        return attempt.done("refused", status, "invalid_url: redirect from https to http")
+    return _Hop(str(next_url), redirects=hop.redirects + 1, redirect_status=status)
