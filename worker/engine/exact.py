@@ -2,9 +2,9 @@
 
 Jobs whose options the batched windows cannot reproduce exactly (word timestamps,
 hallucination_silence_threshold, clip_timestamps, best_of > 1 at t > 0: see
-:func:`worker.engine.longform.batched`) run here, in a lane, with the model to itself (the
-lane holds the model lock exclusively: whisper hooks the model's modules). The job's stop
-check is polled at each window, as the encoder starts it.
+:func:`worker.engine.longform.batched`) run here, on the engine's exact thread, beside the
+lanes, on a copy of the model of their own (whisper hooks the modules of the model it runs).
+The job's stop check is polled at each window, as the encoder starts it.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def run_exact_alone(
     stop_check: Callable[[], str | None] | None,
     stats: EngineStats,
 ) -> None:
-    """One job through whisper's transcribe(), its future settled; the model lock is held
-    exclusively by the caller."""
+    """One job through whisper's transcribe(), its future settled; ``model`` is the caller's
+    alone while it runs."""
 
     def at_window(*_: Any) -> None:
         # every decode() encodes its window first: a window boundary

@@ -12,6 +12,7 @@ batched windows cannot reproduce exactly run whisper's own ``transcribe()`` in a
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import math
@@ -19,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -125,6 +126,12 @@ class Engine:
         self._inbox: queue.PriorityQueue[tuple[float, int, Any]] = queue.PriorityQueue()
         self._arrival = itertools.count()
         self._model_lock = ModelLock()
+        # Jobs only whisper's own transcribe() can run (word timestamps and the like) run
+        # beside the lanes, one at a time, on a copy of the model made at the first of them:
+        # transcribe() hooks the modules of the model it runs, so on the shared one it had to
+        # stop every lane, and one 30-minute word-timestamp job stalled every other job.
+        self._exact_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisperq-exact")
+        self._exact_model: Whisper | None = None
         self._threads = [
             threading.Thread(target=self._run, name=f"whisperq-engine-{i}", daemon=True)
             for i in range(self.lanes)
@@ -214,6 +221,7 @@ class Engine:
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._exact_pool.shutdown(wait=False)  # an exact job handed over still ends
         self.stats.log(force=True)
 
     def transcribe(self, job: EngineJob) -> EngineResult:
@@ -249,12 +257,9 @@ class Engine:
                 # Taken beside jobs: this lane's stop waits until they are done.
                 self._inbox.put((_STOP_PRIORITY, next(self._arrival), _STOP))
             self._poll_stops(active)
-            exact_jobs = [s for s in active if not batched(s.opts)]
-            if exact_jobs:
-                state = min(exact_jobs, key=lambda s: (-s.job.priority, s.seq))
-                self._requeue(s for s in active if s is not state)
-                self._run_exact(state)
-                continue
+            for state in [s for s in active if not batched(s.opts)]:
+                active.remove(state)
+                self._exact_pool.submit(self._run_exact, state)
             if not active:
                 continue
             active.sort(key=lambda s: (-s.job.priority, s.seq))
@@ -357,14 +362,26 @@ class Engine:
         return windows.encode(self, mels)
 
     def _run_exact(self, state: JobState) -> None:
-        """Word timestamps and the like: openai-whisper's transcribe(), one job, this lane.
-        Exclusive: whisper's transcribe() hooks the model's modules (its stop check, its
-        key/value cache), which another lane's encoder or language detection would fire."""
-        with self._model_lock.exclusive(), torch_threads(self._all_threads):
-            self._run_exact_alone(state, state.job.stop_check)
+        """Word timestamps and the like: openai-whisper's transcribe(), one job, on the exact
+        thread and its own copy of the model (its hooks fire nowhere else), with as many
+        torch threads as transcribe() has alone: another count sums in another order, and
+        its last bits can move a word time or a silence-threshold decision."""
+        try:
+            with torch_threads(self._all_threads):
+                self._run_exact_alone(state, state.job.stop_check)
+        except BaseException as exc:  # handed to the waiting task, never lost here
+            log.exception("exact job failed")
+            state.fail(exc)
 
     def _run_exact_alone(
         self, state: JobState, stop_check: Callable[[], str | None] | None
     ) -> None:
-        """Run with the model lock held exclusively."""
-        exact.run_exact_alone(self.model, state, stop_check, self.stats)
+        """Run on the exact thread (the only user of :meth:`exact_model`)."""
+        exact.run_exact_alone(self.exact_model(), state, stop_check, self.stats)
+
+    def exact_model(self) -> Whisper:
+        """The exact path's copy of the model, made on first use (as much memory again as
+        the model: the batched engine never needs it)."""
+        if self._exact_model is None:
+            self._exact_model = copy.deepcopy(self.model)
+        return self._exact_model
