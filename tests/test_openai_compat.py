@@ -24,6 +24,7 @@ from app.api.main import app
 from app.api.schemas import InferenceResponse, JobView, TranscriptDocument
 from app.infra.db import session_scope
 from app.infra.models import Job
+from app.jobs import served_model
 from app.jobs.keys import CreatedKey
 from app.settings import get_settings
 from tests.support.api import INFER, auth, new_key, normalise, wer
@@ -55,9 +56,14 @@ class Workers:
     def serve(self, model: Path) -> WorkerProcess:
         if self.current is not None and self.current[0] == model:
             return self.current[1]
+        switching = self.current is not None
         self.stop()
         proc = WorkerProcess(model=model, log_path=self.tmp / f"{model.stem}.log")
         self.current = (model, proc)
+        if switching:
+            # The API reads the served model at most CACHE_S late: until then it still
+            # answers for the previous worker's model (an English-only one refuses translate).
+            time.sleep(served_model.CACHE_S)
         return proc
 
     def stop(self) -> None:
