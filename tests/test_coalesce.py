@@ -69,3 +69,13 @@ def test_a_wrong_number_of_answers_is_an_error_not_a_mixup() -> None:
     c: Coalescer[int, int] = Coalescer("test", lambda batch: [1, 2], max_batch=lambda: 8)
     with pytest.raises(RuntimeError, match="2 answers to 1"):
         c.submit(5)
+
+
+def test_an_exception_as_an_answer_fails_that_request_alone() -> None:
+    def run(batch: Sequence[int]) -> list[int | Exception]:
+        return [ValueError(f"bad {n}") if n < 0 else n for n in batch]
+
+    c: Coalescer[int, int] = Coalescer("test", run, max_batch=lambda: 8)
+    assert c.submit(3) == 3
+    with pytest.raises(ValueError, match="bad -1"):
+        c.submit(-1)

@@ -347,6 +347,31 @@ def test_finishing_a_batchs_jobs_in_one_transaction_ends_it_once(key: CreatedKey
     assert n == 1
 
 
+def test_an_outcome_the_database_refuses_fails_alone_in_a_coalesced_finish(
+    key: CreatedKey,
+) -> None:
+    """The worker's finisher (worker/tasks.py) stores outcomes many to a transaction; one the
+    database refuses (here a result JSON cannot hold) fails its own task, not its neighbours'."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.jobs import claims
+    from worker import tasks
+
+    settings = get_settings()
+    _, ids = make_jobs(key, settings, n=2)
+    bad, good = (claims.claim(job_id, settings=settings) for job_id in ids)
+    assert bad is not None and good is not None
+    answers = tasks._finish_batch(
+        [
+            (bad, claims.Outcome(JobStatus.succeeded, result={"text": float("nan")})),
+            (good, claims.Outcome(JobStatus.succeeded, runtime_ms=10)),
+        ]
+    )
+    assert isinstance(answers[0], SQLAlchemyError)
+    assert isinstance(answers[1], claims.Finished) and answers[1].stored
+    assert (row(ids[0]).status, row(ids[1]).status) == ("running", "succeeded")
+
+
 def test_a_stale_run_cannot_end_a_job_a_newer_run_owns(key: CreatedKey) -> None:
     """The claim side's guard, in the one transition's statement: this run's attempt."""
     from app.jobs import claims

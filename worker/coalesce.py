@@ -27,12 +27,13 @@ class Coalescer(Generic[Request, Response]):
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[Sequence[Request]], Sequence[Response]],
+        run_batch: Callable[[Sequence[Request]], Sequence[Response | Exception]],
         *,
         max_batch: Callable[[], int],
     ) -> None:
-        """``run_batch`` answers each request of its list, in order, or raises for all of
-        them; ``max_batch`` is read before each call (the engine's slots may change)."""
+        """``run_batch`` answers each request of its list, in order (an exception as the
+        answer fails that request alone), or raises for all of them; ``max_batch`` is read
+        before each call (the engine's slots may change)."""
         self.name = name
         self._run_batch = run_batch
         self._max_batch = max_batch
@@ -77,4 +78,7 @@ class Coalescer(Generic[Request, Response]):
                 future.set_exception(exc)
             return
         for (_, future), response in zip(batch, responses, strict=True):
-            future.set_result(response)
+            if isinstance(response, Exception):
+                future.set_exception(response)
+            else:
+                future.set_result(response)

@@ -235,8 +235,22 @@ def _claim_batch(requests: Sequence[None]) -> list[claims.ClaimResult]:
 
 def _finish_batch(
     outcomes: Sequence[tuple[claims.ClaimedJob, claims.Outcome]],
-) -> list[claims.Finished]:
-    return claims.finish_many(outcomes, settings=get_settings())
+) -> list[claims.Finished | Exception]:
+    settings = get_settings()
+    try:
+        return list(claims.finish_many(outcomes, settings=settings))
+    except SQLAlchemyError:
+        if len(outcomes) == 1:
+            raise
+    # One outcome the database refuses must not fail the others stored beside it: each
+    # alone, its own error its own (the task retries that one).
+    alone: list[claims.Finished | Exception] = []
+    for outcome in outcomes:
+        try:
+            alone.append(claims.finish_many([outcome], settings=settings)[0])
+        except SQLAlchemyError as exc:
+            alone.append(exc)
+    return alone
 
 
 # The task threads' claims and finishes, each many to a transaction under load
