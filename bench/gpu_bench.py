@@ -7,6 +7,9 @@ itself. The clips are the three espeak-ng sentences ``pack.sh`` speaks (their te
 and long-form files built from them (30-50 s: several windows, prompts from earlier ones).
 
     python3 -m bench.gpu_bench --model /tmp/gpukeep/tiny_en.pt --audio /tmp/gpukeep/audio
+
+``--word-timestamps`` runs the corpus with word timestamps on both sides, and says how far the
+engine's word times are from sequential transcribe()'s (issue 24 allows 20 ms on a GPU).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from app.jobs.options import TranscribeOptions
-from worker.engine import Engine, EngineJob
+from worker.engine import Engine, EngineJob, EngineResult
 
 SAMPLE_RATE = 16_000
 # pack.sh's espeak-ng texts, keyed by the file it writes.
@@ -90,16 +94,15 @@ def sync() -> None:
 
 def run_sequential(
     model: torch.nn.Module, clips: Sequence[Clip], opts: TranscribeOptions
-) -> list[str]:
+) -> list[dict[str, Any]]:
+    """transcribe()'s result dict of each clip."""
     import whisper
 
     kwargs = opts.transcribe_kwargs(fp16=torch.cuda.is_available())
     out = []
     for clip in clips:
         with torch.inference_mode():
-            out.append(
-                str(whisper.transcribe(model, torch.from_numpy(clip.audio), **kwargs)["text"])
-            )
+            out.append(whisper.transcribe(model, torch.from_numpy(clip.audio), **kwargs))
     sync()
     return out
 
@@ -107,10 +110,36 @@ def run_sequential(
 SUBMIT_THREADS = 16  # as a worker's Celery threads: each submit makes its job's log-mel
 
 
-def run_engine(engine: Engine, clips: Sequence[Clip], opts: TranscribeOptions) -> list[str]:
+def run_engine(
+    engine: Engine, clips: Sequence[Clip], opts: TranscribeOptions
+) -> list[EngineResult]:
     with ThreadPoolExecutor(max_workers=SUBMIT_THREADS) as pool:
         futures = list(pool.map(lambda clip: engine.submit(EngineJob(clip.audio, opts)), clips))
-    return [f.result().text for f in futures]
+    return [f.result() for f in futures]
+
+
+def word_drift(
+    clips: Sequence[Clip], results: Sequence[EngineResult], reference: dict[str, dict[str, Any]]
+) -> str:
+    """How far the engine's word times are from sequential transcribe()'s, over the files
+    whose words are the same on both sides."""
+    worst, words, files = 0.0, 0, 0
+    for clip, got in zip(clips, results, strict=True):
+        ref = reference.get(clip.name)
+        if ref is None:
+            continue
+        ours = [w for s in got.raw["segments"] for w in s.get("words", [])]
+        theirs = [w for s in ref["segments"] for w in s.get("words", [])]
+        if [w["word"] for w in ours] != [w["word"] for w in theirs]:
+            continue
+        files += 1
+        words += len(ours)
+        for a, b in zip(ours, theirs, strict=True):
+            worst = max(worst, abs(a["start"] - b["start"]), abs(a["end"] - b["end"]))
+    return (
+        f"word times: max |engine - sequential| {worst * 1000:.0f} ms over {words} words "
+        f"of {files}/{len(clips)} files with the same words"
+    )
 
 
 def row(name: str, clips: Sequence[Clip], texts: Sequence[str], seconds: float) -> list[str]:
@@ -139,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--patience", type=float, default=None, help="beam search of 5 at this patience"
     )
+    parser.add_argument(
+        "--word-timestamps", action="store_true", help="word timestamps on both sides"
+    )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -149,8 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model {args.model} (multilingual={model.is_multilingual}); fp16={device == 'cuda'}")
     variants = load_corpus(args.audio)
     # the hosted API's defaults: greedy (or beam search), fallback, prompts on
-    opts = TranscribeOptions(patience=args.patience)
-    print(f"options: {'greedy' if args.patience is None else f'beam 5, patience {args.patience}'}")
+    opts = TranscribeOptions(patience=args.patience, word_timestamps=args.word_timestamps)
+    search = "greedy" if args.patience is None else f"beam 5, patience {args.patience}"
+    print(f"options: {search}{', word timestamps' if args.word_timestamps else ''}")
     seq_clips = [variants[i % len(variants)] for i in range(args.sequential_files)]
     eng_clips = [variants[i % len(variants)] for i in range(args.jobs)]
 
@@ -158,11 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[list[str]] = []
     run_sequential(model, variants[:2], opts)  # warm-up: CUDA context, kernels, tokenizer
     t = time.perf_counter()
-    seq_texts = run_sequential(model, seq_clips, opts)
+    seq_results = run_sequential(model, seq_clips, opts)
     seq_s = time.perf_counter() - t
+    seq_texts = [str(r["text"]) for r in seq_results]
     rows.append(row("openai-whisper transcribe(), sequential", seq_clips, seq_texts, seq_s))
     seq_rate = sum(c.seconds for c in seq_clips) / seq_s
     reference = {c.name: text.strip() for c, text in zip(seq_clips, seq_texts, strict=True)}
+    seq_by_name = {c.name: r for c, r in zip(seq_clips, seq_results, strict=True)}
 
     ratios = []
     for rows_n in [int(x) for x in args.batch_rows.split(",")]:
@@ -173,9 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine = Engine(model, max_batch_rows=rows_n, max_wait_ms=5)
             run_engine(engine, variants * 2, opts)  # warm-up
             t = time.perf_counter()
-            texts = run_engine(engine, eng_clips, opts)
+            results = run_engine(engine, eng_clips, opts)
             sync()
             took = time.perf_counter() - t
+            texts = [r.text for r in results]
             engine.close(10)
         except Exception as exc:  # print what broke, keep the rest of the table
             print(f"engine max_batch_rows={rows_n} failed: {type(exc).__name__}: {exc}")
@@ -192,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if device == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**20
             ratios[-1] += f", peak GPU memory {peak:,.0f} MiB"
+        if args.word_timestamps:
+            ratios[-1] += "; " + word_drift(eng_clips, results, seq_by_name)
     print()
     print("| " + " | ".join(headers) + " |")
     print("|" + "---|" * len(headers))

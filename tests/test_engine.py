@@ -274,13 +274,24 @@ def test_batched_beam_decoder_is_whispers_decode(sample_len: int) -> None:
         eng.close(5)
 
 
-def test_word_timestamps_run_whisper_transcribe(engine: Engine, passes: list[int]) -> None:
-    job = EngineJob(noise(5.0), options_of({"word_timestamps": "true", **NO_FALLBACK}))
-    out = engine.submit(job).result(timeout=300)
-    assert passes == []  # not the batched decoder: openai-whisper's own word alignment
+def test_word_timestamps_are_batched(engine: Engine, passes: list[int]) -> None:
+    """A word-timestamp job shares the decode pass of a plain one, its window aligned after
+    it (not whisper's own transcribe()); its words are whisper's, bit for bit."""
+    words = EngineJob(noise(5.0), options_of({"word_timestamps": "true", **NO_FALLBACK}))
+    plain = EngineJob(noise(5.0, 1), options_of(NO_FALLBACK))
+    exact_before = engine.stats.exact_jobs
+    out, _ = [f.result(timeout=300) for f in [engine.submit(words), engine.submit(plain)]]
+    # one pass, both rows; then the word job's later windows alone (seek moves to its last
+    # word's end, inside the 5 s, as transcribe()'s does)
+    assert passes[0] == 2 and set(passes[1:]) <= {1}
+    assert engine.stats.exact_jobs == exact_before
     assert out.segments and all(s.words is not None for s in out.segments)
-    ref = engine.transcribe(job)
-    assert [s.to_json() for s in out.segments] == [s.to_json() for s in ref.segments]
+    assert any(s.words for s in out.segments)
+    ref = engine.transcribe(words)
+    assert (out.text, key(out)) == (ref.text, key(ref))
+    assert [s.get("words") for s in out.raw["segments"]] == [
+        s.get("words") for s in ref.raw["segments"]
+    ]
 
 
 def test_suppress_tokens_are_never_emitted(engine: Engine) -> None:
@@ -386,8 +397,8 @@ def test_jobs_ready_beyond_a_batch_wait_for_the_next_window() -> None:
 
 def test_lanes_decode_windows_side_by_side_and_exact_jobs_on_their_own_model() -> None:
     """Two lanes run windows at the same time, each on its share of torch's threads;
-    whisper's own transcribe() (word timestamps) runs on the exact thread, on a copy of the
-    model: its hooks never touch the model the lanes decode with."""
+    whisper's own transcribe() (clip_timestamps) runs on the exact thread, on a copy of the
+    model: the hooks it runs with never touch the model the lanes decode with."""
     eng = Engine(random_model(seed=1), max_batch_rows=1, max_wait_ms=0, lanes=2)
     assert eng.lane_threads == max(1, torch.get_num_threads() // 2)
     assert eng.max_in_flight == 2 * 1 + 1
@@ -411,10 +422,10 @@ def test_lanes_decode_windows_side_by_side_and_exact_jobs_on_their_own_model() -
     eng._run_exact_alone = timed_exact  # type: ignore[method-assign]
     try:
         opts = options_of(NO_FALLBACK)
-        words = dataclasses.replace(opts, word_timestamps=True)
+        clipped = dataclasses.replace(opts, clip_timestamps="0.2,0.8")
         futures = [eng.submit(EngineJob(noise(1.0, seed), opts)) for seed in range(2)]
         time.sleep(0.1)  # both lanes hold a window now
-        futures += [eng.submit(EngineJob(noise(1.0, 5), words))]
+        futures += [eng.submit(EngineJob(noise(1.0, 5), clipped))]
         futures += [eng.submit(EngineJob(noise(1.0, seed), opts)) for seed in (3, 4)]
         for fut in futures:
             fut.result(timeout=300)
@@ -433,13 +444,14 @@ def test_lanes_decode_windows_side_by_side_and_exact_jobs_on_their_own_model() -
         Engine(random_model(seed=1), lanes=0)
 
 
-def test_a_short_job_ends_while_a_long_word_timestamp_job_runs() -> None:
-    """One lane (a GPU's default): a long job only whisper's transcribe() can run must not
-    hold up the batched jobs behind it."""
+def test_a_short_job_ends_while_a_long_exact_job_runs() -> None:
+    """One lane (a GPU's default): a long job only whisper's transcribe() can run (here
+    clip_timestamps) must not hold up the batched jobs behind it. (A long word-timestamp
+    job shares the lane's windows instead: tests/test_engine_words.py.)"""
     eng = Engine(random_model(seed=1), max_batch_rows=4, max_wait_ms=0, lanes=1)
     try:
-        words = dataclasses.replace(options_of(NO_FALLBACK), word_timestamps=True)
-        long = eng.submit(EngineJob(noise(600.0, 1), words))
+        clipped = options_of({**NO_FALLBACK, "clip_timestamps": "0.5"})
+        long = eng.submit(EngineJob(noise(600.0, 1), clipped))
         deadline = time.monotonic() + 60
         while not long.running():  # a lane took it (and handed it to the exact thread)
             assert time.monotonic() < deadline

@@ -166,11 +166,14 @@ def test_only_what_the_batch_does_exactly_is_batched() -> None:
     assert not batched(parse_options({"best_of": "2"}))
     assert not batched(parse_options({"best_of": "2", "temperature": "0.5"}))
     assert not batched(parse_options({"clip_timestamps": "1,2"}))
-    assert not batched(
-        parse_options({"word_timestamps": "true", "hallucination_silence_threshold": "2"})
-    )
-    # stored options that never met the API's check still take the exact path
-    assert not batched(dataclasses.replace(TranscribeOptions(), hallucination_silence_threshold=2))
+    # word timestamps are batched (tests/test_engine_words.py), and the threshold on them
+    assert batched(parse_options({"word_timestamps": "true"}))
+    words_and_threshold = {"word_timestamps": "true", "hallucination_silence_threshold": "2"}
+    assert batched(parse_options(words_and_threshold))
+    assert not batched(parse_options({"word_timestamps": "true", "clip_timestamps": "1,2"}))
+    # stored options that never met the API's check: transcribe() ignores the threshold
+    # without word timestamps, and so does the batch
+    assert batched(dataclasses.replace(TranscribeOptions(), hallucination_silence_threshold=2))
 
 
 def test_clips_past_the_end_of_the_audio_are_cut_there() -> None:
@@ -361,18 +364,25 @@ def test_clip_timestamps_exact(tiny_en: Engine, clips: dict[str, np.ndarray]) ->
 
 
 @pytest.mark.slow
-def test_hallucination_silence_threshold_exact(
+def test_hallucination_silence_threshold_batched(
     tiny_en: Engine, clips: dict[str, np.ndarray]
 ) -> None:
     """On a file longer than a window whose first decode ends inside speech, the threshold
-    decides where the next window starts."""
+    decides where the next window starts. The job runs in the batched windows; its words
+    are whisper's bit for bit (temperature 0 alone: a fallback would sample)."""
     audio = clips["long"]
     fields: dict[str, str | None] = {
         "word_timestamps": "true",
         "hallucination_silence_threshold": "5",
+        "temperature": "0",
+        "temperature_increment_on_fallback": "none",
     }
+    exact_before = tiny_en.stats.exact_jobs
     got = _engine(tiny_en, audio, parse_options(fields))
-    ref = _whisper(tiny_en, audio, word_timestamps=True, hallucination_silence_threshold=5.0)
-    _same(got, ref, whole=True)
+    assert tiny_en.stats.exact_jobs == exact_before
+    kw: dict[str, Any] = {"word_timestamps": True, "temperature": 0.0}
+    ref = _whisper(tiny_en, audio, hallucination_silence_threshold=5.0, **kw)
+    _same(got, ref)
+    assert [s.get("words") for s in got.raw["segments"]] == [s["words"] for s in ref["segments"]]
     assert all(s.words is not None for s in got.segments)
-    _differ(ref, _whisper(tiny_en, audio, word_timestamps=True))
+    _differ(ref, _whisper(tiny_en, audio, **kw))

@@ -8,9 +8,11 @@ windows, and lanes run their windows side by side. Per job it keeps ``whisper.tr
 long-form semantics: seek from timestamp tokens, temperature fallback (only failing rows
 re-decode, reusing their encoder output), no-speech skips, prompts from previous text,
 initial prompt, language detection (batched), beam search (``patience``: the beam jobs'
-windows at temperature 0 as a pass of their own, each job's beams as rows). Word timestamps
-and the other options the batch cannot reproduce exactly run through openai-whisper's own
-``transcribe()`` in a lane, one job at a time. No database, Celery or HTTP here.
+windows at temperature 0 as a pass of their own, each job's beams as rows), word timestamps
+(whisper's alignment of the windows that want them, after their decode) and
+hallucination_silence_threshold. The options the batch cannot reproduce exactly
+(clip_timestamps, best_of > 1 when sampling) run through openai-whisper's own
+``transcribe()`` beside the lanes, one job at a time. No database, Celery or HTTP here.
 
 The modules, read beside ``whisper/transcribe.py`` and ``whisper/decoding.py``:
 
@@ -19,7 +21,10 @@ The modules, read beside ``whisper/transcribe.py`` and ``whisper/decoding.py``:
 - :mod:`~worker.engine.windows`: one window of many jobs, ``decode_with_fallback`` batched
   (encoder, language detection, fallback, metering, out-of-memory split).
 - :mod:`~worker.engine.longform`: one job's ``transcribe()`` loop, split at its decode call
-  (seek, segments, prompts).
+  (seek, segments, prompts); :mod:`~worker.engine.words` beside it, what the loop does with
+  a window's words (``add_word_timestamps``, hallucination_silence_threshold).
+- :mod:`~worker.engine.alignment`: ``find_alignment`` (cross-attention, DTW) over many
+  windows.
 - :mod:`~worker.engine.decoding`: ``decode()`` over a batch of rows: prefill, one step loop
   shared by greedy, sampled and beam search, whisper's logit filters as tensor ops;
   :mod:`~worker.engine.searches` (greedy/sampled and beam updates) and

@@ -1,9 +1,9 @@
 """The exact path: openai-whisper's own ``transcribe()``, one job at a time.
 
-Jobs whose options the batched windows cannot reproduce exactly (word timestamps,
-hallucination_silence_threshold, clip_timestamps, best_of > 1 at t > 0: see
-:func:`worker.engine.longform.batched`) run here, on the engine's exact thread, beside the
-lanes, on a copy of the model of their own (whisper hooks the modules of the model it runs).
+Jobs whose options the batched windows cannot reproduce exactly (clip_timestamps, best_of > 1
+at t > 0: see :func:`worker.engine.longform.batched`; with word timestamps too, when asked)
+run here, on the engine's exact thread, beside the lanes, on a copy of the model of their own
+(whisper hooks the modules of the model it runs for word timestamps).
 The job's stop check is polled at each window, as the encoder starts it.
 """
 
@@ -16,8 +16,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from worker.engine.longform import HOP_LENGTH, JobState, check_options
-from worker.engine.types import SAMPLE_RATE, EngineJob, EngineResult, EngineStopped, result_of
+from worker.engine.longform import JobState, check_options
+from worker.engine.types import (
+    HOP_LENGTH,
+    SAMPLE_RATE,
+    EngineJob,
+    EngineResult,
+    EngineStopped,
+    result_of,
+)
 
 if TYPE_CHECKING:
     from whisper.model import Whisper

@@ -4,8 +4,10 @@ Read beside ``whisper/transcribe.py``. A lane asks each job for its next 30 s wi
 (:meth:`JobState.next_window`, :meth:`JobState.row`), decodes the windows of many jobs as one
 batch with the temperature fallback (:mod:`worker.engine.windows`, which tests each result
 with :func:`needs_fallback`), and hands each job its chosen decode back
-(:meth:`JobState.accept`): the no-speech skip, the segments between timestamp pairs
-(:func:`split_segments_by_timestamps`), seek, and the prompt for the next window, exactly as
+(:meth:`JobState.cut`, then :meth:`JobState.accept`): the no-speech skip, the segments
+between timestamp pairs (:func:`split_segments_by_timestamps`), word timestamps (the
+window's alignment, made for many jobs at once by :mod:`worker.engine.alignment`, placed by
+:mod:`worker.engine.words`), seek, and the prompt for the next window, exactly as
 ``transcribe()`` does them. No torch work here beyond the job's log-mel and its slices.
 """
 
@@ -20,8 +22,11 @@ import numpy as np
 import torch
 
 from app.jobs.options import TranscribeOptions
+from worker.engine.alignment import AlignRow
 from worker.engine.decoding import RowResult, RowSpec
 from worker.engine.types import (
+    HOP_LENGTH,
+    N_FRAMES,
     SAMPLE_RATE,
     Decoded,
     EngineInputError,
@@ -29,13 +34,20 @@ from worker.engine.types import (
     EngineResult,
     result_of,
 )
+from worker.engine.words import (
+    WindowClock,
+    get_end,
+    place_words,
+    seek_after_words,
+    skip_hallucinations,
+    text_tokens,
+)
 
 if TYPE_CHECKING:
     from whisper.model import Whisper
+    from whisper.timing import WordTiming
     from whisper.tokenizer import Tokenizer
 
-N_FRAMES = 3000  # mel frames of a 30 s window (whisper.audio.N_FRAMES)
-HOP_LENGTH = 160  # audio samples per mel frame (whisper.audio.HOP_LENGTH)
 INPUT_STRIDE = 2  # mel frames per output token
 TIME_PRECISION = 0.02  # seconds per output token
 # transcribe(): a window decoded above this temperature is not a prompt for the next ones
@@ -45,11 +57,8 @@ PROMPT_RESET_ON_TEMPERATURE = 0.5
 
 def batched(opts: TranscribeOptions) -> bool:
     """Whether the batched windows give this job transcribe()'s result; the rest run
-    whisper's own transcribe() (the exact path, :mod:`worker.engine.exact`)."""
-    if getattr(opts, "word_timestamps", False):
-        return False
-    if getattr(opts, "hallucination_silence_threshold", None) is not None:
-        return False  # works on word timestamps (the API refuses it without them)
+    whisper's own transcribe() (the exact path, :mod:`worker.engine.exact`). Word
+    timestamps and hallucination_silence_threshold are batched: :meth:`JobState.accept`."""
     if getattr(opts, "clip_timestamps", "0") != "0":
         return False  # the batched seek loop walks the whole file
     # Several samples per window at t > 0 draw from whisper's random stream in its own order:
@@ -122,6 +131,11 @@ def is_silent(opts: TranscribeOptions, d: Decoded) -> bool:
     return should_skip
 
 
+def single_timestamp_ending(tokens: list[int], timestamp_begin: int) -> bool:
+    """transcribe(): the window's tokens end on a lone timestamp (no speech after it)."""
+    return [t >= timestamp_begin for t in tokens[-2:]] == [False, True]
+
+
 @dataclass(frozen=True)
 class Span:
     """One segment of a window: its times (seconds) and tokens (timestamps included)."""
@@ -148,7 +162,7 @@ def split_segments_by_timestamps(
     one segment, as long as its last timestamp says (or the window)."""
     tb = timestamp_begin
     is_timestamp = [t >= tb for t in tokens]
-    single_timestamp_ending = is_timestamp[-2:] == [False, True]
+    single_ending = single_timestamp_ending(tokens, tb)
     consecutive = [i + 1 for i in range(len(tokens) - 1) if is_timestamp[i] and is_timestamp[i + 1]]
     if not consecutive:
         duration = segment_duration
@@ -159,7 +173,7 @@ def split_segments_by_timestamps(
         return [Span(time_offset, time_offset + duration, list(tokens))], segment_size
 
     slices = list(consecutive)
-    if single_timestamp_ending:
+    if single_ending:
         slices.append(len(tokens))
     spans = []
     last_slice = 0
@@ -173,7 +187,7 @@ def split_segments_by_timestamps(
             )
         )
         last_slice = current_slice
-    if single_timestamp_ending:
+    if single_ending:
         return spans, segment_size
     return spans, (tokens[last_slice - 1] - tb) * INPUT_STRIDE
 
@@ -186,6 +200,18 @@ class Window:
     segment_size: int  # mel frames of audio in it (the rest is padding)
     initial: tuple[int, ...]  # [sot_prev, *prompt]? + sot_sequence
     sot_index: int  # index of <|startoftranscript|> in initial
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A window's chosen decode cut into transcribe()'s ``current_segments`` (dicts, as
+    whisper's: the word steps fill them in), before its words."""
+
+    result: Decoded
+    silent: bool  # the no-speech skip: no segments, seek moves past the window
+    segments: list[dict[str, Any]]
+    seek: int  # where the next window starts, words aside
+    single_timestamp_ending: bool
 
 
 class JobState:
@@ -213,6 +239,7 @@ class JobState:
         self.all_tokens: list[int] = []
         self.all_segments: list[dict[str, Any]] = []
         self.prompt_reset_since = 0
+        self.last_speech_timestamp = 0.0  # transcribe()'s, for the word timestamps
         self.initial_prompt_tokens: list[int] = []
         self.temps = self.opts.temperatures()
         self.tokenizer: Tokenizer | None = None
@@ -298,13 +325,13 @@ class JobState:
     def needs_fallback(self, d: Decoded) -> bool:
         return needs_fallback(self.opts, d)
 
-    def accept(self, result: Decoded) -> None:
-        """The rest of transcribe()'s loop body, after decode_with_fallback."""
+    def cut(self, result: Decoded) -> Outcome:
+        """transcribe()'s loop body after decode_with_fallback, up to its word timestamps:
+        the no-speech skip, then the segments between timestamp pairs. Changes nothing."""
         window = self.window
         assert window is not None
         if is_silent(self.opts, result):
-            self.seek += window.segment_size  # fast-forward to the next segment boundary
-            return
+            return Outcome(result, True, [], window.seek + window.segment_size, False)
         tokenizer = self.tok
         spans, advance = split_segments_by_timestamps(
             result.tokens,
@@ -313,8 +340,7 @@ class JobState:
             segment_size=window.segment_size,
             segment_duration=window.segment_size * HOP_LENGTH / SAMPLE_RATE,
         )
-        self.seek += advance
-        current = [
+        segments = [
             {
                 "seek": window.seek,
                 "start": span.start,
@@ -328,20 +354,80 @@ class JobState:
             }
             for span in spans
         ]
+        ending = single_timestamp_ending(result.tokens, tokenizer.timestamp_begin)
+        return Outcome(result, False, segments, window.seek + advance, ending)
+
+    def align_row(self, outcome: Outcome) -> AlignRow | None:
+        """What the window's word alignment needs (None: this job has no words to place)."""
+        if not self.opts.word_timestamps or outcome.silent:
+            return None
+        assert self.window is not None
+        tokens = [t for seg in text_tokens(outcome.segments, self.tok.eot) for t in seg]
+        return AlignRow(self.tok, tokens, self.window.segment_size)
+
+    def accept(self, outcome: Outcome, alignment: list[WordTiming] | None = None) -> None:
+        """The rest of transcribe()'s loop body: word timestamps (given the window's
+        alignment, when the job has them), seek, the segments kept, the next prompt."""
+        if outcome.silent:
+            self.seek = outcome.seek  # fast-forward to the next segment boundary
+            return
+        current = outcome.segments
+        seek = outcome.seek
+        if self.opts.word_timestamps:
+            assert alignment is not None
+            seek, dropped = self._place_words(outcome, alignment)
+            if dropped:  # a hallucination after silence: transcribe()'s `continue`
+                self.seek = seek
+                return
+        self.seek = seek
         for segment in current:  # an instantaneous segment, or one without text, is cleared
             if segment["start"] == segment["end"] or segment["text"].strip() == "":
                 segment["text"] = ""
                 segment["tokens"] = []
+                if self.opts.word_timestamps:
+                    segment["words"] = []
         self.all_segments.extend(
             {"id": i, **segment} for i, segment in enumerate(current, start=len(self.all_segments))
         )
         self.all_tokens.extend(t for segment in current for t in segment["tokens"])
         if (
             not self.opts.condition_on_previous_text
-            or result.temperature > PROMPT_RESET_ON_TEMPERATURE
+            or outcome.result.temperature > PROMPT_RESET_ON_TEMPERATURE
         ):
             # do not feed the prompt tokens if a high temperature was used
             self.prompt_reset_since = len(self.all_tokens)
+
+    def _place_words(self, outcome: Outcome, alignment: list[WordTiming]) -> tuple[int, bool]:
+        """transcribe()'s `if word_timestamps:` block: the segments' words, the next seek,
+        and whether hallucination_silence_threshold drops the whole window."""
+        window = self.window
+        assert window is not None
+        clock = WindowClock(window.seek, window.segment_size, self.content_frames)
+        opts, segments = self.opts, outcome.segments
+        place_words(
+            segments,
+            alignment,
+            self.tok.eot,
+            prepend_punctuations=opts.prepend_punctuations,
+            append_punctuations=opts.append_punctuations,
+            last_speech_timestamp=self.last_speech_timestamp,
+        )
+        seek = seek_after_words(segments, clock, outcome.seek, outcome.single_timestamp_ending)
+        if opts.hallucination_silence_threshold is not None:
+            seek, dropped = skip_hallucinations(
+                segments,
+                clock,
+                seek,
+                threshold=opts.hallucination_silence_threshold,
+                single_timestamp_ending=outcome.single_timestamp_ending,
+                last_speech_timestamp=self.last_speech_timestamp,
+            )
+            if dropped:
+                return seek, True
+        last_word_end = get_end(segments)
+        if last_word_end is not None:
+            self.last_speech_timestamp = last_word_end
+        return seek, False
 
     def result(self) -> EngineResult:
         assert self.language is not None

@@ -5,8 +5,8 @@ lane (a thread, on its share of torch's threads) takes up to ``max_batch_rows`` 
 shared queue, highest priority and oldest first, decodes their current 30 s window as one
 batch (:func:`worker.engine.windows.step_window`) and puts back the jobs with windows left:
 jobs join and leave between windows, and any lane may run a job's next window. Jobs the
-batched windows cannot reproduce exactly run whisper's own ``transcribe()`` in a lane, alone
-(:mod:`worker.engine.exact`).
+batched windows cannot reproduce exactly (clip_timestamps, best_of > 1 when sampling) run
+whisper's own ``transcribe()`` beside the lanes, one at a time (:mod:`worker.engine.exact`).
 """
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ class Engine:
         decode_threads: int | None = DEFAULT_CPU_DECODE_THREADS,
         ready_rows: int | None = None,
         lanes: int | None = None,
+        exact_words: bool | None = None,
     ) -> None:
         """`max_batch_rows` None: DEFAULT_MAX_BATCH_ROWS off CUDA, on CUDA what the device's
-        free memory fits (:func:`worker.engine.sizing.rows_for_memory`)."""
+        free memory fits (:func:`worker.engine.sizing.rows_for_memory`). `exact_words` None:
+        word alignment as transcribe() makes it on a CPU, batched on a GPU (see below)."""
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
         if ready_rows is not None and ready_rows < 0:
@@ -98,6 +100,13 @@ class Engine:
         # in calls of 16 on the 2-core EPYC, bench/cpu_choices) and is the very computation
         # transcribe() makes.
         self.encoder_chunk: int | None = CPU_ENCODER_CHUNK if self.device.type == "cpu" else None
+        # Word alignment (worker.engine.alignment): on a CPU each window alone, re-encoded,
+        # on as many torch threads as transcribe() has alone, since fp32 products there have
+        # other last bits for another row or thread count and word times are compared with
+        # transcribe()'s bit for bit (the other lane's cores are shared for that while). On
+        # a GPU, whose fp16 differs per batch shape anyway, all rows in one forward.
+        self.exact_words = self.device.type == "cpu" if exact_words is None else exact_words
+        self.word_threads: int | None = self._all_threads if self.exact_words else None
         # tokens sampled per window at most: whisper's default, smaller only for benchmarks
         self.sample_len = sample_len or model.dims.n_text_ctx // 2
         self.decoder = self._load_decoder()
@@ -126,10 +135,10 @@ class Engine:
         self._inbox: queue.PriorityQueue[tuple[float, int, Any]] = queue.PriorityQueue()
         self._arrival = itertools.count()
         self._model_lock = ModelLock()
-        # Jobs only whisper's own transcribe() can run (word timestamps and the like) run
-        # beside the lanes, one at a time, on a copy of the model made at the first of them:
-        # transcribe() hooks the modules of the model it runs, so on the shared one it had to
-        # stop every lane, and one 30-minute word-timestamp job stalled every other job.
+        # Jobs only whisper's own transcribe() can run (clip_timestamps, best_of > 1 when
+        # sampling) run beside the lanes, one at a time, on a copy of the model made at the
+        # first of them: transcribe() hooks the modules of the model it runs (word
+        # timestamps), so on the shared one it had to stop every lane.
         self._exact_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisperq-exact")
         self._exact_model: Whisper | None = None
         self._threads = [
@@ -362,7 +371,7 @@ class Engine:
         return windows.encode(self, mels)
 
     def _run_exact(self, state: JobState) -> None:
-        """Word timestamps and the like: openai-whisper's transcribe(), one job, on the exact
+        """clip_timestamps and the like: openai-whisper's transcribe(), one job, on the exact
         thread and its own copy of the model (its hooks fire nowhere else), with as many
         torch threads as transcribe() has alone: another count sums in another order, and
         its last bits can move a word time or a silence-threshold decision."""

@@ -36,6 +36,8 @@ class EngineStats:
     beam_passes: float = 0.0
     beam_jobs: float = 0.0
     beam_s: float = 0.0
+    word_windows: float = 0.0  # job-windows aligned for word timestamps
+    word_s: float = 0.0
     exact_jobs: float = 0.0  # jobs run by whisper's own transcribe()
     exact_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -72,6 +74,11 @@ class EngineStats:
                 self.beam_passes += 1
                 self.beam_jobs += beam_jobs
                 self.beam_s += seconds
+
+    def add_words(self, windows: int, seconds: float) -> None:
+        with self._lock:
+            self.word_windows += windows
+            self.word_s += seconds
 
     def add_exact(self, seconds: float) -> None:
         with self._lock:
@@ -123,7 +130,8 @@ class EngineStats:
         log.info(
             "engine: %d windows, log-mel %.1f s, encoder %d calls %.1f s, decode %d passes "
             "(%.1f rows each, %d steps, %.0f%% of row-steps live) %.1f s, of which beam search "
-            "%d job-windows in %d passes %.1f s, exact %d jobs %.1f s",
+            "%d job-windows in %d passes %.1f s, word alignment %d job-windows %.1f s, "
+            "exact %d jobs %.1f s",
             st["windows"],
             st["log_mel_s"],
             st["encoder_calls"],
@@ -136,6 +144,8 @@ class EngineStats:
             st["beam_jobs"],
             st["beam_passes"],
             st["beam_s"],
+            st["word_windows"],
+            st["word_s"],
             st["exact_jobs"],
             st["exact_s"],
         )

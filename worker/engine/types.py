@@ -16,6 +16,9 @@ from app.jobs.options import TranscribeOptions
 
 SAMPLE_RATE = 16_000
 ENCODER_TOKENS_PER_SECOND = 50  # one encoder position per 20 ms of audio
+N_FRAMES = 3000  # mel frames of a 30 s window (whisper.audio.N_FRAMES)
+HOP_LENGTH = 160  # audio samples per mel frame (whisper.audio.HOP_LENGTH)
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # mel frames (whisper.audio.FRAMES_PER_SECOND)
 
 
 class EngineInputError(ValueError):

@@ -5,8 +5,10 @@ batch), cuts each job's current 30 s window, encodes them (on a GPU all at once,
 window per call), then decodes them with the temperature fallback: every row at its first
 temperature, then only the rows still failing at their next one, reusing their encoder
 output. Beam-search rows (``patience``, at temperature 0) run as a pass of their own beside
-the greedy and sampled rows. Each job is charged its share of the wall time of every batch it
-was in (metering), and out of memory splits a batch in two and retries each half.
+the greedy and sampled rows. The windows of word-timestamp jobs are then aligned
+(:func:`align_words`: whisper's find_alignment, :mod:`worker.engine.alignment`) before each
+job takes its window's result. Each job is charged its share of the wall time of every batch
+it was in (metering), and out of memory splits a batch in two and retries each half.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import torch
 
 from app.jobs.options import BEAM_SIZE
+from worker.engine import alignment
 from worker.engine.lanes import torch_threads
-from worker.engine.longform import JobState
+from worker.engine.longform import JobState, Outcome
 from worker.engine.types import Decoded
 
 if TYPE_CHECKING:
     from whisper.model import Whisper
+    from whisper.timing import WordTiming
     from whisper.tokenizer import Tokenizer
 
     from worker.engine.decoding import BatchDecoder
@@ -46,6 +50,10 @@ class EngineView(Protocol):
     sample_len: int
     decode_threads: int | None
     on_batch: Callable[[int], None] | None
+    # word alignment: True: each window alone, re-encoded, as transcribe() (bit for bit on
+    # a CPU); False: all rows in one forward on the decode's encoder output
+    exact_words: bool
+    word_threads: int | None  # torch threads of the alignment (None: the lane's own)
 
     def suppress_ids(self, tokenizer: Tokenizer, suppress_tokens: str) -> tuple[int, ...]: ...
 
@@ -95,11 +103,64 @@ def step_window(engine: EngineView, states: list[JobState]) -> None:
             else:
                 final[i] = d
         pending = still
+    outcomes = []
     for s, chosen in zip(states, final, strict=True):
         assert chosen is not None
         start = time.perf_counter()
-        s.accept(chosen)
+        outcomes.append(s.cut(chosen))
         s.runtime_s += time.perf_counter() - start
+    words = align_words(engine, states, outcomes, mels, features)
+    for i, (s, outcome) in enumerate(zip(states, outcomes, strict=True)):
+        start = time.perf_counter()
+        s.accept(outcome, words.get(i))
+        s.runtime_s += time.perf_counter() - start
+
+
+def align_words(
+    engine: EngineView,
+    states: list[JobState],
+    outcomes: list[Outcome],
+    mels: list[torch.Tensor],
+    features: list[torch.Tensor],
+) -> dict[int, list[WordTiming]]:
+    """find_alignment() of the windows whose jobs want word timestamps, by index in
+    `states`; each job is charged in proportion to the tokens it aligns."""
+    rows = {
+        i: row
+        for i, (s, o) in enumerate(zip(states, outcomes, strict=True))
+        if (row := s.align_row(o)) is not None
+    }
+    if not rows:
+        return {}
+    idx = list(rows)
+    model = engine.model
+    weights = [float(len(rows[i].sequence)) for i in idx]
+
+    def exact() -> list[list[WordTiming]]:
+        # one window per forward, as transcribe() aligns it (see worker.engine.alignment)
+        out = []
+        for i in idx:
+            mel = mels[i][None].to(engine.device, engine.dtype)
+            out += alignment.find_alignments(model, [rows[i]], alignment.encode(model, mel))
+        return out
+
+    def together(sub: list[int]) -> list[list[WordTiming]]:
+        audio = torch.stack([features[i] for i in sub])
+        return alignment.find_alignments(model, [rows[i] for i in sub], audio)
+
+    start = time.perf_counter()
+    with torch_threads(engine.word_threads):
+        if engine.exact_words:
+            found = charged([states[i] for i in idx], weights, exact, engine.device)
+        else:
+            found = charged(
+                [states[i] for i in idx],
+                weights,
+                lambda: with_oom_split(together, idx, engine.device),
+                engine.device,
+            )
+    engine.stats.add_words(len(idx), time.perf_counter() - start)
+    return dict(zip(idx, found, strict=True))
 
 
 def encode(engine: EngineView, mels: list[torch.Tensor]) -> torch.Tensor:
