@@ -1,13 +1,24 @@
-"""Ceilings (issue 13): how many jobs/s one Postgres and one Redis can carry, measured.
+"""Ceilings (issues 13, 23): how many jobs/s one Postgres and one Redis can carry, measured.
 
-Postgres: ``pgbench`` replays the statements a worker issues per job (pg_stat_statements on
-``bench/backlog_bench.py --explain``). The claim transaction: the keys with work, each with
-its last start and its jobs running, for both queues; the oldest queued job of a key
-``FOR UPDATE SKIP LOCKED``; the queued → running update. The finish transaction: the job
-``FOR UPDATE``, the outcome, the batch row ``FOR UPDATE``, "is anything of this batch
-left?". On a migrated database with a backlog in sealed batches; one pgbench transaction is
-one job claimed and finished. The key is drawn at random instead of by the fair order
-(which Python computes).
+Postgres: ``pgbench`` replays the statements a worker issues, two ways in one run, each on
+a fresh migrated database with the same backlog in sealed batches (one per key):
+
+- per job (before issue 23, pg_stat_statements on ``bench/backlog_bench.py --explain``):
+  one pgbench transaction is one job claimed and finished. The claim transaction: the keys
+  with work, each with its last start and its jobs running, for both queues; the oldest
+  queued job of a key ``FOR UPDATE SKIP LOCKED``; the queued → running update. The finish
+  transaction: the job ``FOR UPDATE``, the outcome, the batch row ``FOR UPDATE``, "is
+  anything of this batch left?". The key is drawn at random instead of by the fair order.
+- batched (issue 23, ``claims.claim_many`` and ``claims.finish_many`` on Postgres): one
+  pgbench transaction is ``--batch`` jobs claimed and finished. The claim transaction: the
+  keys with work (and their queued counts) for both queues, then the planned claim in one
+  statement (``claims._CLAIM_PLANNED``: the batch spread over the keys as the fair plan
+  spreads it over keys served alike). The finish transaction: every outcome in one UPDATE
+  (``lifecycle._each_statement``), then per batch touched its row ``FOR UPDATE`` and the
+  batch-left probe (``batch_state.end_batches_if_done``).
+
+jobs/s counts the jobs each way actually finished (a claim that finds its jobs held by
+another client's claim comes back short), over pgbench's time.
 
 Redis: ``redis-benchmark`` on a throwaway redis-server, one run per command kind a job
 costs (counts per job from the backlog bench's commandstats, passed with ``--redis-mix``);
@@ -19,6 +30,7 @@ the per-job time is the sum of count / rate over the commands.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import re
@@ -29,8 +41,10 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from app.stack import redis_server_argv
 from bench.backlog_bench import queued_row
@@ -156,17 +170,137 @@ def drop_db(url: str) -> None:
     admin.dispose()
 
 
-def pg_ceiling(url: str, *, clients: int, jobs: int, workdir: Path) -> tuple[float, str]:
+@dataclass(frozen=True)
+class PgRun:
+    """One way's pgbench run: its transactions and the jobs they finished."""
+
+    way: str
+    tps: float
+    latency_ms: str
+    jobs: int  # finished (succeeded) during the run
+    seconds: float
+
+    @property
+    def jobs_per_s(self) -> float:
+        return self.jobs / self.seconds
+
+
+def per_job_script() -> str:
     from app.jobs.claims import _KEYS_WITH_WORK
 
     cte = " ".join(str(_KEYS_WITH_WORK).split())
-    script = CLAIM_AND_FINISH.format(
+    return CLAIM_AND_FINISH.format(
         keys_with_work_interactive=cte.replace(":queue", f"'{QUEUE_INTERACTIVE}'"),
         keys_with_work_bulk=cte.replace(":queue", f"'{QUEUE_BULK}'"),
     )
-    path = workdir / "claim_finish.sql"
+
+
+def batched_script(batch: int, batch_of_key: dict[int, str]) -> str:
+    """The worker's statements for ``batch`` jobs claimed and finished, as Postgres gets them:
+    the app's own statement texts, with the values the worker binds written in (pgbench
+    variables where the finish uses what the claim returned)."""
+    from app.jobs import claims
+
+    # Keys served alike: the fair plan takes them in turn.
+    plan = [1 + i % KEYS for i in range(batch)]
+    slots, per_key = claims._plan_params(plan, claims._Plan(datetime.now(UTC), 0, 0))
+    claim = _render(
+        str(claims._CLAIM_PLANNED),
+        {
+            **{k: _sql_literal(v) for k, v in per_key.items() if k != "starts"},
+            # Each claim at the time it runs, a microsecond per place, as the worker's.
+            "starts": "ARRAY[" + ", ".join(f"{_NOW} + interval '{p} us'" for p in slots) + "]",
+            "queue": f"'{QUEUE_BULK}'",
+            "lease": f"{_NOW} + interval '60 s'",
+            "worker": "'pgbench'",
+        },
+    )
+    reads = [
+        _render(str(claims._KEYS_WITH_WORK_COUNTED), {"queue": f"'{q}'", "n": str(batch)})
+        for q in (QUEUE_INTERACTIVE, QUEUE_BULK)
+    ]
+    probes = [
+        f"SELECT * FROM batches WHERE batches.id = '{b}' FOR UPDATE;\n"
+        f"SELECT jobs.id FROM jobs WHERE jobs.batch_id = '{b}' "
+        "AND jobs.status IN ('queued', 'running') LIMIT 1;"
+        for b in sorted({batch_of_key[k] for k in plan})
+    ]
+    return "\n".join(
+        [
+            "BEGIN;",
+            *(f"{r};" for r in reads),
+            # pgbench keeps one row of a result: the claimed ids and attempts as arrays.
+            f"WITH claimed AS ({claim}) SELECT coalesce(array_agg(id), '{{}}') AS ids, "
+            "coalesce(array_agg(attempts), '{}') AS atts FROM claimed \\gset",
+            "COMMIT;",
+            "BEGIN;",
+            f"{_finish_statement(batch)};",
+            *probes,
+            "COMMIT;",
+        ]
+    )
+
+
+# The worker binds Python's clock (UTC, naive in the column); the server's stands in for it.
+_NOW = "(now() AT TIME ZONE 'utc')"
+_ID_MARK = "pgbench-claimed-id"
+_ATTEMPT_MARK = -424242
+
+
+def _finish_statement(batch: int) -> str:
+    """``lifecycle._each_statement`` for ``batch`` outcomes as the old script's finish stored
+    them, compiled for Postgres; the ids and attempts are the claim's (``:ids``, ``:atts``)."""
+    from sqlalchemy.dialects import postgresql
+
+    from app.infra.models import JobStatus
+    from app.jobs import lifecycle
+    from app.settings import Settings
+
+    outcome = lifecycle.Outcome(
+        JobStatus.succeeded,
+        result={"text": "", "segments": [], "language": "en"},
+        input_length_ms=1000,
+        runtime_ms=1,
+        tokens_input=50,
+    )
+    endings = [lifecycle.Ending(_ID_MARK, _ATTEMPT_MARK, outcome)] * batch
+    # The default price: no environment to validate (its key pepper is not the bench's).
+    settings = Settings.model_construct()
+    statement = lifecycle._each_statement(endings, datetime.now(UTC), settings)
+    compiled = statement.compile(dialect=postgresql.psycopg.dialect())  # type: ignore[no-untyped-call]
+    values: dict[str, str] = {}
+    for name, value in compiled.params.items():
+        if value == [_ID_MARK] * batch:
+            values[name] = "':ids'"
+        elif value == [_ATTEMPT_MARK] * batch:
+            values[name] = "':atts'"
+        elif name == "finished_at":
+            values[name] = _NOW
+        else:
+            values[name] = _sql_literal(value)
+    assert "':ids'" in values.values() and "':atts'" in values.values(), compiled.params
+    return re.sub(r"%\((\w+)\)s", lambda m: values[m.group(1)], " ".join(compiled.string.split()))
+
+
+def _render(sql: str, values: dict[str, str]) -> str:
+    """A text() statement on one line with its ``:name`` parameters written in (every one,
+    or KeyError: pgbench would take a leftover for a variable of its own)."""
+    return re.sub(r"(?<![:\w]):(\w+)", lambda m: values[m.group(1)], " ".join(sql.split()))
+
+
+def _sql_literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, list):
+        return "ARRAY[" + ", ".join(_sql_literal(v) for v in value) + "]"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def pgbench(url: str, script: str, *, clients: int, per_client: int, workdir: Path) -> PgRun:
+    path = workdir / "script.sql"
     path.write_text(script)
-    per_client = max(1, jobs // clients)
     out = subprocess.run(
         [
             "pgbench",
@@ -186,10 +320,56 @@ def pg_ceiling(url: str, *, clients: int, jobs: int, workdir: Path) -> tuple[flo
         check=False,
     )
     m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out.stdout)
-    if m is None:
+    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
+    if m is None or (failed is not None and int(failed.group(1))):
         raise RuntimeError(out.stdout + out.stderr)
     lat = re.search(r"latency average = ([\d.]+) ms", out.stdout)
-    return float(m.group(1)), lat.group(1) if lat else "?"
+    tps = float(m.group(1))
+    return PgRun(
+        way="",
+        tps=tps,
+        latency_ms=lat.group(1) if lat else "?",
+        jobs=_succeeded(url),
+        seconds=clients * per_client / tps,
+    )
+
+
+def _succeeded(url: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        n = conn.execute(text("SELECT count(*) FROM jobs WHERE status = 'succeeded'")).scalar()
+    engine.dispose()
+    return int(n or 0)
+
+
+def _batches(url: str) -> dict[int, str]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT api_key_id, id FROM batches")).all()
+    engine.dispose()
+    return {int(k): str(b) for k, b in rows}
+
+
+def pg_ceilings(*, backlog: int, clients: int, jobs: int, batch: int, workdir: Path) -> list[PgRun]:
+    """Each way on a database of its own, the same backlog in each."""
+    runs = []
+    for way in ("per job", "batched"):
+        url = setup_db(backlog)
+        try:
+            if way == "per job":
+                script, per_client = per_job_script(), max(1, jobs // clients)
+            else:
+                script = batched_script(batch, _batches(url))
+                per_client = max(1, jobs // (clients * batch))
+            run = pgbench(url, script, clients=clients, per_client=per_client, workdir=workdir)
+            runs.append(dataclasses.replace(run, way=way))
+        finally:
+            drop_db(url)
+    return runs
 
 
 def redis_ceiling(
@@ -269,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--backlog", type=int, default=20000)
     ap.add_argument("--clients", type=int, default=8, help="pgbench / redis-benchmark clients")
-    ap.add_argument("--jobs", type=int, default=12000, help="jobs claimed+finished by pgbench")
+    ap.add_argument("--jobs", type=int, default=12000, help="jobs claimed+finished each way")
+    ap.add_argument("--batch", type=int, default=64, help="jobs per batched claim and finish")
     ap.add_argument("--redis-requests", type=int, default=200000)
     ap.add_argument("--redis-mix", default=DEFAULT_REDIS_MIX, help="command=count per job")
     args = ap.parse_args(argv)
@@ -280,11 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     workdir = Path(tempfile.mkdtemp(prefix="whisperq-ceiling-"))
     try:
-        url = setup_db(args.backlog)
-        try:
-            tps, latency = pg_ceiling(url, clients=args.clients, jobs=args.jobs, workdir=workdir)
-        finally:
-            drop_db(url)
+        runs = pg_ceilings(
+            backlog=args.backlog,
+            clients=args.clients,
+            jobs=args.jobs,
+            batch=args.batch,
+            workdir=workdir,
+        )
         redis_jobs, rates = redis_ceiling(
             mix, clients=args.clients * 6, requests=args.redis_requests, workdir=workdir
         )
@@ -292,14 +475,22 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print("| server | what is replayed | clients | measured | jobs/s ceiling |")
     print("|---|---|---|---|---|")
-    print(
-        f"| Postgres | claim + finish transactions, {args.backlog:,} queued in {KEYS} batches |"
-        f" {args.clients} | {tps:.0f} jobs/s, {latency} ms per job | {tps:.0f} |"
-    )
+    for run in runs:
+        unit = "1 job" if run.way == "per job" else f"{args.batch} jobs"
+        print(
+            f"| Postgres | claim + finish {run.way} ({unit} a pgbench transaction), "
+            f"{args.backlog:,} queued in {KEYS} batches | {args.clients} | {run.jobs:,} jobs"
+            f" in {run.seconds:.1f} s, {run.tps:.0f} tps, {run.latency_ms} ms a transaction"
+            f" | {run.jobs_per_s:.0f} |"
+        )
     detail = ", ".join(f"{k} {v / 1000:.0f}k/s" for k, v in rates.items())
     print(
         f"| Redis | {sum(mix.values()):.0f} commands per job ({detail}) | {args.clients * 6} |"
         f" {1000 / redis_jobs:.3f} ms per job | {redis_jobs:.0f} |"
+    )
+    per_job, batched = runs
+    print(
+        f"\nbatched / per job: {batched.jobs_per_s / per_job.jobs_per_s:.1f}x"
         f"  (load {os.getloadavg()[0]:.1f})"
     )
     return 0

@@ -11,20 +11,39 @@ result, one bill and one webhook event.
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import logging
 import socket
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import accumulate
 from typing import Any
 
-from sqlalchemy import Integer, and_, func, or_, select, text, update
+from sqlalchemy import (
+    JSON,
+    Integer,
+    Row,
+    String,
+    Text,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from app.infra.db import UTCDateTime, session_scope, utcnow
 from app.infra.models import Job, JobStatus
 from app.jobs.batch_state import end_batches_if_done
-from app.jobs.lifecycle import EndedJob, end_job, end_jobs
+from app.jobs.lifecycle import EndedJob, Ending, end_jobs, end_jobs_each
+from app.jobs.lifecycle import Outcome as Outcome  # how the worker names it: claims.Outcome
 from app.jobs.options import TranscribeOptions
 from app.settings import Settings
 
@@ -47,8 +66,7 @@ RUNNING = text("jobs.status = 'running'")
 # since the last vacuum. ORDER BY ... LIMIT 1, not
 # min(): with statistics taken before a batch landed, min() was planned as an aggregate over
 # every queued row (EXPLAIN in bench/RESULTS.md, "Backlog").
-_KEYS_WITH_WORK = text(
-    """
+_KEYS_WITH_WORK_SQL = """
     WITH RECURSIVE k(id) AS (
         SELECT (SELECT api_key_id FROM jobs WHERE status = 'queued' AND queue = :queue
                 ORDER BY api_key_id LIMIT 1)
@@ -63,10 +81,84 @@ _KEYS_WITH_WORK = text(
             WHERE s.api_key_id = k.id AND s.started_at IS NOT NULL
             ORDER BY s.started_at DESC LIMIT 1) AS last_started,
            (SELECT count(*) FROM jobs r
-            WHERE r.status = 'running' AND r.api_key_id = k.id) AS running
+            WHERE r.status = 'running' AND r.api_key_id = k.id) AS running{more}
     FROM k WHERE k.id IS NOT NULL
     """
-).columns(id=Integer, last_started=UTCDateTime, running=Integer)
+_KEYS_WITH_WORK = text(_KEYS_WITH_WORK_SQL.format(more="")).columns(
+    id=Integer, last_started=UTCDateTime, running=Integer
+)
+# The same, and how many jobs each key has queued in this queue, counted up to the ``n``
+# claims to plan (one bounded index range per key): enough to know where a key runs dry.
+# ORDER BY the claim index's own order: without it, the planner's "LIMIT stops early" bet
+# took a sequential scan over every job claimed since the backlog landed, per key.
+_KEYS_WITH_WORK_COUNTED = text(
+    _KEYS_WITH_WORK_SQL.format(
+        more=""",
+           (SELECT count(*) FROM (
+                SELECT 1 FROM jobs q
+                WHERE q.status = 'queued' AND q.queue = :queue AND q.api_key_id = k.id
+                ORDER BY q.created_at, q.id LIMIT :n) AS q) AS queued"""
+    )
+).columns(id=Integer, last_started=UTCDateTime, running=Integer, queued=Integer)
+
+# The jobs a plan gives one queue's keys, all claimed in one statement: per key its oldest
+# ``take`` jobs, ``SKIP LOCKED`` (a job another claimer holds is stepped over, never waited
+# on), each started at the time of its place in the plan, ``starts[slot]``: the key's first
+# slot plus the job's rank among the key's picks. Statuses are literals (see QUEUED). The
+# picked ids reach the UPDATE as one array, ``id = ANY(...)``: the primary key, probed once
+# per job. A join on the picks was planned for the LIMITs' worst case (a hash of every
+# queued job, a sequential scan per claim).
+_CLAIM_PLANNED = (
+    text(
+        """
+    WITH picked AS (
+        SELECT j.id,
+               w.first_slot - 1
+               + row_number() OVER (PARTITION BY w.key_id ORDER BY j.created_at, j.id) AS slot
+        FROM unnest(CAST(:keys AS integer[]), CAST(:takes AS integer[]),
+                    CAST(:first_slots AS integer[])) AS w(key_id, take, first_slot)
+        CROSS JOIN LATERAL (
+            SELECT jobs.id, jobs.created_at FROM jobs
+            WHERE jobs.status = 'queued' AND jobs.queue = :queue AND jobs.api_key_id = w.key_id
+            ORDER BY jobs.created_at, jobs.id
+            LIMIT w.take
+            FOR UPDATE SKIP LOCKED
+        ) AS j
+    ),
+    p AS (SELECT array_agg(id) AS ids, array_agg(slot) AS slots FROM picked)
+    UPDATE jobs
+    SET status = 'running',
+        started_at = (:starts)[p.slots[array_position(p.ids, jobs.id)]],
+        attempts = jobs.attempts + 1,
+        lease_expires_at = :lease,
+        worker = :worker
+    FROM p
+    WHERE jobs.id = ANY(p.ids) AND jobs.status = 'queued'
+    RETURNING p.slots[array_position(p.ids, jobs.id)] AS slot, jobs.id AS id,
+              jobs.attempts AS attempts, jobs.options AS options,
+              jobs.audio_blob AS audio_blob, jobs.audio_url AS audio_url,
+              jobs.queue AS queue, jobs.input_length_ms AS input_length_ms
+    """
+    )
+    .bindparams(
+        bindparam("starts", type_=ARRAY(UTCDateTime())),
+        bindparam("lease", type_=UTCDateTime()),
+    )
+    .columns(
+        slot=Integer,
+        id=String,
+        attempts=Integer,
+        options=JSON,
+        audio_blob=String,
+        audio_url=Text,
+        queue=String,
+        input_length_ms=Integer,
+    )
+)
+# Rounds of plan and claim per queue when other claimers hold some of the planned jobs:
+# each round drops the keys it found short, so rounds run out; the bound keeps a claim
+# under heavy contention short (it returns fewer, the worker asks again).
+CLAIM_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -87,13 +179,13 @@ class ClaimResult:
     capped: bool = False
 
 
+def _fairness(key: int, last_started: datetime | None, running: int) -> tuple[int, datetime, int]:
+    """Fewest jobs in flight first, then the key served least recently (never: first)."""
+    return (running, (last_started or datetime.min).replace(tzinfo=None), key)
+
+
 def _fair_order(keys: dict[int, datetime | None], running: dict[int, int]) -> list[int]:
-    """Fewest jobs in flight first, then the key served least recently."""
-    floor = datetime.min
-    return sorted(
-        keys,
-        key=lambda k: (running.get(k, 0), (keys[k] or floor).replace(tzinfo=None), k),
-    )
+    return sorted(keys, key=lambda k: _fairness(k, keys[k], running.get(k, 0)))
 
 
 def claim_next(*, queues: Sequence[str], settings: Settings, worker: str = HOST) -> ClaimResult:
@@ -111,17 +203,186 @@ class ClaimBatch:
 def claim_many(
     n: int, *, queues: Sequence[str], settings: Settings, worker: str = HOST
 ) -> ClaimBatch:
-    """Start up to ``n`` jobs by the same policy as :func:`claim_next`, in one transaction:
-    each claim sees the ones before it (the fair order, the per-key cap), and a worker
-    claiming for many threads at once pays one commit, not one per job."""
-    jobs: list[ClaimedJob] = []
+    """Start up to ``n`` jobs by the same policy as :func:`claim_next`, in one transaction,
+    as ``n`` claims one after the other would: each claim sees the ones before it (the fair
+    order, the per-key cap), and a worker claiming for many threads at once pays one
+    commit, not one per job. On Postgres in a constant number of statements: see
+    :func:`_claim_set`."""
     with session_scope() as session:
-        for _ in range(n):
-            got = _claim_in(session, queues=queues, settings=settings, worker=worker)
-            if got.job is None:
-                return ClaimBatch(jobs, capped=got.capped)
-            jobs.append(got.job)
+        if session.get_bind().dialect.name == "sqlite":
+            return _claim_one_by_one(session, n, queues=queues, settings=settings, worker=worker)
+        return _claim_set(session, n, queues=queues, settings=settings, worker=worker)
+
+
+def _claim_one_by_one(
+    session: Session, n: int, *, queues: Sequence[str], settings: Settings, worker: str
+) -> ClaimBatch:
+    """SQLite (embedded, one host, a few threads): no unnest, no row locks to skip."""
+    jobs: list[ClaimedJob] = []
+    for _ in range(n):
+        got = _claim_in(session, queues=queues, settings=settings, worker=worker)
+        if got.job is None:
+            return ClaimBatch(jobs, capped=got.capped)
+        jobs.append(got.job)
     return ClaimBatch(jobs)
+
+
+@dataclass(frozen=True)
+class _Work:
+    """One key's work in one queue, as one read saw it."""
+
+    last_started: datetime | None
+    running: int  # in any queue
+    queued: int  # in this queue, counted up to the claims still to plan
+
+
+def _claim_set(
+    session: Session, n: int, *, queues: Sequence[str], settings: Settings, worker: str
+) -> ClaimBatch:
+    """Per queue, in order: read its keys' work once, plan in Python the keys ``n``
+    sequential claims would take (:func:`_plan`), claim the whole plan in one statement.
+    A queue only gets what the earlier ones left unplanned, as a claim moves on to the next
+    queue only when the earlier has nothing claimable."""
+    base = utcnow()
+    got: list[tuple[int, ClaimedJob]] = []  # (place in the plan, job)
+    placed = 0
+    running: dict[int, int] = {}  # per key, in any queue
+    left: dict[tuple[str, int], int] = {}  # (queue, key): queued jobs, less those claimed
+    for queue in queues:
+        if len(got) == n:
+            break
+        claimed, placed = _claim_queue(
+            session,
+            queue,
+            n - len(got),
+            _Plan(base, placed, settings.key_max_in_flight),
+            running=running,
+            left=left,
+            settings=settings,
+            worker=worker,
+        )
+        got += claimed
+    cap = settings.key_max_in_flight
+    capped = (
+        len(got) < n
+        and cap > 0
+        and any(queued > 0 and running[key] >= cap for (_, key), queued in left.items())
+    )
+    return ClaimBatch([job for _, job in sorted(got, key=lambda g: g[0])], capped=capped)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a plan needs besides the keys' work: the cap, and where its claims fall. The
+    ``place``-th claim of a ``claim_many`` starts at ``base`` + ``place`` microseconds, so
+    that the next claim's fair order (served least recently first) is the one sequential
+    claims would leave."""
+
+    base: datetime
+    first: int  # this plan's first place
+    cap: int  # key_max_in_flight, 0: none
+
+    def start(self, place: int) -> datetime:
+        return self.base + timedelta(microseconds=place)
+
+
+def _claim_queue(
+    session: Session,
+    queue: str,
+    n: int,
+    plan_at: _Plan,
+    *,
+    running: dict[int, int],
+    left: dict[tuple[str, int], int],
+    settings: Settings,
+    worker: str,
+) -> tuple[list[tuple[int, ClaimedJob]], int]:
+    """Up to ``n`` jobs of one queue, with their places; and the next free place. Where
+    other claimers hold planned jobs (fewer came back), the queue is read and planned again
+    without the keys found short. ``running`` and ``left`` follow what is claimed."""
+    got: list[tuple[int, ClaimedJob]] = []
+    short: set[int] = set()
+    first = plan_at.first
+    for _ in range(CLAIM_ROUNDS):
+        work = _read_work(session, queue, n - len(got))
+        running.update({k: w.running for k, w in work.items()})
+        left.update({(queue, k): w.queued for k, w in work.items()})
+        at = dataclasses.replace(plan_at, first=first)
+        plan = _plan({k: w for k, w in work.items() if k not in short}, n - len(got), at)
+        if not plan:
+            break
+        claimed = _claim_planned(session, queue, plan, at, settings=settings, worker=worker)
+        took = Counter(plan[place - first] for place, _ in claimed)
+        for key, count in took.items():
+            running[key] += count
+            left[(queue, key)] -= count
+        short |= {key for key, count in Counter(plan).items() if took[key] < count}
+        got += claimed
+        first += len(plan)
+        if len(claimed) == len(plan) or len(got) == n:
+            break
+    return got, first
+
+
+def _read_work(session: Session, queue: str, n: int) -> dict[int, _Work]:
+    rows = session.execute(_KEYS_WITH_WORK_COUNTED, {"queue": queue, "n": n}).all()
+    return {r.id: _Work(r.last_started, int(r.running), int(r.queued)) for r in rows}
+
+
+def _plan(work: Mapping[int, _Work], n: int, at: _Plan) -> list[int]:
+    """The keys that ``n`` claims one after the other would take ``work`` from, in order:
+    each sees the ones before it (its key has one more running, one fewer queued, and was
+    served last); a key at the cap or out of queued jobs takes no more."""
+    running = {k: w.running for k, w in work.items()}
+    queued = {k: w.queued for k, w in work.items()}
+
+    def claimable(key: int) -> bool:
+        return queued[key] > 0 and not (at.cap and running[key] >= at.cap)
+
+    heap = [_fairness(k, w.last_started, w.running) for k, w in work.items() if claimable(k)]
+    heapq.heapify(heap)
+    plan: list[int] = []
+    while heap and len(plan) < n:
+        key = heapq.heappop(heap)[2]
+        running[key] += 1
+        queued[key] -= 1
+        if claimable(key):
+            heapq.heappush(heap, _fairness(key, at.start(at.first + len(plan)), running[key]))
+        plan.append(key)
+    return plan
+
+
+def _claim_planned(
+    session: Session, queue: str, plan: Sequence[int], at: _Plan, *, settings: Settings, worker: str
+) -> list[tuple[int, ClaimedJob]]:
+    """Claim ``plan`` (one key per claim) in one statement; the jobs with their places."""
+    slots, per_key = _plan_params(plan, at)
+    rows = session.execute(
+        _CLAIM_PLANNED,
+        {
+            **per_key,
+            "queue": queue,
+            "lease": at.base + timedelta(seconds=settings.job_lease_s),
+            "worker": worker,
+        },
+    ).all()
+    return [(slots[r.slot - 1], _claimed(r)) for r in rows]
+
+
+def _plan_params(plan: Sequence[int], at: _Plan) -> tuple[list[int], dict[str, Any]]:
+    """``_CLAIM_PLANNED``'s per-key parameters for ``plan``, and the place of each of its
+    slots (1-based: each key's places in a row, keys in order of first appearance)."""
+    places: dict[int, list[int]] = {}
+    for i, key in enumerate(plan):
+        places.setdefault(key, []).append(at.first + i)
+    slots = [place for key_places in places.values() for place in key_places]
+    takes = [len(p) for p in places.values()]
+    return slots, {
+        "keys": list(places),
+        "takes": takes,
+        "first_slots": list(accumulate(takes, initial=1))[:-1],
+        "starts": [at.start(place) for place in slots],
+    }
 
 
 def _claim_in(
@@ -180,6 +441,7 @@ def _start(session: Session, job_id: str, *, settings: Settings, worker: str) ->
             worker=worker,
         )
         .returning(
+            Job.id,
             Job.attempts,
             Job.options,
             Job.audio_blob,
@@ -188,10 +450,12 @@ def _start(session: Session, job_id: str, *, settings: Settings, worker: str) ->
             Job.input_length_ms,
         )
     ).one_or_none()
-    if row is None:
-        return None
+    return None if row is None else _claimed(row)
+
+
+def _claimed(row: Row[Any]) -> ClaimedJob:
     return ClaimedJob(
-        id=job_id,
+        id=row.id,
         attempt=row.attempts,
         options=TranscribeOptions.from_json(row.options),
         audio_blob=row.audio_blob,
@@ -261,20 +525,6 @@ class Finished:
     delivery_id: str | None = None  # its webhook event, sent once stored
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How a run ended, as its finish stores it."""
-
-    status: JobStatus
-    result: dict[str, Any] | None = None
-    input_length_ms: int | None = None
-    runtime_ms: int = 0
-    tokens_generated: int = 0
-    tokens_input: int = 0
-    error_code: str | None = None
-    error_message: str | None = None
-
-
 def finish(
     claimed: ClaimedJob,
     *,
@@ -305,41 +555,17 @@ def finish(
 def finish_many(
     outcomes: Sequence[tuple[ClaimedJob, Outcome]], *, settings: Settings
 ) -> list[Finished]:
-    """Store several runs' outcomes in one transaction, each as if alone.
+    """Store several runs' outcomes in one transaction, each as if alone, in a constant
+    number of statements (``lifecycle.end_jobs_each``).
 
     The guard is the attempt number: a run may finish its job while it is ``running`` or,
     after its lease ran out, ``queued`` again but not yet claimed by anyone else (a stall
     or a Postgres outage longer than the lease), never once a newer run claimed it."""
-    done: list[Finished] = []
-    batches: set[str] = set()
+    endings = [Ending(claimed.id, claimed.attempt, o) for claimed, o in outcomes]
     with session_scope() as session:
-        for claimed, o in outcomes:
-            ended = end_job(
-                session,
-                claimed.id,
-                o.status,
-                where=and_(
-                    Job.status.in_([JobStatus.running, JobStatus.queued]),
-                    Job.attempts == claimed.attempt,
-                ),
-                settings=settings,
-                result=o.result,
-                input_length_ms=o.input_length_ms,
-                runtime_ms=o.runtime_ms,
-                tokens_generated=o.tokens_generated,
-                tokens_input=o.tokens_input,
-                error_code=o.error_code,
-                error_message=o.error_message,
-                # Each batch's end is looked at once for all of them, below.
-                batch_hook=False,
-            )
-            # None: canceled, or a newer run owns it now.
-            stored = ended is not None
-            done.append(Finished(stored, ended.delivery_id if ended is not None else None))
-            if ended is not None and ended.batch_id is not None:
-                batches.add(ended.batch_id)
-        end_batches_if_done(session, batches)
-    return done
+        ended = end_jobs_each(session, endings, settings=settings)
+    # None: canceled, or a newer run owns it now.
+    return [Finished(e is not None, None if e is None else e.delivery_id) for e in ended]
 
 
 @dataclass(frozen=True)
