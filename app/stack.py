@@ -57,8 +57,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker.runtime import engine_slots
 
     threads = engine_slots(engine) + WEBHOOK_THREADS
-    queues = args.queues or ",".join(
-        [settings.queue_interactive, settings.queue_bulk, settings.queue_webhooks]
+    queues = ",".join(
+        worker_queues(
+            args.queues.split(",")
+            if args.queues
+            else [settings.queue_interactive, settings.queue_bulk, settings.queue_webhooks],
+            settings,
+        )
     )
     # Not worker_main(): it drops the worker's exit status, so a worker that stopped on an
     # unrecoverable error exited 0 and no restart policy (compose, systemd) brought it back.
@@ -78,6 +83,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ]
     )
     return int(status or 0)
+
+
+def worker_queues(names: list[str], settings: Settings) -> list[str]:
+    """The queues a worker consumes: serving a job queue is consuming its units twin too
+    (a bulk enqueue's messages, app/infra/queue.py)."""
+    from app.infra.queue import units_queue
+
+    jobs = {settings.queue_interactive, settings.queue_bulk}
+    out: list[str] = []
+    for name in (n.strip() for n in names):
+        if name and name not in out:
+            out.append(name)
+            if name in jobs:
+                out.append(units_queue(name))
+    return out
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})

@@ -215,7 +215,7 @@ def _drain(
 
         from app.infra.blobs import build_store
         from app.infra.models import Batch, Job
-        from app.infra.queue import RUN_JOB, build_celery
+        from app.infra.queue import build_celery, send_jobs
         from app.jobs.keys import create_key
         from app.jobs.options import TranscribeOptions
         from app.settings import Settings
@@ -267,8 +267,8 @@ def _drain(
         producer = build_celery(settings)
         client.config_resetstat()
         mem0 = int(client.info("memory")["used_memory"])
-        for job_id in ids:
-            producer.send_task(RUN_JOB, args=[job_id], queue=settings.queue_bulk)
+        # As a batch sends them (app/jobs/batches.py): a units message per 64 jobs.
+        send_jobs(ids, queue=settings.queue_bulk, celery=producer)
         enqueue_cmds = _redis_cmds(client)
         per_waiting = (int(client.info("memory")["used_memory"]) - mem0) / size
 

@@ -119,10 +119,11 @@ def test_sigkill_mid_job_reruns_once_and_strands_nothing(
         short = stack.enqueue(api_key_id=key.row.id, audio=noise_wav(1.0), n=3, webhook_url=NEVER)
         wait_running(stack, long_id, attempt=1)
         # The other three messages reach the worker's free threads (checked in Redis, or
-        # the assertion below would also pass with nothing delivered), and their tasks run.
-        wait_held(stack, 4)
+        # the assertion below would also pass with nothing delivered), and their tasks run;
+        # the long job's own message was acked when it was claimed.
+        wait_held(stack, 3)
         time.sleep(0.5)
-        # It holds four messages but started one job: the others are still anybody's.
+        # It holds three messages and started one job: the others are still anybody's.
         assert {r.status for r in stack.jobs(short).values()} == {"queued"}
         first.kill()
         second = worker(stack, model, tmp_path, "w2")
@@ -138,32 +139,37 @@ def test_sigkill_mid_job_reruns_once_and_strands_nothing(
             second.stop()
 
 
-def test_sigkill_with_a_claimed_batch_reruns_each_job_once(
+def test_sigkill_with_a_claimed_units_message_reruns_each_of_its_jobs_once(
     stack: Stack, key: CreatedKey, model: Path, tmp_path: Path
 ) -> None:
-    """A worker holding 16 jobs, claimed in a few coalesced transactions, dies at once:
-    every one of them is run again by the next worker, once, and ends once."""
+    """A batch's 64 jobs travel as one units message: a worker with 16 engine rows claims all
+    64 in one go and acks the message, then dies at once. Each of the 64 is run again by the
+    next worker, once (the lease expiry queues it with a new message), and ends once."""
+    from app.infra.queue import WAKE_UNITS
+
     rows_n = 16
     stack.overrides["WHISPERQ_ENGINE_MAX_BATCH_ROWS"] = str(rows_n)
     stack.overrides["WHISPERQ_ENGINE_LANES"] = "1"
     stack.overrides["WHISPERQ_ENGINE_READY_ROWS"] = "0"
-    first = worker(stack, model, tmp_path, "w1", concurrency=rows_n)
+    first = worker(stack, model, tmp_path, "w1")
     second = None
     try:
         ids = stack.enqueue(
             api_key_id=key.row.id,
             audio=noise_wav(20.0),
             options=LONG,
-            n=rows_n,
+            n=WAKE_UNITS,
             bulk=True,
             webhook_url=NEVER,
         )
         stack.wait(ids, until=lambda r: r.status == "running" and r.attempts == 1, timeout=120)
+        wait_held(stack, 0)  # the one message is acked: the 64 jobs are the leases' now
         first.kill()
-        second = worker(stack, model, tmp_path, "w2", concurrency=rows_n)
-        rows = stack.wait_ended(ids, timeout=240)
+        second = worker(stack, model, tmp_path, "w2")
+        rows = stack.wait_ended(ids, timeout=300)
         assert {(r.status, r.attempts) for r in rows.values()} == {("succeeded", 2)}, second.log()
         assert stack.deliveries(ids) == dict.fromkeys(ids, 1)
+        assert not second.events(Event.jobs_resent)  # the expiry sent them, not the reaper
     finally:
         first.kill()
         if second is not None:

@@ -20,6 +20,8 @@ from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
+from app.infra.queue import WAKE_UNITS, queue_of, units_queue
+
 log = logging.getLogger(__name__)
 
 PRIORITY_SEP = "\x06\x16"
@@ -30,31 +32,59 @@ UNACKED_INDEX = "unacked_index"
 
 @dataclass(frozen=True)
 class BrokerCounts:
-    waiting: dict[str, int]  # messages in each job queue
-    held: int  # job messages taken by workers and not yet acked
+    """Wake-ups, in claims (a units message counts WAKE_UNITS, app/infra/queue.py)."""
+
+    waiting: dict[str, int]  # in each job queue and its units twin, not yet delivered
+    held: int  # delivered to a worker that has not claimed for them yet (the unacked hash)
 
 
 def broker_counts(client: Any, queues: Sequence[str]) -> BrokerCounts:
     """One atomic read (MULTI) of the job queues' lengths and the held messages."""
+    lists = [
+        (q, name, units) for q in queues for name, units in ((q, 1), (units_queue(q), WAKE_UNITS))
+    ]
     pipe = client.pipeline(transaction=True)
-    for queue in queues:
-        pipe.llen(queue)
+    for _queue, name, _units in lists:
+        pipe.llen(name)
         for step in PRIORITY_STEPS:
-            pipe.llen(f"{queue}{PRIORITY_SEP}{step}")
+            pipe.llen(f"{name}{PRIORITY_SEP}{step}")
     pipe.hvals(UNACKED)
     replies = pipe.execute()
-    per_queue = 1 + len(PRIORITY_STEPS)
-    waiting = {
-        queue: sum(replies[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(queues)
-    }
+    per_list = 1 + len(PRIORITY_STEPS)
+    waiting = dict.fromkeys(queues, 0)
+    for i, (queue, _name, units) in enumerate(lists):
+        waiting[queue] += units * sum(replies[i * per_list : (i + 1) * per_list])
     held = 0
     for raw in replies[-1]:
         try:
             _payload, _exchange, routing_key = json.loads(raw)
         except (ValueError, TypeError):
             continue
-        held += routing_key in queues
+        queue, units = queue_of(routing_key)
+        held += units if queue in queues else 0
     return BrokerCounts(waiting=waiting, held=held)
+
+
+def ack_running(task_id: str) -> bool:
+    """Ack the message of this worker's running task ``task_id`` now, before the task ends
+    (its claims committed: what the message asked for is done). Celery's own late ack at the
+    end is then a no-op. False if the task is not running here."""
+    from celery.worker import state
+
+    for request in _requests(lambda: list(state.active_requests)):
+        if request.id == task_id and not request.acknowledged:
+            request.acknowledge()
+            return True
+    return False
+
+
+def _requests(read: Any) -> list[Any]:
+    for _ in range(5):
+        try:  # the worker's sets change under us; a retry is cheaper than a lock
+            return list(read())
+        except RuntimeError:
+            continue
+    return []
 
 
 def refresh_held(client: Any, tags: Sequence[str]) -> None:
@@ -70,20 +100,30 @@ def held_delivery_tags() -> list[str]:
     their countdown (webhook retries)."""
     from celery.worker import state
 
-    for _ in range(5):
-        try:  # the worker's sets change under us; a retry is cheaper than a lock
-            requests = [
-                *state.reserved_requests,
-                *state.active_requests,
-                *state.scheduled_requests,
-            ]
-            break
-        except RuntimeError:
-            continue
-    else:
-        return []
+    requests = _requests(
+        lambda: [*state.reserved_requests, *state.active_requests, *state.scheduled_requests]
+    )
     tags = (getattr(getattr(r, "message", None), "delivery_tag", None) for r in requests)
     return [str(t) for t in tags if t]
+
+
+def consume(queues: Sequence[str], on: bool) -> bool:
+    """Start or stop taking messages from these queues: flow control, so a worker with no
+    room for a 64-job message leaves them in Redis for others (and keeps its Celery threads
+    for single jobs). Runs on the consumer's own loop; a message it had already popped from
+    a stopped queue goes back (kombu). False if this process has no consumer."""
+    consumer = _consumer
+    if consumer is None:
+        return False
+    for queue in queues:
+        if on:
+            consumer.call_soon(consumer.add_task_queue, queue)
+        else:
+            consumer.call_soon(consumer.cancel_task_queue, queue)
+    return True
+
+
+_consumer: Consumer | None = None
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
@@ -106,6 +146,11 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
     a clean teardown. The messages that were not restored are not lost: they stay in Redis's
     unacked set for ``restore_visible`` (our heartbeat keeps them fresh while their jobs run),
     and if Redis lost them the reaper re-sends their jobs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        global _consumer
+        super().__init__(*args, **kwargs)
+        _consumer = self
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         lost = self.connection

@@ -59,4 +59,8 @@ def _shutting_down(**_: Any) -> None:
 
 @worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _stop(**_: Any) -> None:
+    # Jobs of units messages run on job threads, not Celery's: they finish within the grace
+    # or are handed back, with the heartbeat still renewing their leases meanwhile.
+    settings = get_settings()
+    runtime.wait_for_jobs(settings.worker_stop_grace_s + runtime.ENGINE_STOP_WAIT_S)
     _stop_loops.set()

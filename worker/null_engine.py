@@ -15,9 +15,9 @@ from concurrent.futures import Future
 
 from worker.engine import EngineJob, EngineResult
 
-# As many jobs in flight as a default batched engine on a GPU, so the worker's pool and claim
-# slots have the shape a real worker has; the control plane is what runs out first.
-DEFAULT_MAX_IN_FLIGHT = 32
+# As many jobs in flight as a batched engine on a GPU holds (hundreds of rows), so the worker's
+# pool and claims have the shape a real GPU worker has; the control plane is what runs out.
+DEFAULT_MAX_IN_FLIGHT = 256
 
 
 class NullEngine:

@@ -7,10 +7,13 @@
   ``requeue_after_s``. A job merely waiting in a long queue is never sent twice;
 - due webhook deliveries nobody took are sent again.
 
-The count of wake-ups: messages waiting in the job queues, plus messages workers hold
-(worker/broker.py), minus the held ones already spent on a running job. Workers
-refresh what they hold on every heartbeat, so a dead worker's messages go back to their queue
-after ``visibility_timeout_s`` and count as waiting again.
+The count of wake-ups, in claims (a units message counts WAKE_UNITS, app/infra/queue.py):
+messages waiting in the job queues plus messages workers hold (worker/broker.py). A task acks
+its message once its claims commit (worker/tasks.py), so a held message is one not yet
+claimed for, and a running job has no message: a dead worker's jobs are the leases' to
+repair, and the expiry that queues them again sends their wake-ups at once. Workers refresh
+the messages they hold on every heartbeat, so a dead worker's unclaimed messages go back to
+their queue after ``visibility_timeout_s`` and count as waiting again.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from sqlalchemy import and_, or_, select, update
 from app.infra.db import session_scope, utcnow
 from app.infra.logging import Event
 from app.infra.models import DeliveryStatus, WebhookDelivery
-from app.infra.queue import send_delivery, send_job
+from app.infra.queue import SendError, send_delivery, send_jobs
 from app.jobs import claims
 from app.jobs.batches import end_finished_batches
 from app.settings import Settings
@@ -38,13 +41,23 @@ log = logging.getLogger(__name__)
 
 
 def expire_and_dispatch(settings: Settings) -> int:
-    """Expire dead workers' leases; returns how many jobs went back to the queue."""
+    """Expire dead workers' leases and send the wake-ups of the jobs queued again; returns
+    how many jobs went back to the queue."""
     expired = claims.expire_leases(settings)
     # Their end (app/jobs/lifecycle.py) woke their waiters and sent their webhook events.
     for job_id, _delivery_id in expired.failed:
         log.warning("job %s failed: its worker died %d times", job_id, settings.job_max_attempts)
     if expired.requeued:
         log.info("reaper: %d jobs whose worker stopped are queued again", len(expired.requeued))
+    by_queue: dict[str, list[str]] = {}
+    for job_id, queue in expired.requeued:
+        by_queue.setdefault(queue, []).append(job_id)
+    for queue, job_ids in by_queue.items():
+        try:
+            # Their messages were acked when they were claimed: nothing else wakes a worker.
+            send_jobs(job_ids, queue=queue)
+        except SendError as exc:  # Redis away: the shortfall is top_up's to send
+            log.warning("wake-ups of %d re-queued jobs not sent (%s)", len(job_ids), exc)
     return len(expired.requeued)
 
 
@@ -85,7 +98,7 @@ def _read_missing(settings: Settings, client: Any) -> tuple[int, dict[str, int],
     # count look higher than it is (never invent a shortfall).
     broker = broker_counts(client, queues)
     counts = claims.queue_counts(queues)
-    wakeups = sum(broker.waiting.values()) + broker.held - counts.running
+    wakeups = sum(broker.waiting.values()) + broker.held
     return sum(counts.queued.values()) - wakeups, counts.queued, broker
 
 
@@ -112,8 +125,7 @@ def top_up(settings: Settings, client: Any, shortfall: Shortfall) -> int:
         if count <= 0:
             continue
         hints = claims.oldest_queued(queue, count)
-        for i in range(count):
-            send_job(hints[i] if i < len(hints) else "", queue=queue)
+        send_jobs(hints + [""] * (count - len(hints)), queue=queue)
     log.info(
         "reaper re-sent %d jobs (their messages were missing from Redis)",
         n,
@@ -215,11 +227,7 @@ def start_reaper(settings: Settings, stop: threading.Event) -> threading.Thread:
 
 
 def recovery_bound_s(settings: Settings) -> float:
-    """Worst case from a worker's death to the next claim of the job it was running."""
-    if settings.job_lease_s <= settings.visibility_timeout_s:
-        # The dead worker's message comes back once its lease has run out too (the heartbeat
-        # renews the lease just before refreshing the message): that message's claim
-        # expires the lease and takes the job.
-        return settings.visibility_timeout_s + settings.unacked_restore_interval_s
-    # The message may come back too early to help: the reaper expires the lease and tops up.
-    return settings.job_lease_s + 2 * settings.reaper_interval_s + settings.requeue_after_s
+    """Worst case from a worker's death to the next claim of the job it was running: its
+    lease runs out (``job_lease_s`` after the last renewal at most), then any live worker's
+    next sweep (or a claim that finds nothing) queues the job again with its wake-up."""
+    return settings.job_lease_s + settings.reaper_interval_s

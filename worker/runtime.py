@@ -1,9 +1,5 @@
-"""Per worker process: the one engine, the claim slots, the jobs in flight and their
-heartbeat, and the shutdown flag.
-
-A task claims a job only once it holds a slot, and there are as many slots as the engine runs
-jobs at once: a job is never claimed to wait behind others, so a worker that dies strands
-nothing it had not started (the messages it merely held go back to Redis, see below).
+"""Per worker process: the one engine, the room for claims (:class:`Capacity`), the jobs in
+flight and their heartbeat, and the shutdown flag.
 """
 
 from __future__ import annotations
@@ -12,10 +8,12 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.infra.logging import Event
+from app.infra.queue import WAKE_UNITS, queue_of
 from app.jobs import claims
 from app.settings import Settings, get_settings
 from worker import broker
@@ -26,7 +24,8 @@ from worker.null_engine import NullEngine
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _engine: Engine | NullEngine | None = None
-_slots: threading.BoundedSemaphore | None = None
+_capacity: Capacity | None = None
+_runners: ThreadPoolExecutor | None = None
 
 # Set by SIGTERM (Celery's warm shutdown): tasks waiting for a slot give their message back,
 # running ones finish within the grace period or hand their job back.
@@ -36,6 +35,8 @@ STOP_CANCELED = "canceled"
 STOP_TIME_LIMIT = "time_limit_exceeded"
 STOP_SHUTDOWN = "shutdown"
 STOP_LEASE_LOST = "lease_lost"
+# With an engine that stops between windows, how long a stopped job lets it reach the next one.
+ENGINE_STOP_WAIT_S = 60.0
 
 # Observability reads this module (is the model loaded?), so it cannot be imported from here:
 # the Celery app, which imports both, subscribes it to the engine's batches instead.
@@ -111,13 +112,124 @@ def engine_slots(engine: object) -> int:
     return max(1, int(getattr(engine, "max_in_flight", 1)))
 
 
-def claim_slots() -> threading.BoundedSemaphore:
-    global _slots
+class Capacity:
+    """The jobs this worker holds (claimed and not yet ended) against what the engine runs at
+    once. A task claims only once it has taken room for its claims: a job is never claimed to
+    wait far behind others, so a worker that dies strands little it had not started (the
+    messages it merely held go back to Redis). Interactive jobs have room of their own: bulk
+    work never keeps one waiting (the engine puts its rows first), and they are bounded among
+    themselves, so a worker does not hoard them while another is idle."""
+
+    def __init__(self, limit: int, on_units_room: Callable[[bool], None] | None = None) -> None:
+        """``on_units_room`` is told, from the thread that changed it, whenever room for a
+        units message appears or goes (flow control: worker/broker.consume)."""
+        self.limit = limit
+        self.used = 0
+        self.urgent_used = 0
+        self._cond = threading.Condition()
+        self._on_units_room = on_units_room
+        self._units_room = True
+
+    def take(self, n: int, timeout: float, *, urgent: bool = False) -> Taken | None:
+        """Room for ``n`` claims, once there is room for ``min(n, limit)`` (a units message
+        may ask for more jobs than a small engine runs at once: those wait in its queue);
+        ``urgent`` (an interactive job) once fewer than ``limit`` urgent jobs are held."""
+        need = min(n, self.limit)
+
+        def room() -> bool:
+            if urgent:
+                return self.urgent_used + need <= self.limit
+            return self.used + need <= self.limit
+
+        with self._cond:
+            if not self._cond.wait_for(room, timeout):
+                self._units_room_is(self.used + min(WAKE_UNITS, self.limit) <= self.limit)
+                return None
+            self.used += n
+            self.urgent_used += n if urgent else 0
+            self._units_room_is(self.used + min(WAKE_UNITS, self.limit) <= self.limit)
+        return Taken(self, n, urgent=urgent)
+
+    def give(self, n: int, *, urgent: bool = False) -> None:
+        with self._cond:
+            self.used -= n
+            self.urgent_used -= n if urgent else 0
+            self._units_room_is(self.used + min(WAKE_UNITS, self.limit) <= self.limit)
+            self._cond.notify_all()
+
+    def _units_room_is(self, room: bool) -> None:
+        # Under the lock: the flips reach the consumer in the order they happened.
+        if room != self._units_room:
+            self._units_room = room
+            if self._on_units_room is not None:
+                self._on_units_room(room)
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Until every job this worker holds has ended (shutdown)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.used <= 0, timeout)
+
+
+class Taken:
+    """Room one task took: given back as its jobs end (from the threads that run them) and
+    the rest when the task is done."""
+
+    def __init__(self, capacity: Capacity, n: int, *, urgent: bool = False) -> None:
+        self._capacity = capacity
+        self.left = n
+        self.urgent = urgent
+        self._lock = threading.Lock()
+
+    def split(self, n: int) -> Taken:
+        """``n`` of this room, handed to a job that runs on another thread."""
+        with self._lock:
+            n = min(n, self.left)
+            self.left -= n
+        return Taken(self._capacity, n, urgent=self.urgent)
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            n = min(n, self.left)
+            self.left -= n
+        if n:
+            self._capacity.give(n, urgent=self.urgent)
+
+    def give_all(self) -> None:
+        self.give(self.left)
+
+
+def capacity() -> Capacity:
+    global _capacity
     engine = get_engine()
     with _lock:
-        if _slots is None:
-            _slots = threading.BoundedSemaphore(engine_slots(engine))
-        return _slots
+        if _capacity is None:
+            _capacity = Capacity(engine_slots(engine), on_units_room=_consume_units)
+        return _capacity
+
+
+def _consume_units(on: bool) -> None:
+    """Take 64-job messages only while there is room for one (the rest stay in Redis)."""
+    broker.consume([q for q in _consumed or [] if queue_of(q)[1] > 1], on)
+
+
+def wait_for_jobs(timeout: float) -> bool:
+    """Until every job this worker holds has ended (shutdown); True if none was made."""
+    with _lock:
+        made = _capacity
+    return made is None or made.wait_empty(timeout)
+
+
+def runners() -> ThreadPoolExecutor:
+    """Threads that run the jobs of units messages: as many as the worker may hold at once
+    (the engine's slots, overdrawn by one message at most, and urgent jobs)."""
+    global _runners
+    engine = get_engine()
+    with _lock:
+        if _runners is None:
+            _runners = ThreadPoolExecutor(
+                max_workers=2 * engine_slots(engine) + WAKE_UNITS, thread_name_prefix="whisperq-job"
+            )
+        return _runners
 
 
 @dataclass
@@ -262,8 +374,10 @@ def set_consumed_queues(names: list[str]) -> None:
 
 def job_queues(settings: Settings) -> list[str]:
     """The job queues this worker serves, interactive first: a claim takes interactive work
-    before bulk work whichever queue its message came from."""
+    before bulk work whichever queue its message came from (consuming a queue's units twin
+    is serving that queue)."""
     order = [settings.queue_interactive, settings.queue_bulk]
     if _consumed is None:
         return order
-    return [q for q in order if q in _consumed]
+    served = {queue_of(name)[0] for name in _consumed}
+    return [q for q in order if q in served]

@@ -1,21 +1,23 @@
-"""Celery tasks: a message is a wake-up; the task claims the next job by policy from Postgres,
-hands numerics to the engine, and stores the outcome in one guarded transaction.
+"""Celery tasks: a message is a wake-up for one claim, or for WAKE_UNITS (a bulk enqueue,
+app/infra/queue.py); the task claims the next jobs by policy from Postgres, hands numerics to
+the engine, and stores each outcome in a guarded transaction.
 
-What happens to the message: it is acked once the job it led to has ended (or nothing was
-there to claim); it goes back to Redis (``Reject(requeue=True)``) when the job could not be
-claimed because Postgres was unreachable, when the worker shuts down before or during the
-run, or when every key with work is at its in-flight cap. It is never acked and dropped.
+What happens to the message: it is acked once its claims have committed (or nothing was there
+to claim): from then on the jobs are Postgres's, their leases repair a worker that dies, and a
+job handed back at shutdown gets a wake-up of its own. It goes back to Redis
+(``Reject(requeue=True)``) unclaimed when Postgres was unreachable, when the worker shuts down
+first, when every key with work is at its in-flight cap, or (a units message) when the worker
+has no room for it within UNITS_WAIT_S. It is never dropped unclaimed.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from celery.exceptions import Reject
@@ -24,11 +26,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.infra.audio_probe import AudioError
 from app.infra.logging import Event
 from app.infra.models import JobStatus
-from app.infra.queue import DELIVER_WEBHOOK, RUN_JOB, send_delivery
+from app.infra.queue import (
+    DELIVER_WEBHOOK,
+    RUN_JOB,
+    WAKE_UNITS,
+    SendError,
+    send_delivery,
+    send_jobs,
+)
 from app.jobs import claims
 from app.jobs.limits import job_time_limit_s
 from app.settings import Settings, get_settings
-from worker import deliveries, reaper, runtime
+from worker import broker, deliveries, reaper, runtime
 from worker.audio import load_job_audio
 from worker.celery_app import celery
 from worker.coalesce import Coalescer
@@ -41,8 +50,6 @@ SAMPLE_RATE = 16_000
 FINISH_BATCH_MAX = 64
 # How often a waiting task looks at its stop reasons (cancel, limit, shutdown, lease).
 POLL_S = 0.25
-# With an engine that stops between windows, how long to let it reach the next one.
-ENGINE_STOP_WAIT_S = 60.0
 
 
 class JobFailed(Exception):  # noqa: N818 (it names the outcome Flower shows)
@@ -130,7 +137,7 @@ def _wait(
         stop_noticed = stop_noticed or now
         # The engine polls stop_check and ends the run at its next window, saying what it
         # used; one that does not within the wait is let go of.
-        if now - stop_noticed > ENGINE_STOP_WAIT_S:
+        if now - stop_noticed > runtime.ENGINE_STOP_WAIT_S:
             future.cancel()
             return None
 
@@ -215,7 +222,8 @@ def _run(claimed: claims.ClaimedJob, entry: runtime.InFlight, settings: Settings
             extra={"event": Event.lease_lost, "job_id": claimed.id},
         )
         return "lease_lost"
-    # Shutdown: the job goes back to the queue at once, its message with it.
+    # Shutdown: the job goes back to the queue at once, with a wake-up of its own (its
+    # message was acked when it was claimed).
     handed = claims.hand_back(claimed)
     log.warning(
         "job %s: worker stopping, job handed back (%s)",
@@ -223,14 +231,27 @@ def _run(claimed: claims.ClaimedJob, entry: runtime.InFlight, settings: Settings
         handed,
         extra={"event": Event.handed_back, "job_id": claimed.id},
     )
-    raise Reject("worker shutting down", requeue=True)
+    if handed:
+        try:
+            send_jobs([claimed.id], queue=claimed.queue)
+        except SendError:  # Redis away too: the reaper sees the job without a message
+            log.warning(
+                "job %s handed back without a wake-up; the reaper will send one", claimed.id
+            )
+    return "handed_back"
 
 
-def _claim_batch(requests: Sequence[None]) -> list[claims.ClaimResult]:
+def _claim_batch(requests: Sequence[int]) -> list[claims.ClaimBatch]:
+    """Each request asks for its count of jobs; they are claimed together, by policy, and
+    handed out in the order asked."""
     settings = get_settings()
-    got = claims.claim_many(len(requests), queues=runtime.job_queues(settings), settings=settings)
-    missing = [claims.ClaimResult(None, capped=got.capped)] * (len(requests) - len(got.jobs))
-    return [claims.ClaimResult(job) for job in got.jobs] + missing
+    got = claims.claim_many(sum(requests), queues=runtime.job_queues(settings), settings=settings)
+    answers, start = [], 0
+    for n in requests:
+        jobs = got.jobs[start : start + n]
+        start += len(jobs)
+        answers.append(claims.ClaimBatch(jobs, capped=got.capped and len(jobs) < n))
+    return answers
 
 
 def _finish_batch(
@@ -254,75 +275,121 @@ def _finish_batch(
 
 
 # The task threads' claims and finishes, each many to a transaction under load
-# (worker/coalesce.py): as many claims as the engine holds jobs, finishes a little more.
+# (worker/coalesce.py): as many claim requests as the engine holds jobs, finishes a little more.
 _claimer = Coalescer(
     "claim", _claim_batch, max_batch=lambda: runtime.engine_slots(runtime.get_engine())
 )
 _finisher = Coalescer("finish", _finish_batch, max_batch=lambda: FINISH_BATCH_MAX)
 
 
-def _claim(settings: Settings) -> claims.ClaimResult:
-    result = _claimer.submit(None)
+def _claim(n: int, settings: Settings) -> claims.ClaimBatch:
+    got = _claimer.submit(n)
     # Nothing claimable: perhaps a dead worker's job whose lease ran out before the reaper saw
-    # it; this very message may be the one that worker held, restored by Redis.
-    if result.job is None and not result.capped and reaper.expire_and_dispatch(settings):
-        result = _claimer.submit(None)
-    return result
+    # it: expired here, it goes back to the queue with a wake-up, and this claim may take it.
+    if not got.jobs and not got.capped and reaper.expire_and_dispatch(settings):
+        got = _claimer.submit(n)
+    return got
+
+
+# A units message that finds the worker full gives itself back after this long, so an idle
+# worker (blocked in BRPOP, so served first) takes it instead. Long enough that a saturated
+# worker's bounces cost Redis little next to its jobs (a few commands per message per wait).
+UNITS_WAIT_S = 10.0
 
 
 # A JobFailed is an outcome already stored, not a crash: Celery logs it in one line without a
 # traceback (a server fault logged its own above) and Flower still counts a failed task.
 @celery.task(name=RUN_JOB, throws=(JobFailed,))  # type: ignore[untyped-decorator]
-def run_job(job_id: str | None = None) -> str:
-    """``job_id`` is the job whose submission sent this message; the task may run another."""
+def run_job(job_id: str | None = None, units: int = 1) -> str:
+    """A wake-up for ``units`` claims (``job_id``: the first job whose submission sent it;
+    the task claims by policy, so it may run others). The message is acked once its claims
+    have committed: from then on Postgres holds the jobs (their leases), and the reaper counts
+    only the messages not yet claimed for (worker/reaper.py).
+
+    A single job runs on this task's thread, so Flower shows its outcome; a units message's
+    jobs run on the worker's job threads and the task ends once they are claimed, so a
+    Celery thread is never tied up for 64 jobs and the next message (an interactive job)
+    is taken at once."""
     settings = get_settings()
-    slots = runtime.claim_slots()
-    while not slots.acquire(timeout=POLL_S):
-        if runtime.stopping.is_set():
-            raise Reject("worker shutting down", requeue=True)
-    # From its claim slot until its job reaches the engine (or nothing is claimed), this task
-    # is a job the next window waits for, briefly (claiming, ffprobe and ffmpeg). Not while
-    # it waits for a slot: that job cannot come before a window ends and frees one, and a
-    # lane that waited for it would idle its cores (with 64 clients, 1 s per window).
-    with runtime.get_engine().announcing():
-        return _run_claimed(job_id, settings, slots)
-
-
-def _run_claimed(job_id: str | None, settings: Settings, slots: threading.BoundedSemaphore) -> str:
-    back_off = False
+    units = max(1, min(int(units), WAKE_UNITS))  # a garbled message cannot claim the world
+    info = run_job.request.delivery_info or {}
+    # An interactive job is never kept waiting for room by bulk work (runtime.Capacity).
+    urgent = units == 1 and info.get("routing_key") == settings.queue_interactive
+    capacity = runtime.capacity()
+    waited = 0.0
+    while (taken := capacity.take(units, timeout=POLL_S, urgent=urgent)) is None:
+        waited += POLL_S
+        if runtime.stopping.is_set() or (units > 1 and waited >= UNITS_WAIT_S):
+            raise Reject("worker full or stopping", requeue=True)
     try:
-        if runtime.stopping.is_set():
-            raise Reject("worker shutting down", requeue=True)
-        try:
-            result = _claim(settings)
-        except SQLAlchemyError as exc:
-            log.warning(
-                "claim failed (%s); the message goes back to the queue",
-                exc,
-                extra={"event": Event.claim_failed},
-            )
-            back_off = True
-            result = claims.ClaimResult(None)
-        if result.job is not None:
-            entry = runtime.track(result.job)
-            try:
-                return _run(result.job, entry, settings)
-            finally:
-                runtime.untrack(entry)
-        back_off = back_off or result.capped
+        # From its room until its job reaches the engine (or nothing is claimed), this task
+        # is a job the next window waits for, briefly (claiming, ffprobe and ffmpeg). Not
+        # while it waits for room: that job cannot come before a window ends and frees one,
+        # and a lane that waited for it would idle its cores (with 64 clients, 1 s a window).
+        with runtime.get_engine().announcing():
+            return _claim_and_run(job_id, units, settings, taken)
     finally:
-        slots.release()
-    if back_off:
-        # Outside the slot: a capped key or a database outage must not hold up other work.
-        runtime.get_engine().withdraw()  # nor the engine's next window
-        time.sleep(settings.db_retry_delay_s)
-        raise Reject("cannot claim now", requeue=True)
+        taken.give_all()
+
+
+def _claim_and_run(job_id: str | None, units: int, settings: Settings, taken: runtime.Taken) -> str:
+    if runtime.stopping.is_set():
+        raise Reject("worker shutting down", requeue=True)
+    try:
+        got = _claim(units, settings)
+    except SQLAlchemyError as exc:
+        log.warning(
+            "claim failed (%s); the message goes back to the queue",
+            exc,
+            extra={"event": Event.claim_failed},
+        )
+        _back_off(settings, taken)
+    taken.give(units - len(got.jobs))
+    if got.jobs:
+        # What the message asked for is done; a crash from here on is the leases' to repair.
+        broker.ack_running(run_job.request.id)
+        if units == 1:
+            return _run_one(got.jobs[0], settings, taken)
+        pool = runtime.runners()
+        for job in got.jobs:
+            pool.submit(_run_beside, job, settings, taken.split(1))
+        return f"{len(got.jobs)} jobs claimed"
+    if got.capped:
+        _back_off(settings, taken)
     log.info(
         "job %s is not claimable (done, canceled or running elsewhere) and nothing else waits",
         job_id,
         extra={"event": Event.not_claimable, "job_id": job_id},
     )
     return "idle"
+
+
+def _back_off(settings: Settings, taken: runtime.Taken) -> NoReturn:
+    # Without its room: a capped key or a database outage must not hold up other work.
+    taken.give_all()
+    runtime.get_engine().withdraw()  # nor the engine's next window
+    time.sleep(settings.db_retry_delay_s)
+    raise Reject("cannot claim now", requeue=True)
+
+
+def _run_beside(job: claims.ClaimedJob, settings: Settings, taken: runtime.Taken) -> None:
+    """One job of a units message, on a job thread: its outcome is stored and logged."""
+    with runtime.get_engine().announcing():
+        try:
+            _run_one(job, settings, taken)
+        except JobFailed:
+            pass  # stored and logged already
+        except Exception:
+            log.exception("job %s failed", job.id)  # not stored: its lease repairs it
+
+
+def _run_one(claimed: claims.ClaimedJob, settings: Settings, taken: runtime.Taken) -> str:
+    entry = runtime.track(claimed)
+    try:
+        return _run(claimed, entry, settings)
+    finally:
+        runtime.untrack(entry)
+        taken.give_all()
 
 
 @celery.task(name=DELIVER_WEBHOOK)  # type: ignore[untyped-decorator]

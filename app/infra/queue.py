@@ -53,38 +53,69 @@ def get_celery() -> Celery:
 def send_job(job_id: str, *, queue: str) -> None:
     # The message's id is its job's, so Flower's task list reads in job ids (a message may
     # still run another job: the worker claims by policy; its log line names the job run).
-    get_celery().send_task(RUN_JOB, args=[job_id], queue=queue, task_id=job_id or None)
+    send_jobs([job_id], queue=queue)
 
 
-# Messages a bulk enqueue pipelines into one Redis round trip (kombu's publish batches).
+# Messages a bulk enqueue pipelines into one Redis round trip (kombu publish batches).
 SEND_CHUNK = 500
+# A bulk enqueue wakes workers for many jobs per message: a message in a job queue's units
+# twin (``<queue>.x64``) stands for exactly WAKE_UNITS claims, so the reaper counts the
+# wake-ups waiting in Redis from list lengths alone (worker/broker.py), and a backlog costs
+# a Redis message, a task and an ack per 64 jobs instead of per job.
+WAKE_UNITS = 64
+UNITS_SUFFIX = f".x{WAKE_UNITS}"
+
+
+def units_queue(queue: str) -> str:
+    """The twin of a job queue whose messages each wake a worker for WAKE_UNITS jobs."""
+    return f"{queue}{UNITS_SUFFIX}"
+
+
+def queue_of(routing_key: str) -> tuple[str, int]:
+    """The job queue a message's routing key belongs to, and the claims the message stands
+    for."""
+    if routing_key.endswith(UNITS_SUFFIX):
+        return routing_key.removesuffix(UNITS_SUFFIX), WAKE_UNITS
+    return routing_key, 1
 
 
 class SendError(Exception):
-    """The broker failed partway: the first ``sent`` messages are in Redis, the rest may not
-    be."""
+    """The broker failed partway: the wake-ups for the first ``sent`` jobs are in Redis, the
+    rest may not be."""
 
     def __init__(self, sent: int, cause: Exception) -> None:
-        super().__init__(f"{sent} messages sent, then: {cause}")
+        super().__init__(f"{sent} jobs' messages sent, then: {cause}")
         self.sent, self.cause = sent, cause
 
 
-def send_jobs(job_ids: list[str], *, queue: str) -> None:
-    """One message per job, as :func:`send_job` sends them, over one connection and in
-    pipelined chunks: a 1,000-input batch costs a few round trips, not 1,000 (and kombu does
-    not build a Redis client per message). Raises :class:`SendError`."""
-    celery = get_celery()
+def send_jobs(job_ids: list[str], *, queue: str, celery: Celery | None = None) -> None:
+    """Wake-ups for these committed jobs: one message per WAKE_UNITS of them in the queue's
+    units twin, one per job for the rest (an interactive job, the end of a batch), over one
+    connection and in pipelined chunks. The jobs are sent in order, so ``SendError.sent``
+    counts a prefix of ``job_ids``. Raises :class:`SendError`."""
+    celery = celery or get_celery()
+    full = len(job_ids) - len(job_ids) % WAKE_UNITS
+    # (first job, units, queue, task id): a units message's id is its first job's plus the
+    # count, so Flower still names a job; a single job's message keeps its job's id.
+    messages = [
+        (job_ids[i], WAKE_UNITS, units_queue(queue), f"{job_ids[i]}+{WAKE_UNITS}")
+        for i in range(0, full, WAKE_UNITS)
+    ] + [(job_id, 1, queue, job_id) for job_id in job_ids[full:]]
     sent = 0
     try:
         with celery.producer_or_acquire() as producer:
-            for start in range(0, len(job_ids), SEND_CHUNK):
-                chunk = job_ids[start : start + SEND_CHUNK]
+            for start in range(0, len(messages), SEND_CHUNK):
+                chunk = messages[start : start + SEND_CHUNK]
                 with producer.batch(max_size=2 * len(chunk) + 1):
-                    for job_id in chunk:
+                    for first, units, to, task_id in chunk:
                         celery.send_task(
-                            RUN_JOB, args=[job_id], queue=queue, task_id=job_id, producer=producer
+                            RUN_JOB,
+                            args=[first] if units == 1 else [first, units],
+                            queue=to,
+                            task_id=task_id or None,
+                            producer=producer,
                         )
-                sent += len(chunk)
+                sent += sum(units for _, units, _, _ in chunk)
     except Exception as exc:
         raise SendError(sent, exc) from exc
 

@@ -503,9 +503,10 @@ class Stack:
                 ids.append(job.id)
                 # Distinct creation times keep the order of submission.
                 session.flush()
-        if send:
-            for job_id in ids:
-                self.send(job_id, queue)
+        if send:  # as the API sends them: a units message per 64, one per job for the rest
+            from app.infra.queue import send_jobs
+
+            send_jobs(ids, queue=queue, celery=self.producer())
         return ids
 
     def jobs(self, ids: list[str]) -> dict[str, Any]:
