@@ -333,7 +333,9 @@ def test_sync_call_overtakes_a_500_job_bulk_backlog(
     )
     key = new_key("backlog")
     backlog = stack.enqueue(api_key_id=key.row.id, audio=noise_wav(0.5), n=500, bulk=True)
-    w = WorkerProcess(model=quick, log_path=tmp_path / "w.log", env=stack.env, concurrency=1)
+    # Two Celery threads: one may wait with a 64-job message for room, the other is free
+    # for the sync job (by default a worker has its engine's slots plus four).
+    w = WorkerProcess(model=quick, log_path=tmp_path / "w.log", env=stack.env, concurrency=2)
     try:
         deadline = time.monotonic() + 60
         while not any(r.status == "succeeded" for r in stack.jobs(backlog).values()):

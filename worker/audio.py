@@ -15,9 +15,11 @@ Hostile input (issue 14):
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import tempfile
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -202,32 +204,45 @@ def load_job_audio(
     *, blob: str | None, url: str | None, settings: Settings
 ) -> tuple[np.ndarray, int]:
     """The samples and the *decoded* input length in ms; AudioError says what is wrong."""
-    with tempfile.TemporaryDirectory(prefix="whisperq-") as tmp:
-        if blob is not None:
-            try:
-                path = blobs.get_store().local_path(blob, Path(tmp))
-            except blobs.BlobMissingError:
-                raise AudioError(
-                    "audio_missing", "the uploaded audio is gone from the blob store"
-                ) from None
-        elif url is not None:
-            path = Path(tmp) / "input"
-            fetch_url(url, path, settings=settings)
-            if path.stat().st_size == 0:
-                raise AudioError("empty_audio", "the audio URL returned an empty body")
-        else:
-            raise AudioError("audio_missing", "the job has no audio")
-        plain = read_plain_wav(path, max_seconds=settings.max_audio_seconds)
-        if plain is not None:
-            return plain, round(len(plain) * 1000 / SAMPLE_RATE)
-        # The header's claim: a cheap early refusal only, never trusted for the limit.
-        duration = probe_duration_s(path)
-        if duration > settings.max_audio_seconds:
+    # A folder only when a download needs one: a local blob is read where it lies, and
+    # making and removing a folder per job was most of a null-engine job's host time.
+    scratch = Path(tempfile.gettempdir()) / f"whisperq-{uuid.uuid4().hex}"
+    try:
+        return _load(scratch, blob=blob, url=url, settings=settings)
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _load(
+    scratch: Path, *, blob: str | None, url: str | None, settings: Settings
+) -> tuple[np.ndarray, int]:
+    if blob is not None:
+        try:
+            path = blobs.get_store().local_path(blob, scratch)
+        except blobs.BlobMissingError:
             raise AudioError(
-                "audio_too_long",
-                f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
-            )
-        samples = decode(
-            path, timeout_s=settings.ffmpeg_timeout_s, max_seconds=settings.max_audio_seconds
+                "audio_missing", "the uploaded audio is gone from the blob store"
+            ) from None
+    elif url is not None:
+        scratch.mkdir(mode=0o700)
+        path = scratch / "input"
+        fetch_url(url, path, settings=settings)
+        if path.stat().st_size == 0:
+            raise AudioError("empty_audio", "the audio URL returned an empty body")
+    else:
+        raise AudioError("audio_missing", "the job has no audio")
+    plain = read_plain_wav(path, max_seconds=settings.max_audio_seconds)
+    if plain is not None:
+        return plain, round(len(plain) * 1000 / SAMPLE_RATE)
+    # The header's claim: a cheap early refusal only, never trusted for the limit.
+    duration = probe_duration_s(path)
+    if duration > settings.max_audio_seconds:
+        raise AudioError(
+            "audio_too_long",
+            f"audio is {duration:.0f} s; the limit is {settings.max_audio_seconds:.0f} s",
         )
+    samples = decode(
+        path, timeout_s=settings.ffmpeg_timeout_s, max_seconds=settings.max_audio_seconds
+    )
     return samples, round(len(samples) * 1000 / SAMPLE_RATE)

@@ -15,9 +15,10 @@ from concurrent.futures import Future
 
 from worker.engine import EngineJob, EngineResult
 
-# As many jobs in flight as a batched engine on a GPU holds (hundreds of rows), so the worker's
-# pool and claims have the shape a real GPU worker has; the control plane is what runs out.
-DEFAULT_MAX_IN_FLIGHT = 256
+# As many jobs in flight as a batched engine on a GPU holds (its rows plus as many ready), so
+# the worker's pool and claims have the shape a real GPU worker has; the control plane is
+# what runs out.
+DEFAULT_MAX_IN_FLIGHT = 1024
 
 
 class NullEngine:

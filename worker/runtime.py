@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,15 +120,16 @@ class Capacity:
     work never keeps one waiting (the engine puts its rows first), and they are bounded among
     themselves, so a worker does not hoard them while another is idle."""
 
-    def __init__(self, limit: int, on_units_room: Callable[[bool], None] | None = None) -> None:
-        """``on_units_room`` is told, from the thread that changed it, whenever room for a
-        units message appears or goes (flow control: worker/broker.consume)."""
+    def __init__(self, limit: int, on_bulk_room: Callable[[bool], None] | None = None) -> None:
+        """``on_bulk_room`` is told, from the thread that changed it, whether this worker
+        should take more bulk messages (flow control: worker/broker.consume)."""
         self.limit = limit
         self.used = 0
         self.urgent_used = 0
+        self.bulk_waiting = 0  # claims of bulk messages waiting for room
         self._cond = threading.Condition()
-        self._on_units_room = on_units_room
-        self._units_room = True
+        self._on_bulk_room = on_bulk_room
+        self._bulk_room = True
 
     def take(self, n: int, timeout: float, *, urgent: bool = False) -> Taken | None:
         """Room for ``n`` claims, once there is room for ``min(n, limit)`` (a units message
@@ -143,26 +144,44 @@ class Capacity:
 
         with self._cond:
             if not self._cond.wait_for(room, timeout):
-                self._units_room_is(self.used + min(WAKE_UNITS, self.limit) <= self.limit)
                 return None
             self.used += n
             self.urgent_used += n if urgent else 0
-            self._units_room_is(self.used + min(WAKE_UNITS, self.limit) <= self.limit)
         return Taken(self, n, urgent=urgent)
 
     def give(self, n: int, *, urgent: bool = False) -> None:
         with self._cond:
             self.used -= n
             self.urgent_used -= n if urgent else 0
-            self._units_room_is(self.used + min(WAKE_UNITS, self.limit) <= self.limit)
             self._cond.notify_all()
 
-    def _units_room_is(self, room: bool) -> None:
+    @contextlib.contextmanager
+    def bulk_wait(self, n: int) -> Iterator[bool]:
+        """A bulk message (``n`` claims) waiting for room: yields False when an engine's
+        worth of bulk claims already wait (the message goes back at once, and the worker
+        stops taking bulk messages until they get room). That many wait so room that frees
+        up is taken at once (the consumer's loop takes up to a second to start consuming
+        again); more would keep the Celery threads an interactive job needs, and work that
+        another worker could run, waiting here."""
+        with self._cond:
+            if self.bulk_waiting >= self.limit:
+                yield False
+                return
+            self.bulk_waiting += n
+            self._bulk_room_is(self.bulk_waiting < self.limit)
+        try:
+            yield True
+        finally:
+            with self._cond:
+                self.bulk_waiting -= n
+                self._bulk_room_is(self.bulk_waiting < self.limit)
+
+    def _bulk_room_is(self, room: bool) -> None:
         # Under the lock: the flips reach the consumer in the order they happened.
-        if room != self._units_room:
-            self._units_room = room
-            if self._on_units_room is not None:
-                self._on_units_room(room)
+        if room != self._bulk_room:
+            self._bulk_room = room
+            if self._on_bulk_room is not None:
+                self._on_bulk_room(room)
 
     def wait_empty(self, timeout: float) -> bool:
         """Until every job this worker holds has ended (shutdown)."""
@@ -203,13 +222,19 @@ def capacity() -> Capacity:
     engine = get_engine()
     with _lock:
         if _capacity is None:
-            _capacity = Capacity(engine_slots(engine), on_units_room=_consume_units)
+            _capacity = Capacity(engine_slots(engine), on_bulk_room=_consume_bulk)
         return _capacity
 
 
-def _consume_units(on: bool) -> None:
-    """Take 64-job messages only while there is room for one (the rest stay in Redis)."""
-    broker.consume([q for q in _consumed or [] if queue_of(q)[1] > 1], on)
+def _consume_bulk(on: bool) -> None:
+    """Take bulk messages only while few wait for room here (the rest stay in Redis for
+    other workers); interactive ones always."""
+    settings = get_settings()
+    jobs = {settings.queue_interactive, settings.queue_bulk}
+    bulk = [
+        q for q in _consumed or [] if queue_of(q)[0] in jobs and q != settings.queue_interactive
+    ]
+    broker.consume(bulk, on)
 
 
 def wait_for_jobs(timeout: float) -> bool:

@@ -12,6 +12,7 @@ has no room for it within UNITS_WAIT_S. It is never dropped unclaimed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 # Outcomes stored in one transaction at most (a commit per job is what it saves).
-FINISH_BATCH_MAX = 64
+FINISH_BATCH_MAX = 256
 # How often a waiting task looks at its stop reasons (cancel, limit, shutdown, lease).
 POLL_S = 0.25
 
@@ -316,11 +317,14 @@ def run_job(job_id: str | None = None, units: int = 1) -> str:
     # An interactive job is never kept waiting for room by bulk work (runtime.Capacity).
     urgent = units == 1 and info.get("routing_key") == settings.queue_interactive
     capacity = runtime.capacity()
-    waited = 0.0
-    while (taken := capacity.take(units, timeout=POLL_S, urgent=urgent)) is None:
-        waited += POLL_S
-        if runtime.stopping.is_set() or (units > 1 and waited >= UNITS_WAIT_S):
-            raise Reject("worker full or stopping", requeue=True)
+    with contextlib.nullcontext(True) if urgent else capacity.bulk_wait(units) as may_wait:
+        waited = 0.0
+        while (
+            taken := capacity.take(units, timeout=POLL_S if may_wait else 0, urgent=urgent)
+        ) is None:
+            waited += POLL_S
+            if runtime.stopping.is_set() or not may_wait or (units > 1 and waited >= UNITS_WAIT_S):
+                raise Reject("worker full or stopping", requeue=True)
     try:
         # From its room until its job reaches the engine (or nothing is claimed), this task
         # is a job the next window waits for, briefly (claiming, ffprobe and ffmpeg). Not

@@ -40,7 +40,8 @@ class BlobStore(Protocol):
 
     def local_path(self, name: str, scratch: Path) -> Path:
         """A local file holding the blob: the stored file itself, or a download into
-        ``scratch`` (which the caller owns and removes). BlobMissingError when absent."""
+        ``scratch``, a folder the store makes if it needs one (the caller removes it if it
+        exists). BlobMissingError when absent."""
 
     def iter_bytes(self, name: str) -> Iterator[bytes]:
         """The blob in chunks (the job page's audio player). BlobMissingError when absent."""
@@ -128,6 +129,7 @@ class S3BlobStore:
         self.client.upload_file(str(src), self.bucket, self._key(name))
 
     def local_path(self, name: str, scratch: Path) -> Path:
+        scratch.mkdir(mode=0o700, exist_ok=True)
         dest = scratch / check_name(name)
         try:
             self.client.download_file(self.bucket, self._key(name), str(dest))
