@@ -15,26 +15,18 @@ import whisper
 
 from app.jobs.options import parse_options
 from tests.support.api import normalise, wer
-from tests.support.real_models import base_multilingual_checkpoint, speak, tiny_en_checkpoint
+from tests.support.real_models import (
+    ENGLISH,
+    LONG_ENGLISH,
+    base_multilingual_checkpoint,
+    speak,
+    tiny_en_checkpoint,
+)
 from worker.audio import decode
 from worker.engine import Engine, EngineJob, EngineResult
 
 pytestmark = pytest.mark.slow
 
-ENGLISH = (
-    "Good morning everyone. Today we will talk about the new product and the plans for "
-    "next year. Please ask questions at the end."
-)
-# Over 30 s when spoken: seek, prompts from earlier windows and segment splitting all run.
-LONG_ENGLISH = (
-    "Welcome to the office. This short guide explains what you need to know during your "
-    "first week. Your manager will meet you at the front desk and show you around the "
-    "building. The kitchen is on the ground floor, next to the large meeting room. "
-    "Please remember to lock the front door when you leave the office in the evening. "
-    "The parking lot will be closed on Friday for cleaning, so please take the train or "
-    "the bus that day. Every morning the team meets for a short update at the start of "
-    "the day."
-)
 GERMAN = "Guten Morgen. Das Wetter ist heute sehr schön. Ich trinke gerne Kaffee."
 
 

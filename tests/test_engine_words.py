@@ -20,28 +20,13 @@ import torch
 import whisper
 
 from app.jobs.options import parse_options
-from tests.support.real_models import speak, tiny_en_checkpoint
+from tests.support.real_models import ENGLISH, LONG_ENGLISH, SHORT, speak, tiny_en_checkpoint
 from worker.audio import decode
 from worker.engine import Engine, EngineJob, EngineResult, batched
 from worker.engine import longform as longform_mod
 
 pytestmark = pytest.mark.slow
 
-ENGLISH = (
-    "Good morning everyone. Today we will talk about the new product and the plans for "
-    "next year. Please ask questions at the end."
-)
-SHORT = "Good morning everyone. Please ask questions at the end."
-# 30.8 s spoken: two windows, the first ending inside speech (seek moves to its last word).
-LONG_ENGLISH = (
-    "Welcome to the office. This short guide explains what you need to know during your "
-    "first week. Your manager will meet you at the front desk and show you around the "
-    "building. The kitchen is on the ground floor, next to the large meeting room. "
-    "Please remember to lock the front door when you leave the office in the evening. "
-    "The parking lot will be closed on Friday for cleaning, so please take the train or "
-    "the bus that day. Every morning the team meets for a short update at the start of "
-    "the day."
-)
 # Temperature 0 alone: a fallback samples (the long file's 0.8 s tail does), and whisper's
 # draws are not the batch's.
 WORDS = {"word_timestamps": "true", "temperature": "0", "temperature_increment_on_fallback": "none"}

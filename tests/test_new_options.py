@@ -26,23 +26,9 @@ from app.jobs.options import (
     TranscribeOptions,
     parse_options,
 )
+from tests.support.real_models import ENGLISH, LONG_ENGLISH, SHORT
 from worker.engine import Engine, EngineJob, EngineResult, Segment, batched, clips_within
 
-ENGLISH = (
-    "Good morning everyone. Today we will talk about the new product and the plans for "
-    "next year. Please ask questions at the end."
-)
-SHORT = "Good morning everyone. Please ask questions at the end."
-# 30.8 s spoken: two windows, the first ending inside speech.
-LONG_ENGLISH = (
-    "Welcome to the office. This short guide explains what you need to know during your "
-    "first week. Your manager will meet you at the front desk and show you around the "
-    "building. The kitchen is on the ground floor, next to the large meeting room. "
-    "Please remember to lock the front door when you leave the office in the evening. "
-    "The parking lot will be closed on Friday for cleaning, so please take the train or "
-    "the bus that day. Every morning the team meets for a short update at the start of "
-    "the day."
-)
 # A prompt without capitals or punctuation: the model copies its style into the windows
 # that see it, which makes carrying it to later windows visible.
 PLAIN_PROMPT = "good morning everyone today we will talk about the new product and the plans"

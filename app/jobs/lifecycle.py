@@ -24,7 +24,7 @@ import json
 import logging
 import typing
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -371,14 +371,8 @@ def _end_each_alone(
                 o.status,
                 where=Job.attempts == e.attempt,
                 settings=settings,
-                result=o.result,
-                input_length_ms=o.input_length_ms,
-                runtime_ms=o.runtime_ms,
-                tokens_generated=o.tokens_generated,
-                tokens_input=o.tokens_input,
-                error_code=o.error_code,
-                error_message=o.error_message,
                 batch_hook=False,
+                **{f.name: getattr(o, f.name) for f in fields(o) if f.name != "status"},
             )
         )
     if batch_hook:

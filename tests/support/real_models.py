@@ -171,3 +171,22 @@ def speak(text: str, out_wav: Path, *, voice: str = "en-us", speed: int = 150) -
     finally:
         raw.unlink(missing_ok=True)
     return out_wav
+
+
+# Texts the engine tests speak with espeak-ng (one copy: parity tests compare across files).
+ENGLISH = (
+    "Good morning everyone. Today we will talk about the new product and the plans for "
+    "next year. Please ask questions at the end."
+)
+SHORT = "Good morning everyone. Please ask questions at the end."
+# 30.8 s spoken: two windows, the first ending inside speech (seek, prompts from earlier
+# windows and segment splitting all run; with words, seek moves to the last word).
+LONG_ENGLISH = (
+    "Welcome to the office. This short guide explains what you need to know during your "
+    "first week. Your manager will meet you at the front desk and show you around the "
+    "building. The kitchen is on the ground floor, next to the large meeting room. "
+    "Please remember to lock the front door when you leave the office in the evening. "
+    "The parking lot will be closed on Friday for cleaning, so please take the train or "
+    "the bus that day. Every morning the team meets for a short update at the start of "
+    "the day."
+)
