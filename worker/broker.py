@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,18 +111,38 @@ def held_delivery_tags() -> list[str]:
 def consume(queues: Sequence[str], on: bool) -> bool:
     """Start or stop taking messages from these queues: flow control, so a worker with no
     room for a 64-job message leaves them in Redis for others (and keeps its Celery threads
-    for single jobs). Runs on the consumer's own loop; a message it had already popped from
-    a stopped queue goes back (kombu). False if this process has no consumer."""
+    for single jobs). The change runs on the consumer's own loop; a message it had already
+    popped from a stopped queue goes back (kombu). False if this process has no consumer.
+
+    What is scheduled is "make it so", never the flip itself: kombu's hub keeps its ready
+    callbacks in a set, so two flips scheduled before its loop turns may run in either
+    order, and a stop run after the start that followed it left a worker with room that
+    never took a bulk message again (a 20k backlog stalled with 38 messages waiting)."""
     consumer = _consumer
     if consumer is None:
         return False
-    for queue in queues:
-        if on:
-            consumer.call_soon(consumer.add_task_queue, queue)
-        else:
-            consumer.call_soon(consumer.cancel_task_queue, queue)
+    with _wanted_lock:
+        _wanted.update(dict.fromkeys(queues, on))
+    consumer.call_soon(apply_wanted, consumer)
     return True
 
+
+def apply_wanted(consumer: Any) -> None:
+    """Consume exactly the queues last asked for (on the consumer's loop; idempotent)."""
+    tasks = getattr(consumer, "task_consumer", None)
+    if tasks is None:  # not connected: flow control resumes with the next change
+        return
+    with _wanted_lock:
+        wanted = dict(_wanted)
+    for queue, on in wanted.items():
+        if on and not tasks.consuming_from(queue):
+            consumer.add_task_queue(queue)
+        elif not on and tasks.consuming_from(queue):
+            consumer.cancel_task_queue(queue)
+
+
+_wanted: dict[str, bool] = {}
+_wanted_lock = threading.Lock()
 
 _consumer: Consumer | None = None
 
