@@ -6,7 +6,8 @@ slots, heartbeat, reaper, audio loading (one plain 1 s WAV blob every job names,
 without ffmpeg) and the guarded finish all run as in production; only the model is out,
 so what is measured is the control plane.
 
-Per backlog size it prints: drain rate (jobs/s), Postgres transactions and row operations
+Per backlog size it prints: drain rate (jobs/s, from the workers' start; "steady": first claim
+to last finish), the workers' CPU per job, Postgres transactions and row operations
 per job, Redis commands per job (enqueue and drain), Redis memory per waiting job and at peak,
 and how many jobs were claimed more than once or re-sent (must be 0).
 
@@ -89,10 +90,33 @@ class Row:
     claimed_twice: int
     resent: int
     not_ended: int
+    steady_s: float = 0.0  # first claim to last finish (the workers' boot left out)
+    worker_cpu_s: float = 0.0  # the workers' CPU over the same span, near enough
 
     @property
     def jobs_per_s(self) -> float:
         return self.drained / self.drain_s
+
+    @property
+    def steady_jobs_per_s(self) -> float:
+        return self.drained / self.steady_s if self.steady_s > 0 else 0.0
+
+    @property
+    def worker_cpu_ms_per_job(self) -> float:
+        return 1000 * self.worker_cpu_s / max(self.drained, 1)
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (Linux /proc), in seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def _redis_cmds(client: Any) -> int:
@@ -300,6 +324,13 @@ def _drain(
         target = min(drain, size) if drain else size
         done = 0
         deadline = t0 + max(600.0, size / 5)
+        # The workers' CPU from their first claim on: what the jobs cost, not the imports.
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                if conn.execute(select(Job.id).where(Job.status != "queued").limit(1)).first():
+                    break
+            time.sleep(0.02)
+        cpu0 = _cpu_s([p.pid for p in procs])
         while done < target and time.monotonic() < deadline:
             # A partial drain counts finished jobs (its cost grows with them): less often.
             time.sleep(0.5 if target == size else 2.0)
@@ -316,12 +347,15 @@ def _drain(
                             select(func.count()).select_from(Job).where(Job.status == "succeeded")
                         ).scalar_one()
                     )
+        cpu1 = _cpu_s([p.pid for p in procs])
         with engine.connect() as conn:
-            done = int(
-                conn.execute(
-                    select(func.count()).select_from(Job).where(Job.status == "succeeded")
-                ).scalar_one()
-            )
+            done, first, last = conn.execute(
+                select(func.count(), func.min(Job.started_at), func.max(Job.finished_at)).where(
+                    Job.status == "succeeded"
+                )
+            ).one()
+            done = int(done)
+        steady_s = (last - first).total_seconds() if done and first and last else 0.0
         left = target - min(done, target)
         drain_s = time.monotonic() - t0
         drain_cmds = _redis_cmds(client)
@@ -379,6 +413,8 @@ def _drain(
             claimed_twice=twice,
             resent=resent,
             not_ended=left,
+            steady_s=steady_s,
+            worker_cpu_s=cpu1 - cpu0,
         )
     finally:
         for p in procs:
@@ -409,11 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         f"worker` (WHISPERQ_ENGINE=null, default slots), {KEYS} keys"
     )
     print(
-        "| backlog | drained | drain jobs/s | PG xacts/job | PG rows/job | Redis cmds/job enqueue |"
+        "| backlog | drained | drain jobs/s | steady jobs/s | worker CPU ms/job | PG xacts/job | PG rows/job | Redis cmds/job enqueue |"
         " Redis cmds/job drain | Redis B/waiting job | Redis peak MiB | claimed twice |"
         " re-sent | not ended |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for size in args.sizes:  # each row as soon as it is measured
         workdir = Path(tempfile.mkdtemp(prefix="whisperq-backlog-"))
         try:
@@ -427,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         print(
-            f"| {r.size:,} | {r.drained:,} | {r.jobs_per_s:.0f} | {r.pg_xact_per_job:.1f}"
+            f"| {r.size:,} | {r.drained:,} | {r.jobs_per_s:.0f} | {r.steady_jobs_per_s:.0f}"
+            f" | {r.worker_cpu_ms_per_job:.2f} | {r.pg_xact_per_job:.1f}"
             f" | {r.pg_rows_per_job:.0f}"
             f" | {r.redis_enqueue_cmds_per_job:.1f} | {r.redis_drain_cmds_per_job:.1f}"
             f" | {r.redis_bytes_per_waiting_job:.0f} | {r.redis_peak_mib:.1f}"

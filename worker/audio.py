@@ -26,7 +26,12 @@ import numpy as np
 
 from app.errors import ErrorCode
 from app.infra import blobs
-from app.infra.audio_probe import DEMUXER_WHITELIST, AudioError, probe_duration_s, wav_layout
+from app.infra.audio_probe import (
+    DEMUXER_WHITELIST,
+    AudioError,
+    probe_duration_s,
+    wav_layout_of,
+)
 from app.infra.ssrf import AllowList
 from app.settings import Settings
 from worker.audio_fetch import FetchError, fetch_to_file
@@ -157,15 +162,15 @@ def read_plain_wav(path: Path, *, max_seconds: float | None = None) -> np.ndarra
     the file is anything else (ffmpeg decodes it then). Read to the data chunk's end or the
     file's, whichever comes first, as ffmpeg's WAV demuxer does; the limit applies to what
     is read, never to what the header claims."""
-    layout = wav_layout(path)
-    if layout is None or (layout.tag, layout.channels, layout.rate, layout.bits) != PLAIN_WAV:
-        return None
-    limit = (
-        (int(max_seconds * SAMPLE_RATE) + 1) * BYTES_PER_SAMPLE
-        if max_seconds is not None
-        else layout.data_size
-    )
     with path.open("rb") as fh:
+        layout = wav_layout_of(fh)
+        if layout is None or (layout.tag, layout.channels, layout.rate, layout.bits) != PLAIN_WAV:
+            return None
+        limit = (
+            (int(max_seconds * SAMPLE_RATE) + 1) * BYTES_PER_SAMPLE
+            if max_seconds is not None
+            else layout.data_size
+        )
         fh.seek(layout.data_offset)
         data = fh.read(min(layout.data_size, limit + BYTES_PER_SAMPLE))
     if max_seconds is not None and len(data) > limit:

@@ -127,6 +127,7 @@ class Capacity:
         self.used = 0
         self.urgent_used = 0
         self.bulk_waiting = 0  # claims of bulk messages waiting for room
+        self._waiting: list[tuple[int, bool]] = []  # (claims, urgent) of each waiting take
         self._cond = threading.Condition()
         self._on_bulk_room = on_bulk_room
         self._bulk_room = True
@@ -135,25 +136,32 @@ class Capacity:
         """Room for ``n`` claims, once there is room for ``min(n, limit)`` (a units message
         may ask for more jobs than a small engine runs at once: those wait in its queue);
         ``urgent`` (an interactive job) once fewer than ``limit`` urgent jobs are held."""
-        need = min(n, self.limit)
-
-        def room() -> bool:
-            if urgent:
-                return self.urgent_used + need <= self.limit
-            return self.used + need <= self.limit
-
+        need = (min(n, self.limit), urgent)
         with self._cond:
-            if not self._cond.wait_for(room, timeout):
-                return None
+            if not self._fits(need):
+                self._waiting.append(need)
+                try:
+                    if not self._cond.wait_for(lambda: self._fits(need), timeout):
+                        return None
+                finally:
+                    self._waiting.remove(need)
             self.used += n
             self.urgent_used += n if urgent else 0
         return Taken(self, n, urgent=urgent)
+
+    def _fits(self, need: tuple[int, bool]) -> bool:
+        n, urgent = need
+        return (self.urgent_used if urgent else self.used) + n <= self.limit
 
     def give(self, n: int, *, urgent: bool = False) -> None:
         with self._cond:
             self.used -= n
             self.urgent_used -= n if urgent else 0
-            self._cond.notify_all()
+            # Only when a waiter's claims now fit (or the last job ended, for shutdown):
+            # waking every waiting message for each job that ends (a thousand a second, a
+            # dozen waiters) cost the worker more than the jobs did.
+            if self.used <= 0 or any(self._fits(need) for need in self._waiting):
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def bulk_wait(self, n: int) -> Iterator[bool]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -78,49 +80,57 @@ def wav_layout(path: Path) -> WavLayout | None:
     (then ffprobe and ffmpeg judge the file)."""
     try:
         with path.open("rb") as f:
-            size = path.stat().st_size
-            head = f.read(12)
-            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-                return None
-            fmt: tuple[int, int, int, int, int] | None = None
-            pos = 12
-            for _ in range(_WAV_MAX_CHUNKS):
-                hdr = f.read(8)
-                if len(hdr) < 8:
-                    return None
-                cid, clen = hdr[:4], struct.unpack("<I", hdr[4:])[0]
-                pos += 8
-                if cid == b"fmt ":
-                    if not 16 <= clen <= 64:
-                        return None
-                    body = f.read(clen + (clen & 1))
-                    if len(body) < clen:
-                        return None
-                    tag, channels, rate, byte_rate, align, bits = struct.unpack(
-                        "<HHIIHH", body[:16]
-                    )
-                    if tag == _WAVE_FORMAT_EXTENSIBLE:
-                        if clen < 40:
-                            return None
-                        tag = struct.unpack("<H", body[24:26])[0]  # the sub-format GUID's tag
-                    fmt = (tag, channels, rate, byte_rate, bits)
-                    if not (
-                        bits in _WAV_FORMATS.get(tag, ())
-                        and 1 <= channels <= 8
-                        and 8000 <= rate <= 384000
-                        and align == channels * bits // 8
-                        and byte_rate == rate * align
-                    ):
-                        return None
-                elif cid == b"data":
-                    if fmt is None:
-                        return None
-                    tag, channels, rate, byte_rate, bits = fmt
-                    return WavLayout(tag, channels, rate, bits, byte_rate, pos, clen, size)
-                else:
-                    f.seek(clen + (clen & 1), 1)
-                pos += clen + (clen & 1)
+            return wav_layout_of(f)
+    except OSError:
+        return None
+
+
+def wav_layout_of(f: BinaryIO) -> WavLayout | None:
+    """:func:`wav_layout` of an open file, read from its start (the caller goes on reading
+    the samples through the same handle: one open per job)."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(0)
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
             return None
+        fmt: tuple[int, int, int, int, int] | None = None
+        pos = 12
+        for _ in range(_WAV_MAX_CHUNKS):
+            hdr = f.read(8)
+            if len(hdr) < 8:
+                return None
+            cid, clen = hdr[:4], struct.unpack("<I", hdr[4:])[0]
+            pos += 8
+            if cid == b"fmt ":
+                if not 16 <= clen <= 64:
+                    return None
+                body = f.read(clen + (clen & 1))
+                if len(body) < clen:
+                    return None
+                tag, channels, rate, byte_rate, align, bits = struct.unpack("<HHIIHH", body[:16])
+                if tag == _WAVE_FORMAT_EXTENSIBLE:
+                    if clen < 40:
+                        return None
+                    tag = struct.unpack("<H", body[24:26])[0]  # the sub-format GUID's tag
+                fmt = (tag, channels, rate, byte_rate, bits)
+                if not (
+                    bits in _WAV_FORMATS.get(tag, ())
+                    and 1 <= channels <= 8
+                    and 8000 <= rate <= 384000
+                    and align == channels * bits // 8
+                    and byte_rate == rate * align
+                ):
+                    return None
+            elif cid == b"data":
+                if fmt is None:
+                    return None
+                tag, channels, rate, byte_rate, bits = fmt
+                return WavLayout(tag, channels, rate, bits, byte_rate, pos, clen, size)
+            else:
+                f.seek(clen + (clen & 1), 1)
+            pos += clen + (clen & 1)
+        return None
     except (OSError, struct.error):
         return None
 
