@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         f"worker` (WHISPERQ_ENGINE=null, default slots), {KEYS} keys"
     )
     print(
-        "| backlog | drained | drain jobs/s | steady jobs/s | worker CPU ms/job | PG xacts/job | PG rows/job | Redis cmds/job enqueue |"
+        "| backlog | drained | drain jobs/s | steady jobs/s | worker CPU ms/job | PG xacts/job |"
+        " PG rows/job | Redis cmds/job enqueue |"
         " Redis cmds/job drain | Redis B/waiting job | Redis peak MiB | claimed twice |"
         " re-sent | not ended |"
     )
