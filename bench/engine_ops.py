@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from app.jobs.options import BEAM_SIZE, TranscribeOptions
@@ -44,6 +45,20 @@ SEARCHES: tuple[Search, ...] = ("greedy", "sampled", "beam")
 RANDOM_MODEL_EOT = 50257
 
 
+# Ops whose result the host must wait for (a value, or an output shape that depends on data):
+# on a GPU each is a synchronisation. Under inference mode int() and bool() of a tensor
+# dispatch item and is_nonzero; outside it, _local_scalar_dense.
+HOST_READS = frozenset(
+    {
+        torch.ops.aten.item.default,
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.nonzero_numpy.default,
+    }
+)
+
+
 # torch's dispatch-mode base class is unannotated.
 class OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Counts every aten op dispatched on the thread where the mode is active."""
@@ -51,6 +66,7 @@ class OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.ops = 0
+        self.reads = 0  # tensor-to-Python reads: on a GPU, each waits for the device
 
     def __torch_dispatch__(
         self,
@@ -60,6 +76,8 @@ class OpCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         self.ops += 1
+        if func in HOST_READS:
+            self.reads += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -89,6 +107,7 @@ class StepCount:
     min_ops: int
     max_ops: int
     total_ops: int  # the lane's whole run: admission, encoder, prefill, steps, results
+    reads_per_step: float = 0.0  # host reads of device values between consecutive steps
 
     @property
     def ops_per_step_per_row(self) -> float:
@@ -133,10 +152,11 @@ def count_steps(
         sample_len=sample_len,
         lanes=1,
     )
-    calls: list[tuple[int, int, int]] = []  # (slot, rows, ops so far) at each decoder call
+    # (slot, rows, ops so far, reads so far) at each decoder call
+    calls: list[tuple[int, int, int, int]] = []
 
     def on_call(_m: Any, args: tuple[Any, ...]) -> None:
-        calls.append((int(args[2]), int(args[0].shape[0]), counter.ops))
+        calls.append((int(args[2]), int(args[0].shape[0]), counter.ops, counter.reads))
 
     hook = engine.decoder.register_forward_pre_hook(on_call)
     opts = options_for(search)
@@ -156,24 +176,26 @@ def count_steps(
 
 
 def _summarise(
-    search: Search, jobs: int, calls: list[tuple[int, int, int]], total_ops: int
+    search: Search, jobs: int, calls: list[tuple[int, int, int, int]], total_ops: int
 ) -> StepCount:
     prefills = [c for c in calls if c[0] == 0]
     steps = [c for c in calls if c[0] > 0]
     # ops between two step calls one slot apart: exactly one step of one pass
-    per_step = [b[2] - a[2] for a, b in itertools.pairwise(calls) if a[0] > 0 and b[0] == a[0] + 1]
+    pairs = [(a, b) for a, b in itertools.pairwise(calls) if a[0] > 0 and b[0] == a[0] + 1]
+    per_step = [b[2] - a[2] for a, b in pairs]
     if not per_step:
         raise RuntimeError(f"no two consecutive decoder steps seen ({len(calls)} calls)")
     return StepCount(
         search=search,
         jobs=jobs,
-        rows=max(rows for _, rows, _ in steps),
+        rows=max(c[1] for c in steps),
         passes=len(prefills),
         steps=len(steps),
         ops_per_step=statistics.median(per_step),
         min_ops=min(per_step),
         max_ops=max(per_step),
         total_ops=total_ops,
+        reads_per_step=sum(b[3] - a[3] for a, b in pairs) / len(pairs),
     )
 
 
@@ -197,6 +219,7 @@ def table(counts: Sequence[StepCount]) -> str:
         "ops per step (min-max)",
         "ops per step per row",
         "ops, whole run",
+        "host reads per step",
         "ops outside steps per job",
     ]
     body = [
@@ -209,6 +232,7 @@ def table(counts: Sequence[StepCount]) -> str:
             f"{c.ops_per_step:.0f} ({c.min_ops}-{c.max_ops})",
             f"{c.ops_per_step_per_row:.2f}",
             str(c.total_ops),
+            f"{c.reads_per_step:.2f}",
             f"{c.other_ops_per_job:.0f}",
         ]
         for c in counts

@@ -45,3 +45,20 @@ def test_beam_ops_per_step_do_not_grow_with_jobs(model: Any) -> None:
     large = count_steps(12, "beam", sample_len=6, model=model)
     assert (small.rows, large.rows) == (5, 60)  # each job's beams are rows of the pass
     assert_flat(small, large)
+
+
+def test_greedy_steps_read_the_device_every_few_steps_when_told(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a GPU does (SYNC_EVERY_CUDA): the loop reads how many rows live every few steps,
+    so the host queues steps without waiting for the device; beams still read each step."""
+    from worker.engine import decoding
+
+    every_step = count_steps(4, "greedy", sample_len=17, model=model)
+    assert every_step.reads_per_step == 1.0  # the live count, read after each step
+    monkeypatch.setattr(decoding, "SYNC_EVERY_CPU", 8)
+    deferred = count_steps(4, "greedy", sample_len=17, model=model)
+    assert deferred.steps == every_step.steps
+    assert deferred.reads_per_step <= 2 / 15, deferred  # steps 8 and 16 of 16 step pairs
+    beam = count_steps(1, "beam", sample_len=6, model=model)
+    assert beam.reads_per_step >= 1.0

@@ -120,3 +120,42 @@ def test_detects_translates_and_forces_language_in_one_batch(base: Engine, tmp_p
     assert {"morning", "weather", "coffee"} <= words, translated.text
     assert not {"guten", "kaffee"} & words
     assert forced.language == "en"
+
+
+def test_reading_the_device_every_few_steps_decodes_the_same(
+    tiny_en: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU's loop reads how many rows live every SYNC_EVERY_CUDA steps (rows that ended sit
+    through the steps between): the transcripts are the very ones of a read every step, with
+    rows of a batch ending at different steps, across windows and prompts."""
+    from worker.engine import decoding
+
+    short = audio_of(ENGLISH, tmp_path / "en.wav")
+    long = audio_of(LONG_ENGLISH, tmp_path / "long.wav")
+    jobs = [
+        EngineJob(short, parse_options({})),
+        EngineJob(long, parse_options({})),
+        EngineJob(long, parse_options({"condition_on_previous_text": "false"})),
+        EngineJob(short, dataclasses.replace(parse_options({}), logprob_threshold=0.0)),
+    ]
+    every_step = [f.result(timeout=600) for f in [tiny_en.submit(j) for j in jobs]]
+    monkeypatch.setattr(decoding, "SYNC_EVERY_CPU", decoding.SYNC_EVERY_CUDA)
+    deferred_engine = Engine(tiny_en.model, max_wait_ms=200)
+    try:
+        assert deferred_engine.decoder.sync_every == decoding.SYNC_EVERY_CUDA
+        deferred = [f.result(timeout=600) for f in [deferred_engine.submit(j) for j in jobs]]
+    finally:
+        deferred_engine.close(5)
+    for a, b in zip(every_step[:3], deferred[:3], strict=True):
+        assert (b.text, key(b)) == (a.text, key(a))
+        # Equal but for float rounding: rows leave the batch at other steps, so its matrix
+        # products run at other sizes (a done row's log-probabilities counted would be off
+        # by tenths).
+        assert [s.avg_logprob for s in b.segments] == pytest.approx(
+            [s.avg_logprob for s in a.segments], abs=1e-4
+        )
+        assert b.tokens_generated == a.tokens_generated
+    # The fallback's sampled rungs read each step; their draws depend on the engine's
+    # generator, not comparable across two engines: both walked the ladder to its end.
+    assert {s.temperature for s in every_step[3].segments} == {1.0}
+    assert {s.temperature for s in deferred[3].segments} == {1.0}

@@ -42,6 +42,12 @@ MAX_INITIAL_TIMESTAMP_S = 1.0
 # Compact the batch (drop finished rows from the caches) once at most this share is live:
 # copying caches every time one row ends would cost more than computing a few dead rows.
 COMPACT_BELOW = 0.5
+# On a GPU, how many steps the loop runs between reads of how many rows are live: each read
+# waits for the device to finish the step, so the host cannot queue the next ones meanwhile.
+# A window whose rows all ended runs at most this many steps minus one for nothing. On a CPU
+# every step (a read costs nothing there, a wasted step does).
+SYNC_EVERY_CUDA = 8
+SYNC_EVERY_CPU = 1
 
 
 def suppress_list(tokenizer: Tokenizer, suppress_tokens: str) -> tuple[int, ...]:
@@ -70,6 +76,7 @@ class BatchDecoder(TextDecoder):
 
     def __init__(self, model: Whisper, dtype: torch.dtype, tokenizer: Tokenizer) -> None:
         super().__init__(model, dtype)
+        self.sync_every = SYNC_EVERY_CUDA if self.device.type == "cuda" else SYNC_EVERY_CPU
         precision = 30.0 / model.dims.n_audio_ctx
         self.vocab = Vocab(
             eot=tokenizer.eot,
@@ -193,11 +200,15 @@ class BatchDecoder(TextDecoder):
 
     def _search_loop(self, pre: Prefilled, search: Search, sample_len: int) -> None:
         """The step loop of every search: step, filter, update, compact."""
+        every = self.sync_every if search.defers_sync else 1
         for it in range(sample_len):
             rows = search.rows
             logits = pre.logits if it == 0 else self._step(search.tok, it, pre.width, rows)
             self._apply_rules(logits, it, rows.suppress, rows.ts)
-            live = search.advance(logits, it)
+            search.advance(logits, it)
+            if (it + 1) % every:
+                continue  # the device runs ahead: nothing here waits for it
+            live = search.live_count()
             if live == 0:
                 break
             if live <= search.size * COMPACT_BELOW:

@@ -120,8 +120,16 @@ class Search(Protocol):
     tok: Tensor  # (R,) the tokens each row feeds into the next step
     size: int  # jobs (or rows) now in the batch: compaction's yardstick
 
-    def advance(self, logits: Tensor, it: int) -> int:
-        """Take step `it`'s filtered logits; the jobs (or rows) still live after it."""
+    # Whether a row (or job) that is done stays harmless through more steps (its tokens
+    # masked, its sums frozen), so the loop may read how many live only every few steps.
+    defers_sync: bool
+
+    def advance(self, logits: Tensor, it: int) -> None:
+        """Take step `it`'s filtered logits."""
+        ...
+
+    def live_count(self) -> int:
+        """The jobs (or rows) still live after the last step (a device sync on a GPU)."""
         ...
 
     def compact(self) -> None:

@@ -21,6 +21,11 @@ class Greedy:
     """whisper's GreedyDecoder on every row: argmax at temperature 0, else a draw from
     Categorical(logits / T) (Gumbel-max); a row is done at EOT or at its length budget."""
 
+    # A done row writes EOT and adds nothing to its sums, however many steps it sits through.
+    # Not when sampling: each step draws for every row of the batch, so steps run for nothing
+    # (and compaction's timing) would change the draws of the rows still live.
+    defers_sync = True
+
     def __init__(
         self,
         pre: Prefilled,
@@ -36,6 +41,7 @@ class Greedy:
         self.size = n
         temps = torch.tensor(temperatures, device=dev)
         self.sampled = any(t > 0 for t in temperatures)
+        self.defers_sync = not self.sampled
         # Per row, compacted with the rows: its index in the pass, and the search's state.
         self.index = torch.arange(n, device=dev)
         self.budget = pre.budget
@@ -50,7 +56,7 @@ class Greedy:
         self.final_sum = torch.zeros(n, device=dev)
         self.final_steps = torch.zeros(n, dtype=torch.long, device=dev)
 
-    def advance(self, logits: Tensor, it: int) -> int:
+    def advance(self, logits: Tensor, it: int) -> None:
         v = self.vocab
         nxt = logits.argmax(dim=-1)
         if self.sampled:
@@ -65,6 +71,8 @@ class Greedy:
         self.rows.ts = self.rows.ts.after(nxt, v.timestamp_begin)
         self.live = live & (nxt != v.eot) & (self.budget > it + 1)
         self.tok = nxt
+
+    def live_count(self) -> int:
         return int(self.live.sum())
 
     def _save(self) -> None:
@@ -104,6 +112,9 @@ class Greedy:
 class Beam:
     """whisper's BeamSearchDecoder over many jobs, each job's beams consecutive rows."""
 
+    # Its step already reads the device (which jobs just finished): the loop reads it each step.
+    defers_sync = False
+
     def __init__(
         self,
         pre: Prefilled,
@@ -118,6 +129,7 @@ class Beam:
         self.beam, self.cands = beam_size, beam_size + 1
         self.rows = pre.rows  # one row per job until the first step's beams
         self.size = n  # jobs now in the batch
+        self._live = n  # jobs not yet done, as of the last step
         self.max_cand = torch.tensor([round(beam_size * p) for p in patience], device=dev)
         if bool((self.max_cand < 1).any()):
             raise ValueError(f"patience {patience} leaves no candidates for a beam of {beam_size}")
@@ -151,7 +163,7 @@ class Beam:
         score, order = flat.sort(dim=-1, descending=True, stable=True)
         return score, top_tok.view(self.size, -1).gather(1, order), order // self.cands
 
-    def advance(self, logits: Tensor, it: int) -> int:
+    def advance(self, logits: Tensor, it: int) -> None:
         v, beam, dev = self.vocab, self.beam, logits.device
         score, cand_tok, cand_beam = self._candidates(logits, it)
         # The next beams: the first `beam` candidates without EOT. An EOT candidate
@@ -185,10 +197,13 @@ class Beam:
         n_fin_now = self.n_fin[self.job]
         done = self.active & ((n_fin_now >= self.max_cand[self.job]) | (self.budget <= it + 1))
         if not bool(done.any()):
-            return self.size
+            return
         self._finish_unfinished(done, n_fin_now, it)
         self.active = self.active & ~done
-        return int(self.active.sum())
+        self._live = int(self.active.sum())
+
+    def live_count(self) -> int:
+        return self._live
 
     def _finish_eot(self, finished: Tensor, score: Tensor, cand_beam: Tensor, it: int) -> None:
         """Record the EOT candidates in reach as finished sequences, while a job has room."""
