@@ -351,8 +351,11 @@ def test_sync_call_overtakes_a_500_job_bulk_backlog(
         sync_done = stack.jobs([r.json()["request_id"]])[r.json()["request_id"]].finished_at
         rows = stack.jobs(backlog).values()
         before = sum(1 for j in rows if j.finished_at is not None and j.finished_at < sync_done)
-        # It waited for the window running when it arrived (2 rows), and shared the next.
-        assert before <= 5, before
+        # It waits for the window running when it arrives (2 rows) and shares the next: 3-4
+        # bulk jobs end first on a quiet machine, 8-15 while other suites load both cores
+        # (each window is short, so latency counts in windows). Behind a units message it
+        # would be 65 or more (seen with the guard broken by hand).
+        assert before < WAKE_UNITS // 2, before
         assert sum(1 for j in rows if j.status == "queued") > 400
     finally:
         with Session(stack.db()) as session, session.begin():
