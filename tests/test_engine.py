@@ -90,6 +90,12 @@ NO_FALLBACK = {
     "logprob_threshold": "none",
     "no_speech_threshold": "none",
 }
+# The one option only whisper's own transcribe() runs (the exact path): its draws, its order.
+BEST_OF_SAMPLED = {
+    "temperature": "0.5",
+    "temperature_increment_on_fallback": "none",
+    "best_of": "2",
+}
 
 
 def test_result_shape_and_metering(engine: Engine) -> None:
@@ -397,7 +403,7 @@ def test_jobs_ready_beyond_a_batch_wait_for_the_next_window() -> None:
 
 def test_lanes_decode_windows_side_by_side_and_exact_jobs_on_their_own_model() -> None:
     """Two lanes run windows at the same time, each on its share of torch's threads;
-    whisper's own transcribe() (clip_timestamps) runs on the exact thread, on a copy of the
+    whisper's own transcribe() (best_of when sampling) runs on the exact thread, on a copy of the
     model: the hooks it runs with never touch the model the lanes decode with."""
     eng = Engine(random_model(seed=1), max_batch_rows=1, max_wait_ms=0, lanes=2)
     assert eng.lane_threads == max(1, torch.get_num_threads() // 2)
@@ -422,10 +428,10 @@ def test_lanes_decode_windows_side_by_side_and_exact_jobs_on_their_own_model() -
     eng._run_exact_alone = timed_exact  # type: ignore[method-assign]
     try:
         opts = options_of(NO_FALLBACK)
-        clipped = dataclasses.replace(opts, clip_timestamps="0.2,0.8")
+        sampled = options_of({**NO_FALLBACK, **BEST_OF_SAMPLED})
         futures = [eng.submit(EngineJob(noise(1.0, seed), opts)) for seed in range(2)]
         time.sleep(0.1)  # both lanes hold a window now
-        futures += [eng.submit(EngineJob(noise(1.0, 5), clipped))]
+        futures += [eng.submit(EngineJob(noise(1.0, 5), sampled))]
         futures += [eng.submit(EngineJob(noise(1.0, seed), opts)) for seed in (3, 4)]
         for fut in futures:
             fut.result(timeout=300)
@@ -446,12 +452,12 @@ def test_lanes_decode_windows_side_by_side_and_exact_jobs_on_their_own_model() -
 
 def test_a_short_job_ends_while_a_long_exact_job_runs() -> None:
     """One lane (a GPU's default): a long job only whisper's transcribe() can run (here
-    clip_timestamps) must not hold up the batched jobs behind it. (A long word-timestamp
+    best_of when sampling) must not hold up the batched jobs behind it. (A long word-timestamp
     job shares the lane's windows instead: tests/test_engine_words.py.)"""
     eng = Engine(random_model(seed=1), max_batch_rows=4, max_wait_ms=0, lanes=1)
     try:
-        clipped = options_of({**NO_FALLBACK, "clip_timestamps": "0.5"})
-        long = eng.submit(EngineJob(noise(600.0, 1), clipped))
+        sampled = options_of({**NO_FALLBACK, **BEST_OF_SAMPLED})
+        long = eng.submit(EngineJob(noise(600.0, 1), sampled))
         deadline = time.monotonic() + 60
         while not long.running():  # a lane took it (and handed it to the exact thread)
             assert time.monotonic() < deadline

@@ -151,12 +151,14 @@ def test_only_what_the_batch_does_exactly_is_batched() -> None:
     assert batched(parse_options({"best_of": "1"}))  # one sample: the greedy pass's own
     assert not batched(parse_options({"best_of": "2"}))
     assert not batched(parse_options({"best_of": "2", "temperature": "0.5"}))
-    assert not batched(parse_options({"clip_timestamps": "1,2"}))
+    assert batched(parse_options({"clip_timestamps": "1,2"}))
     # word timestamps are batched (tests/test_engine_words.py), and the threshold on them
     assert batched(parse_options({"word_timestamps": "true"}))
     words_and_threshold = {"word_timestamps": "true", "hallucination_silence_threshold": "2"}
     assert batched(parse_options(words_and_threshold))
-    assert not batched(parse_options({"word_timestamps": "true", "clip_timestamps": "1,2"}))
+    assert batched(parse_options({"word_timestamps": "true", "clip_timestamps": "1,2"}))
+    sampled = {"temperature": "0.5", "temperature_increment_on_fallback": "none"}
+    assert not batched(parse_options({**sampled, "best_of": "2", "clip_timestamps": "1,2"}))
     # stored options that never met the API's check: transcribe() ignores the threshold
     # without word timestamps, and so does the batch
     assert batched(dataclasses.replace(TranscribeOptions(), hallucination_silence_threshold=2))
@@ -336,17 +338,46 @@ def test_best_of_on_fallbacks_seeded_like_whisper(
 
 
 @pytest.mark.slow
-def test_clip_timestamps_exact(tiny_en: Engine, clips: dict[str, np.ndarray]) -> None:
-    audio = clips["english"]
-    got = _engine(tiny_en, audio, parse_options({"clip_timestamps": "1.0,4.5"}))
-    ref = _whisper(tiny_en, audio, clip_timestamps="1.0,4.5")
-    _same(got, ref, whole=True)
-    assert got.segments and got.segments[0].start >= 1.0
-    _differ(ref, _whisper(tiny_en, audio))
-    # a clip running past the end of the audio stops there (whisper would decode empty
-    # windows forever): what whisper gives for a clip to the end
-    got = _engine(tiny_en, audio, parse_options({"clip_timestamps": "2,100"}))
-    _same(got, _whisper(tiny_en, audio, clip_timestamps="2"), whole=True)
+def test_clip_timestamps_batched(tiny_en: Engine, clips: dict[str, np.ndarray]) -> None:
+    """Clips run in the batched windows, beside a plain job: a clip inside one window, a
+    clip longer than a window then a second clip, clips with word timestamps, a clip running
+    past the end of the audio and one starting after it. Each job equals whisper's
+    transcribe() with the same clips (temperature 0 alone: a fallback would sample)."""
+    t0: dict[str, str | None] = {"temperature": "0", "temperature_increment_on_fallback": "none"}
+    english, long = clips["english"], clips["long_then_english"]
+    cases: list[tuple[np.ndarray, dict[str, str | None], dict[str, Any]]] = [
+        (english, {"clip_timestamps": "1.0,4.5"}, {"clip_timestamps": "1.0,4.5"}),
+        (long, {"clip_timestamps": "0.5,31,33,37"}, {"clip_timestamps": "0.5,31,33,37"}),
+        (
+            long,
+            {"clip_timestamps": "3,12,20", "word_timestamps": "true"},
+            {"clip_timestamps": "3,12,20", "word_timestamps": True},
+        ),
+        # whisper would decode empty windows past the end for ever: to the end, as with "2"
+        (english, {"clip_timestamps": "2,100"}, {"clip_timestamps": "2"}),
+    ]
+    exact_before = tiny_en.stats.exact_jobs
+    jobs = [EngineJob(audio, parse_options({**t0, **fields})) for audio, fields, _ in cases]
+    after_end = EngineJob(english, parse_options({**t0, "clip_timestamps": "50,60"}))
+    plain = EngineJob(english, parse_options(t0))
+    futures = [tiny_en.submit(j) for j in [*jobs, after_end, plain]]
+    got = [f.result(timeout=600) for f in futures]
+    assert tiny_en.stats.exact_jobs == exact_before  # nothing took the exact path
+    for (audio, _, kw), ours in zip(cases, got, strict=False):
+        ref = _whisper(tiny_en, audio, temperature=0.0, **kw)
+        _same(ours, ref)
+        if kw.get("word_timestamps"):
+            words = [s.get("words") for s in ours.raw["segments"]]
+            assert words == [s["words"] for s in ref["segments"]]
+        _differ(ref, _whisper(tiny_en, audio, temperature=0.0))
+    clipped, two_clips, with_words = got[0], got[1], got[2]
+    # the model's last timestamp may overshoot the clip's end a little, as in whisper
+    assert clipped.segments[0].start >= 1.0 and clipped.segments[-1].end < 5.0
+    assert len({s.seek for s in two_clips.segments}) >= 3  # two windows in the first clip
+    assert any(s.start >= 33.0 for s in two_clips.segments)
+    assert not any(12.0 < s.start < 20.0 for s in with_words.segments)
+    assert (got[4].text, got[4].segments) == ("", ())
+    _same(got[5], _whisper(tiny_en, english, temperature=0.0))
 
 
 @pytest.mark.slow

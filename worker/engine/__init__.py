@@ -10,9 +10,10 @@ re-decode, reusing their encoder output), no-speech skips, prompts from previous
 initial prompt, language detection (batched), beam search (``patience``: the beam jobs'
 windows at temperature 0 as a pass of their own, each job's beams as rows), word timestamps
 (whisper's alignment of the windows that want them, after their decode) and
-hallucination_silence_threshold. The options the batch cannot reproduce exactly
-(clip_timestamps, best_of > 1 when sampling) run through openai-whisper's own
-``transcribe()`` beside the lanes, one job at a time. No database, Celery or HTTP here.
+hallucination_silence_threshold, clip_timestamps. The one option the batch cannot reproduce
+exactly (best_of > 1 when sampling: whisper's draws, in whisper's order) runs through
+openai-whisper's own ``transcribe()`` beside the lanes, one job at a time. No database,
+Celery or HTTP here.
 
 The modules, read beside ``whisper/transcribe.py`` and ``whisper/decoding.py``:
 
@@ -37,12 +38,12 @@ The modules, read beside ``whisper/transcribe.py`` and ``whisper/decoding.py``:
 """
 
 from worker.engine.decoding import BatchDecoder, RowResult, RowSpec, suppress_list
-from worker.engine.exact import clips_within
 from worker.engine.lanes import default_lanes
 from worker.engine.longform import (
     PROMPT_RESET_ON_TEMPERATURE,
     JobState,
     batched,
+    clips_within,
     log_mel,
     split_segments_by_timestamps,
 )

@@ -1,7 +1,7 @@
 """The exact path: openai-whisper's own ``transcribe()``, one job at a time.
 
-Jobs whose options the batched windows cannot reproduce exactly (clip_timestamps, best_of > 1
-at t > 0: see :func:`worker.engine.longform.batched`; with word timestamps too, when asked)
+Jobs whose options the batched windows cannot reproduce exactly (best_of > 1 at t > 0: see
+:func:`worker.engine.longform.batched`; with word timestamps and clips too, when asked)
 run here, on the engine's exact thread, beside the lanes, on a copy of the model of their own
 (whisper hooks the modules of the model it runs for word timestamps).
 The job's stop check is polled at each window, as the encoder starts it.
@@ -16,10 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from worker.engine.longform import JobState, check_options
+from worker.engine.longform import JobState, check_options, clips_within
 from worker.engine.types import (
-    HOP_LENGTH,
-    SAMPLE_RATE,
     EngineJob,
     EngineResult,
     EngineStopped,
@@ -94,24 +92,3 @@ def transcribe(model: Whisper, job: EngineJob) -> EngineResult:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result_of(out, len(job.audio), time.perf_counter() - start)
-
-
-def clips_within(clips: list[float], n_samples: int) -> list[float]:
-    """whisper's clip list, cut at the end of the audio. Past the end a clip's window is
-    empty (segment_size 0 or below), so transcribe() can decode it again and again without
-    moving on; a clip that starts after the end is skipped by whisper anyway. Unchanged for
-    clips inside the audio."""
-    content_frames = n_samples // HOP_LENGTH  # transcribe()'s mel frames of the audio itself
-    frames_per_s = SAMPLE_RATE // HOP_LENGTH
-    end_s = content_frames / frames_per_s
-    kept: list[float] = []
-    for i in range(0, len(clips), 2):
-        start, end = clips[i], clips[i + 1] if i + 1 < len(clips) else None
-        if round(start * frames_per_s) >= content_frames:
-            break  # the clips increase (the API checks): every later one is past the end too
-        kept.append(start)
-        if end is not None:
-            kept.append(end if round(end * frames_per_s) <= content_frames else end_s)
-    if not kept and clips:
-        return [end_s, end_s]  # nothing to transcribe; an empty list would mean the whole file
-    return kept

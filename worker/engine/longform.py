@@ -58,9 +58,8 @@ PROMPT_RESET_ON_TEMPERATURE = 0.5
 def batched(opts: TranscribeOptions) -> bool:
     """Whether the batched windows give this job transcribe()'s result; the rest run
     whisper's own transcribe() (the exact path, :mod:`worker.engine.exact`). Word
-    timestamps and hallucination_silence_threshold are batched: :meth:`JobState.accept`."""
-    if getattr(opts, "clip_timestamps", "0") != "0":
-        return False  # the batched seek loop walks the whole file
+    timestamps, hallucination_silence_threshold (:meth:`JobState.accept`) and clip_timestamps
+    (:meth:`JobState.next_window`) are batched."""
     # Several samples per window at t > 0 draw from whisper's random stream in its own order:
     # the exact path keeps a seeded result equal to transcribe()'s.
     best_of = getattr(opts, "best_of", None)
@@ -100,6 +99,38 @@ def log_mel(
     samples = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
     mel = log_mel_spectrogram(samples, n_mels, padding=N_SAMPLES, device=device)
     return mel, time.perf_counter() - start
+
+
+def seek_clips(clip_seconds: list[float], n_samples: int) -> list[tuple[int, int]]:
+    """transcribe()'s ``seek_clips``: (start, end) mel frames of each clip to decode, the
+    clips first cut at the end of the audio (:func:`clips_within`); no clips: the file."""
+    content_frames = n_samples // HOP_LENGTH
+    frames_per_s = SAMPLE_RATE // HOP_LENGTH
+    points = [round(t * frames_per_s) for t in clips_within(clip_seconds, n_samples)] or [0]
+    if len(points) % 2 == 1:
+        points.append(content_frames)
+    return list(zip(points[::2], points[1::2], strict=True))
+
+
+def clips_within(clips: list[float], n_samples: int) -> list[float]:
+    """whisper's clip list, cut at the end of the audio. Past the end a clip's window is
+    empty (segment_size 0 or below), so transcribe() can decode it again and again without
+    moving on; a clip that starts after the end is skipped by whisper anyway. Unchanged for
+    clips inside the audio."""
+    content_frames = n_samples // HOP_LENGTH  # transcribe()'s mel frames of the audio itself
+    frames_per_s = SAMPLE_RATE // HOP_LENGTH
+    end_s = content_frames / frames_per_s
+    kept: list[float] = []
+    for i in range(0, len(clips), 2):
+        start, end = clips[i], clips[i + 1] if i + 1 < len(clips) else None
+        if round(start * frames_per_s) >= content_frames:
+            break  # the clips increase (the API checks): every later one is past the end too
+        kept.append(start)
+        if end is not None:
+            kept.append(end if round(end * frames_per_s) <= content_frames else end_s)
+    if not kept and clips:
+        return [end_s, end_s]  # nothing to transcribe; an empty list would mean the whole file
+    return kept
 
 
 def needs_fallback(opts: TranscribeOptions, d: Decoded) -> bool:
@@ -235,7 +266,10 @@ class JobState:
         self.language: str | None = self.opts.language
         if self.language is None and not multilingual:
             self.language = "en"
-        self.seek = 0
+        self.clips = seek_clips(self.opts.clip_seconds(), len(job.audio))
+        self.clip_idx = 0
+        self.seek = self.clips[0][0]
+        self._into_clip()
         self.all_tokens: list[int] = []
         self.all_segments: list[dict[str, Any]] = []
         self.prompt_reset_since = 0
@@ -247,7 +281,19 @@ class JobState:
 
     @property
     def done(self) -> bool:
-        return self.tokenizer is not None and (self.seek >= self.content_frames)
+        return self.tokenizer is not None and self.clip_idx >= len(self.clips)
+
+    def _into_clip(self) -> None:
+        """The head of transcribe()'s loop: seek within the current clip, else on to the
+        next one (:attr:`clip_idx` past the last: the job is done)."""
+        while self.clip_idx < len(self.clips):
+            start, end = self.clips[self.clip_idx]
+            self.seek = max(self.seek, start)
+            if self.seek < end:
+                return
+            self.clip_idx += 1
+            if self.clip_idx < len(self.clips):
+                self.seek = self.clips[self.clip_idx][0]
 
     @property
     def tok(self) -> Tokenizer:
@@ -281,7 +327,8 @@ class JobState:
         """The next window's mel (padded to 30 s) and initial tokens; sets :attr:`window`."""
         from whisper.audio import pad_or_trim
 
-        segment_size = min(N_FRAMES, self.content_frames - self.seek)
+        clip_end = self.clips[self.clip_idx][1]
+        segment_size = min(N_FRAMES, self.content_frames - self.seek, clip_end - self.seek)
         mel_segment = pad_or_trim(self.mel[:, self.seek : self.seek + segment_size], N_FRAMES)
         if self.opts.carry_initial_prompt:
             # transcribe()'s own slicing, kept as written: a prompt that fills half the
@@ -367,7 +414,12 @@ class JobState:
 
     def accept(self, outcome: Outcome, alignment: list[WordTiming] | None = None) -> None:
         """The rest of transcribe()'s loop body: word timestamps (given the window's
-        alignment, when the job has them), seek, the segments kept, the next prompt."""
+        alignment, when the job has them), seek, the segments kept, the next prompt; then
+        the loop's head (the clip the next window is in)."""
+        self._accept(outcome, alignment)
+        self._into_clip()
+
+    def _accept(self, outcome: Outcome, alignment: list[WordTiming] | None) -> None:
         if outcome.silent:
             self.seek = outcome.seek  # fast-forward to the next segment boundary
             return

@@ -5,7 +5,7 @@ lane (a thread, on its share of torch's threads) takes up to ``max_batch_rows`` 
 shared queue, highest priority and oldest first, decodes their current 30 s window as one
 batch (:func:`worker.engine.windows.step_window`) and puts back the jobs with windows left:
 jobs join and leave between windows, and any lane may run a job's next window. Jobs the
-batched windows cannot reproduce exactly (clip_timestamps, best_of > 1 when sampling) run
+batched windows cannot reproduce exactly (best_of > 1 when sampling) run
 whisper's own ``transcribe()`` beside the lanes, one at a time (:mod:`worker.engine.exact`).
 """
 
@@ -135,10 +135,10 @@ class Engine:
         self._inbox: queue.PriorityQueue[tuple[float, int, Any]] = queue.PriorityQueue()
         self._arrival = itertools.count()
         self._model_lock = ModelLock()
-        # Jobs only whisper's own transcribe() can run (clip_timestamps, best_of > 1 when
-        # sampling) run beside the lanes, one at a time, on a copy of the model made at the
-        # first of them: transcribe() hooks the modules of the model it runs (word
-        # timestamps), so on the shared one it had to stop every lane.
+        # Jobs only whisper's own transcribe() can run (best_of > 1 when sampling) run
+        # beside the lanes, one at a time, on a copy of the model made at the first of
+        # them: transcribe() hooks the modules of the model it runs (word timestamps), so on
+        # the shared one it had to stop every lane.
         self._exact_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisperq-exact")
         self._exact_model: Whisper | None = None
         self._threads = [
@@ -371,7 +371,7 @@ class Engine:
         return windows.encode(self, mels)
 
     def _run_exact(self, state: JobState) -> None:
-        """clip_timestamps and the like: openai-whisper's transcribe(), one job, on the exact
+        """best_of > 1 when sampling: openai-whisper's transcribe(), one job, on the exact
         thread and its own copy of the model (its hooks fire nowhere else), with as many
         torch threads as transcribe() has alone: another count sums in another order, and
         its last bits can move a word time or a silence-threshold decision."""
