@@ -8,6 +8,10 @@ and long-form files built from them (30-50 s: several windows, prompts from earl
 
     python3 -m bench.gpu_bench --model /tmp/gpukeep/tiny_en.pt --audio /tmp/gpukeep/audio
 
+``--step-modes eager,graph`` (the default on CUDA) runs each batch size with the decoder step
+as eager torch and as a CUDA graph replayed per step (``static``: the graph's shapes, not
+captured), so one run says which is faster.
+
 ``--word-timestamps`` runs the corpus with word timestamps on both sides, and says how far the
 engine's word times are from sequential transcribe()'s (issue 24 allows 20 ms on a GPU).
 """
@@ -171,6 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--word-timestamps", action="store_true", help="word timestamps on both sides"
     )
+    parser.add_argument(
+        "--step-modes",
+        default=None,
+        help="decoder step modes to compare (eager, static, graph); default eager,graph on "
+        "CUDA, eager,static elsewhere",
+    )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -200,12 +210,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     seq_by_name = {c.name: r for c, r in zip(seq_clips, seq_results, strict=True)}
 
     ratios = []
-    for rows_n in [int(x) for x in args.batch_rows.split(",")]:
+    modes = (args.step_modes or ("eager,graph" if device == "cuda" else "eager,static")).split(",")
+    configs = [(int(x), mode) for x in args.batch_rows.split(",") for mode in modes]
+    for rows_n, mode in configs:
+        label = f"max_batch_rows={rows_n}, step {mode}"
         if time.monotonic() - started > args.budget_s:
-            print(f"(skipped max_batch_rows={rows_n}: over the {args.budget_s:.0f} s budget)")
+            print(f"(skipped {label}: over the {args.budget_s:.0f} s budget)")
             continue
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         try:
-            engine = Engine(model, max_batch_rows=rows_n, max_wait_ms=5)
+            engine = Engine(model, max_batch_rows=rows_n, max_wait_ms=5, step_mode=mode)
             run_engine(engine, variants * 2, opts)  # warm-up
             t = time.perf_counter()
             results = run_engine(engine, eng_clips, opts)
@@ -214,16 +229,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             texts = [r.text for r in results]
             engine.close(10)
         except Exception as exc:  # print what broke, keep the rest of the table
-            print(f"engine max_batch_rows={rows_n} failed: {type(exc).__name__}: {exc}")
+            print(f"engine {label} failed: {type(exc).__name__}: {exc}")
             continue
-        rows.append(row(f"whisperq engine, max_batch_rows={rows_n}", eng_clips, texts, took))
+        rows.append(row(f"whisperq engine, {label}", eng_clips, texts, took))
         same = sum(
             text.strip() == reference.get(c.name) for c, text in zip(eng_clips, texts, strict=True)
         )
         rate = sum(c.seconds for c in eng_clips) / took
         ratios.append(
-            f"rows={rows_n}: {rate / seq_rate:,.1f}× sequential, {same}/{len(eng_clips)} "
-            "texts identical to sequential transcribe() of the same file"
+            f"rows={rows_n}, step {mode}: {rate / seq_rate:,.1f}× sequential, "
+            f"{same}/{len(eng_clips)} texts identical to sequential transcribe() of the same file"
         )
         if device == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**20

@@ -159,3 +159,32 @@ def test_reading_the_device_every_few_steps_decodes_the_same(
     # generator, not comparable across two engines: both walked the ladder to its end.
     assert {s.temperature for s in every_step[3].segments} == {1.0}
     assert {s.temperature for s in deferred[3].segments} == {1.0}
+
+
+def test_static_steps_decode_the_same(tiny_en: Engine, tmp_path: Path) -> None:
+    """The static decoder step (the shapes a CUDA graph captures: the slot on the device,
+    keys and values written by index_copy_, every slot attended with the unwritten ones
+    masked) gives the eager step's transcripts: greedy and beam rows, prompts, long-form."""
+    short = audio_of(ENGLISH, tmp_path / "en.wav")
+    long = audio_of(LONG_ENGLISH, tmp_path / "long.wav")
+    jobs = [
+        EngineJob(short, parse_options({})),
+        EngineJob(long, parse_options({})),
+        EngineJob(short, parse_options({"initial_prompt": "Product planning meeting."})),
+        EngineJob(long, parse_options({"patience": "1"})),
+    ]
+    eager = [f.result(timeout=600) for f in [tiny_en.submit(j) for j in jobs]]
+    static_engine = Engine(tiny_en.model, max_wait_ms=200, step_mode="static")
+    try:
+        static = [f.result(timeout=600) for f in [static_engine.submit(j) for j in jobs]]
+    finally:
+        static_engine.close(5)
+    assert len({s.seek for s in static[1].segments}) >= 2
+    for a, b in zip(eager, static, strict=True):
+        assert (b.text, key(b)) == (a.text, key(a))
+        # more (masked) keys in each softmax: equal up to float rounding
+        assert [s.avg_logprob for s in b.segments] == pytest.approx(
+            [s.avg_logprob for s in a.segments], abs=1e-4
+        )
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(tiny_en.model, step_mode="graph")

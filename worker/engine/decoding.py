@@ -23,6 +23,7 @@ the batch size (tests/test_engine_ops.py counts them).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,6 +49,11 @@ COMPACT_BELOW = 0.5
 # every step (a read costs nothing there, a wasted step does).
 SYNC_EVERY_CUDA = 8
 SYNC_EVERY_CPU = 1
+# How a decoder step runs: "eager" (TextDecoder.forward: attends the slots written so far),
+# "static" (TextDecoder.step_static: the same shapes every step of a pass) or "graph" (the
+# static step captured as a CUDA graph per pass and replayed: one launch per step instead of
+# a hundred kernels; CUDA only).
+STEP_MODES = ("eager", "static", "graph")
 
 
 def suppress_list(tokenizer: Tokenizer, suppress_tokens: str) -> tuple[int, ...]:
@@ -95,6 +101,15 @@ class BatchDecoder(TextDecoder):
         first[list(v.blank)] = True
         self.first_step_mask = first
         self._suppress_cache: dict[tuple[int, ...], Tensor] = {}
+        self.step_mode = "eager"
+
+    def set_step_mode(self, mode: str) -> None:
+        """How decoder steps run (:data:`STEP_MODES`)."""
+        if mode not in STEP_MODES:
+            raise ValueError(f"step mode {mode!r}: one of {', '.join(STEP_MODES)}")
+        if mode == "graph" and self.device.type != "cuda":
+            raise ValueError("step mode 'graph' captures CUDA graphs: a CUDA device only")
+        self.step_mode = mode
 
     def suppress_mask(self, ids: tuple[int, ...]) -> Tensor:
         mask = self._suppress_cache.get(ids)
@@ -126,7 +141,7 @@ class BatchDecoder(TextDecoder):
         ]
         init = torch.tensor(padded, dtype=torch.long).to(dev)
         offset_t = torch.tensor(offsets, device=dev)
-        cache = self.new_cache(n, slots)
+        cache = self.new_cache(n, slots, zeroed=self.step_mode != "eager")
         cross = self.cross_kv(audio_features)
         slot_ids = torch.arange(slots, device=dev)
         key_ok = (slot_ids[None, :] >= offset_t[:, None])[:, None, None, :]  # (B,1,1,slots)
@@ -201,9 +216,15 @@ class BatchDecoder(TextDecoder):
     def _search_loop(self, pre: Prefilled, search: Search, sample_len: int) -> None:
         """The step loop of every search: step, filter, update, compact."""
         every = self.sync_every if search.defers_sync else 1
+        static = None if self.step_mode == "eager" else StaticSteps(self, pre.width)
         for it in range(sample_len):
             rows = search.rows
-            logits = pre.logits if it == 0 else self._step(search.tok, it, pre.width, rows)
+            if it == 0:
+                logits = pre.logits
+            elif static is not None:
+                logits = static(search.tok, rows)
+            else:
+                logits = self._step(search.tok, it, pre.width, rows)
             self._apply_rules(logits, it, rows.suppress, rows.ts)
             search.advance(logits, it)
             if (it + 1) % every:
@@ -254,6 +275,67 @@ class BatchDecoder(TextDecoder):
         search = Beam(pre, beam_size, patience, sample_len, self.vocab)
         self._search_loop(pre, search, sample_len)
         return search.results(pre, length_penalty or [None] * len(rows))
+
+
+class StaticSteps:
+    """The decoder steps of one pass in a static step mode: the slot the next step writes is
+    a device tensor the step itself advances, so nothing the host passes changes from step
+    to step. With ``graph``, the step is captured as a CUDA graph for the pass's rows and
+    replayed; rows replaced (compaction, a job's row becoming its beams) are captured again.
+    The logits returned are the graph's own buffer: the next step overwrites them."""
+
+    def __init__(self, decoder: BatchDecoder, width: int) -> None:
+        self.decoder = decoder
+        dev = decoder.device
+        self.width = torch.tensor(width, device=dev)
+        self.slot = torch.tensor(width, device=dev)  # step 1 writes the slot after the prefill
+        self.graph = decoder.step_mode == "graph"
+        self._captured: _Captured | None = None
+
+    def _run(self, tok: Tensor, rows: Rows) -> Tensor:
+        d = self.decoder
+        positions = (rows.length + (self.slot - self.width)).clamp(max=d.n_ctx - 1)
+        hidden = d.step_static(
+            tok, self.slot, positions, rows.key_ok, rows.cache, rows.cross, rows.group
+        )
+        logits = d.logits(hidden)
+        self.slot.add_(1)
+        return logits
+
+    def __call__(self, tok: Tensor, rows: Rows) -> Tensor:
+        if not self.graph:
+            return self._run(tok, rows)
+        cap = self._captured
+        if cap is None or cap.rows is not rows:
+            self._captured = None  # its memory pool goes before the next one is taken
+            cap = self._captured = self._capture(tok, rows)
+        cap.tok.copy_(tok)
+        cap.graph.replay()
+        return cap.logits
+
+    def _capture(self, tok: Tensor, rows: Rows) -> _Captured:
+        """torch's recipe: warm up on a side stream, then capture. Warm-up steps write the
+        slot the next step writes anyway, and are taken back from the counter."""
+        static_tok = tok.clone()
+        side = torch.cuda.Stream(self.decoder.device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(self.decoder.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run(static_tok, rows)
+                self.slot.sub_(1)
+        torch.cuda.current_stream(self.decoder.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._run(static_tok, rows)
+        return _Captured(rows, static_tok, graph, logits)
+
+
+@dataclass(frozen=True)
+class _Captured:
+    rows: Rows
+    tok: Tensor
+    graph: torch.cuda.CUDAGraph
+    logits: Tensor
 
 
 __all__ = ["BatchDecoder", "RowResult", "RowSpec", "suppress_list"]

@@ -75,10 +75,13 @@ class Engine:
         ready_rows: int | None = None,
         lanes: int | None = None,
         exact_words: bool | None = None,
+        step_mode: str = "eager",
     ) -> None:
         """`max_batch_rows` None: DEFAULT_MAX_BATCH_ROWS off CUDA, on CUDA what the device's
         free memory fits (:func:`worker.engine.sizing.rows_for_memory`). `exact_words` None:
-        word alignment as transcribe() makes it on a CPU, batched on a GPU (see below)."""
+        word alignment as transcribe() makes it on a CPU, batched on a GPU (see below).
+        `step_mode`: how the decoder steps run (:data:`worker.engine.decoding.STEP_MODES`;
+        "eager" until a GPU run says which is faster there)."""
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
         if ready_rows is not None and ready_rows < 0:
@@ -110,6 +113,7 @@ class Engine:
         # tokens sampled per window at most: whisper's default, smaller only for benchmarks
         self.sample_len = sample_len or model.dims.n_text_ctx // 2
         self.decoder = self._load_decoder()
+        self.decoder.set_step_mode(step_mode)
         # Measured once the model and the decoder's copy of its matrices are on the device.
         self.max_batch_rows = max_batch_rows or self._default_batch_rows()
         # Jobs the worker may hand in at once: a batch per lane, plus the ones waiting

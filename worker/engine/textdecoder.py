@@ -134,12 +134,16 @@ class TextDecoder(nn.Module):
     def _heads(self, t: Tensor) -> Tensor:
         return t.view(t.shape[0], t.shape[1], self.n_head, -1).transpose(1, 2)
 
-    def new_cache(self, rows: int, slots: int) -> KVCache:
+    def new_cache(self, rows: int, slots: int, *, zeroed: bool = False) -> KVCache:
+        """Self-attention keys and values of every layer; ``zeroed`` for :meth:`step_static`,
+        which reads slots not yet written (masked out, but a NaN left in memory would still
+        turn its weight 0 times the value into NaN)."""
         shape = (rows, self.n_head, slots, self.n_state // self.n_head)
+        new = torch.zeros if zeroed else torch.empty
         return [
             (
-                torch.empty(shape, dtype=self.dtype, device=self.device),
-                torch.empty(shape, dtype=self.dtype, device=self.device),
+                new(shape, dtype=self.dtype, device=self.device),
+                new(shape, dtype=self.dtype, device=self.device),
             )
             for _ in self.layers
         ]
@@ -186,6 +190,44 @@ class TextDecoder(nn.Module):
             h = self._ln(x, w.ln3_w, w.ln3_b)
             x = x + F.linear(F.gelu(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
         out: Tensor = self._ln(x, self.ln_w, self.ln_b)
+        return out
+
+    def step_static(
+        self,
+        tokens: Tensor,  # (B,) each row's last token
+        slot: Tensor,  # 0-dim long: the cache slot this step writes
+        positions: Tensor,  # (B,) positional-embedding index of each row's token
+        key_ok: Tensor,  # (B, 1, 1, slots) bool: a row's padding slots are never attended
+        cache: KVCache,  # per layer (B, H, slots, hd), zeroed when made
+        cross: KVCache,
+        group: int = 1,
+    ) -> Tensor:
+        """One decoder step (B, n_state) whose shapes and host-side values are the same at
+        every step of a pass: the step number lives on the device (``slot``), the new keys
+        and values go in by ``index_copy_`` and every row attends all slots, those after
+        ``slot`` masked. So the step can be captured once as a CUDA graph and replayed
+        (:class:`worker.engine.decoding.StepGraph`), or compiled without a graph break; the
+        arithmetic is :meth:`forward`'s, over more (masked) keys."""
+        x = self.token_embedding[tokens[:, None]] + self.positional[positions[:, None]]
+        if self.dtype != torch.float32:
+            x = x.to(self.dtype)
+        slots = key_ok.shape[-1]
+        visible = key_ok & (torch.arange(slots, device=slot.device) <= slot)
+        at = slot.view(1)
+        for w, (ck, cv), (xk, xv) in zip(self.layers, cache, cross, strict=True):
+            h = self._ln(x, w.ln1_w, w.ln1_b)
+            qkv = F.linear(h, w.qkv_w, w.qkv_b)
+            q, k, v = torch.split(qkv, self.n_state, dim=-1)
+            ck.index_copy_(2, at, self._heads(k))
+            cv.index_copy_(2, at, self._heads(v))
+            a = F.scaled_dot_product_attention(self._heads(q), ck, cv, attn_mask=visible)
+            x = x + F.linear(a.transpose(1, 2).flatten(2), w.out_w, w.out_b)
+            h = self._ln(x, w.ln2_w, w.ln2_b)
+            a = self._cross_attention(self._heads(F.linear(h, w.cq_w, w.cq_b)), xk, xv, group)
+            x = x + F.linear(a.transpose(1, 2).flatten(2), w.cout_w, w.cout_b)
+            h = self._ln(x, w.ln3_w, w.ln3_b)
+            x = x + F.linear(F.gelu(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+        out: Tensor = self._ln(x[:, 0], self.ln_w, self.ln_b)
         return out
 
     @staticmethod
