@@ -314,19 +314,26 @@ class StaticSteps:
         return cap.logits
 
     def _capture(self, tok: Tensor, rows: Rows) -> _Captured:
-        """torch's recipe: warm up on a side stream, then capture. Warm-up steps write the
-        slot the next step writes anyway, and are taken back from the counter."""
+        """torch's recipe, without torch.cuda.graph's device sync and cache flush (a pass
+        captures at least once): a first call on the capture's stream (lazy kernel and
+        workspace set-up), its slot taken back from the counter (the step after writes it
+        anyway), then the capture. Capture errors are this thread's own ("thread_local"):
+        other threads make jobs' log-mels on the device meanwhile."""
+        dev = self.decoder.device
         static_tok = tok.clone()
-        side = torch.cuda.Stream(self.decoder.device)  # type: ignore[no-untyped-call]
-        side.wait_stream(torch.cuda.current_stream(self.decoder.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run(static_tok, rows)
-                self.slot.sub_(1)
-        torch.cuda.current_stream(self.decoder.device).wait_stream(side)
+        main = torch.cuda.current_stream(dev)
+        side = torch.cuda.Stream(dev)  # type: ignore[no-untyped-call]
+        side.wait_stream(main)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._run(static_tok, rows)
+        with torch.cuda.stream(side):
+            self._run(static_tok, rows)
+            self.slot.sub_(1)
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                logits = self._run(static_tok, rows)
+            finally:
+                graph.capture_end()
+        main.wait_stream(side)
         return _Captured(rows, static_tok, graph, logits)
 
 
