@@ -574,11 +574,11 @@ def test_out_of_memory_splits_the_batch(engine: Engine, passes: list[int]) -> No
     real = engine.decoder.decode
     refused: list[int] = []
 
-    def small_memory(features: torch.Tensor, rows: Any, *args: Any) -> Any:
+    def small_memory(features: torch.Tensor, rows: Any, *args: Any, **kw: Any) -> Any:
         if len(rows) > 2:  # as if a bigger batch did not fit
             refused.append(len(rows))
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(features, rows, *args)
+        return real(features, rows, *args, **kw)
 
     engine.decoder.decode = small_memory  # type: ignore[method-assign]
     try:
@@ -788,3 +788,35 @@ def test_the_log_mel_is_made_on_the_engines_device_only_on_a_gpu() -> None:
         assert eng.mel_device is None
     finally:
         eng.close(5)
+
+
+def test_fallback_rungs_reuse_the_cross_attention_of_their_first_pass(
+    engine: Engine, passes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row that falls back decodes again on the cross-attention keys and values its first
+    pass made (whisper makes them again for each rung: they are the same), each its own."""
+    from worker.engine import windows
+
+    made: list[int] = []
+    real = engine.decoder.cross_kv
+
+    def counted(features: torch.Tensor) -> Any:
+        made.append(int(features.shape[0]))
+        return real(features)
+
+    # every rung fails: each window walks the whole ladder (0.0 to 1.0 by 0.2)
+    opts = dataclasses.replace(options_of({}), logprob_threshold=0.0)
+    jobs = [EngineJob(noise(3.0, seed), opts) for seed in range(3)]
+
+    def decode_all() -> list[EngineResult]:
+        torch.manual_seed(11)  # the sampled rungs draw the same on both runs
+        return [f.result(timeout=300) for f in [engine.submit(j) for j in jobs]]
+
+    monkeypatch.setattr(engine.decoder, "cross_kv", counted)
+    reused = decode_all()
+    assert made == [3] and len(passes) == 6  # one window of 3 rows, 6 rungs
+    made.clear()
+    monkeypatch.setattr(windows.WindowCross, "of", lambda self, idx: None)
+    remade = decode_all()
+    assert made == [3] * 6
+    assert [key(r) for r in reused] == [key(r) for r in remade]

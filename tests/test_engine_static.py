@@ -17,7 +17,6 @@ from tests.support.random_model import random_model
 from worker.engine import Engine, EngineJob
 from worker.engine.decoding import StaticSteps
 
-
 # What reads a device value on the host inside a trace (this torch traces .item() into the
 # graph rather than breaking it, so a full graph alone does not prove there is none).
 HOST_READS = {"item", "tolist", "nonzero", "_local_scalar_dense"}

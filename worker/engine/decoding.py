@@ -32,7 +32,7 @@ from torch import Tensor
 
 from worker.engine.rows import Prefilled, RowResult, Rows, RowSpec, Search, TimestampState, Vocab
 from worker.engine.searches import Beam, Greedy
-from worker.engine.textdecoder import TextDecoder
+from worker.engine.textdecoder import KVCache, TextDecoder
 
 if TYPE_CHECKING:
     from whisper.model import Whisper
@@ -123,7 +123,13 @@ class BatchDecoder(TextDecoder):
 
     # ------------------------------------------------------------------ one pass
 
-    def _prefill(self, audio_features: Tensor, rows: list[RowSpec], sample_len: int) -> Prefilled:
+    def _prefill(
+        self,
+        audio_features: Tensor,
+        rows: list[RowSpec],
+        sample_len: int,
+        cross: KVCache | None = None,
+    ) -> Prefilled:
         """Every row's initial tokens through the decoder in one call, left-padded to the
         longest: every row then writes its next key/value at the same cache slot each step,
         padding slots are masked out of self-attention (a padding query sees itself only, so
@@ -142,7 +148,8 @@ class BatchDecoder(TextDecoder):
         init = torch.tensor(padded, dtype=torch.long).to(dev)
         offset_t = torch.tensor(offsets, device=dev)
         cache = self.new_cache(n, slots, zeroed=self.step_mode != "eager")
-        cross = self.cross_kv(audio_features)
+        if cross is None:
+            cross = self.cross_kv(audio_features)
         slot_ids = torch.arange(slots, device=dev)
         key_ok = (slot_ids[None, :] >= offset_t[:, None])[:, None, None, :]  # (B,1,1,slots)
         pos = (slot_ids[None, :width] - offset_t[:, None]).clamp(min=0)
@@ -242,9 +249,12 @@ class BatchDecoder(TextDecoder):
         rows: list[RowSpec],
         sample_len: int,
         generator: torch.Generator | None = None,
+        cross: KVCache | None = None,
     ) -> list[RowResult]:
-        """Decode one window per row until every row has sampled EOT or hit its length limit."""
-        pre = self._prefill(audio_features, rows, sample_len)
+        """Decode one window per row until every row has sampled EOT or hit its length limit.
+        `cross`: the rows' cross-attention keys and values when already made (None: from
+        `audio_features`)."""
+        pre = self._prefill(audio_features, rows, sample_len, cross)
         search = Greedy(pre, [r.temperature for r in rows], sample_len, self.vocab, generator)
         self._search_loop(pre, search, sample_len)
         return search.results(pre)
@@ -258,6 +268,7 @@ class BatchDecoder(TextDecoder):
         beam_size: int,
         patience: list[float],  # per job
         length_penalty: list[float | None] | None = None,  # per job; None: per token
+        cross: KVCache | None = None,  # per job, as decode()'s
     ) -> list[RowResult]:
         """openai-whisper's BeamSearchDecoder + MaximumLikelihoodRanker for many jobs at once:
         each job's ``beam_size`` beams are consecutive rows of one batch, and the candidate
@@ -271,7 +282,7 @@ class BatchDecoder(TextDecoder):
         """
         # A job's beams all start from its initial tokens: prefilled once per job; its row
         # becomes `beam_size` rows after the first step.
-        pre = self._prefill(audio_features, rows, sample_len)
+        pre = self._prefill(audio_features, rows, sample_len, cross)
         search = Beam(pre, beam_size, patience, sample_len, self.vocab)
         self._search_loop(pre, search, sample_len)
         return search.results(pre, length_penalty or [None] * len(rows))

@@ -4,8 +4,9 @@
 batch), cuts each job's current 30 s window, encodes them (on a GPU all at once, on a CPU a
 window per call), then decodes them with the temperature fallback: every row at its first
 temperature, then only the rows still failing at their next one, reusing their encoder
-output. Beam-search rows (``patience``, at temperature 0) run as a pass of their own beside
-the greedy and sampled rows. The windows of word-timestamp jobs are then aligned
+output and the cross-attention keys and values their first pass made
+(:class:`WindowCross`). Beam-search rows (``patience``, at temperature 0) run as a pass of
+their own beside the greedy and sampled rows. The windows of word-timestamp jobs are then aligned
 (:func:`align_words`: whisper's find_alignment, :mod:`worker.engine.alignment`) before each
 job takes its window's result. Each job is charged its share of the wall time of every batch
 it was in (metering), and out of memory splits a batch in two and retries each half.
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
     from worker.engine.decoding import BatchDecoder
     from worker.engine.stats import EngineStats
+    from worker.engine.textdecoder import KVCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -84,13 +86,15 @@ def step_window(engine: EngineView, states: list[JobState]) -> None:
         return list(feats)
 
     features = with_oom_split(encode, list(range(len(states))), engine.device)
-    # temperature fallback: rows still failing re-decode at their next temperature
+    # temperature fallback: rows still failing re-decode at their next temperature, on the
+    # cross-attention keys and values their first pass made
+    cross = WindowCross()
     level = [0] * len(states)
     final: list[Decoded | None] = [None] * len(states)
     pending = list(range(len(states)))
     while pending:
         decoded = with_oom_split(
-            lambda idx: decode_rows(engine, states, features, level, idx),
+            lambda idx: decode_rows(engine, states, features, cross, level, idx),
             pending,
             engine.device,
         )
@@ -199,10 +203,35 @@ def detect_languages(engine: EngineView, states: list[JobState]) -> None:
         s.set_language(model, lang)
 
 
+class WindowCross:
+    """The cross-attention keys and values of a window's rows, made by the first pass that
+    decodes a row and reused by its fallback rungs (whisper makes them again for each
+    rung: they are the same). Kept once that pass has ended: a pass that ran out of memory
+    leaves nothing behind for its halves to carry."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # per layer
+
+    def of(self, idx: list[int]) -> KVCache | None:
+        """The rows' keys and values, if every one of them has them."""
+        if not idx or any(i not in self._rows for i in idx):
+            return None
+        per_row = [self._rows[i] for i in idx]
+        return [
+            (torch.stack([r[n][0] for r in per_row]), torch.stack([r[n][1] for r in per_row]))
+            for n in range(len(per_row[0]))
+        ]
+
+    def keep(self, idx: list[int], cross: KVCache) -> None:
+        for j, i in enumerate(idx):
+            self._rows[i] = [(k[j], v[j]) for k, v in cross]
+
+
 def decode_rows(
     engine: EngineView,
     states: list[JobState],
     features: list[torch.Tensor],
+    cross: WindowCross,
     level: list[int],
     idx: list[int],
 ) -> list[Decoded]:
@@ -216,7 +245,7 @@ def decode_rows(
     out: dict[int, Decoded] = {}
     for group, beam in ((single, False), (beams, True)):
         if group:
-            decoded = decode_group(engine, states, features, temps, group, beam)
+            decoded = decode_group(engine, states, features, cross, temps, group, beam)
             out.update(zip(group, decoded, strict=True))
     return [out[i] for i in idx]
 
@@ -225,6 +254,7 @@ def decode_group(
     engine: EngineView,
     states: list[JobState],
     features: list[torch.Tensor],
+    window_cross: WindowCross,
     temps: dict[int, float],
     idx: list[int],
     beam: bool,
@@ -238,6 +268,10 @@ def decode_group(
     feats = torch.stack([features[i] for i in idx])
     start = time.perf_counter()
     with torch_threads(engine.decode_threads):
+        cross = window_cross.of(idx)
+        first = cross is None
+        if cross is None:
+            cross = engine.decoder.cross_kv(feats)
         if beam:
             results = engine.decoder.decode_beam(
                 feats,
@@ -246,9 +280,12 @@ def decode_group(
                 BEAM_SIZE,
                 [p for s in sub if (p := s.opts.patience) is not None],  # all of them
                 [s.opts.length_penalty for s in sub],
+                cross=cross,
             )
         else:
-            results = engine.decoder.decode(feats, rows, engine.sample_len)
+            results = engine.decoder.decode(feats, rows, engine.sample_len, cross=cross)
+        if first:
+            window_cross.keep(idx, cross)
     if engine.on_batch is not None:
         engine.on_batch(len(rows))
     if engine.device.type == "cuda":
