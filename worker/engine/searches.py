@@ -112,8 +112,9 @@ class Greedy:
 class Beam:
     """whisper's BeamSearchDecoder over many jobs, each job's beams consecutive rows."""
 
-    # Its step already reads the device (which jobs just finished): the loop reads it each step.
-    defers_sync = False
+    # A job that is done keeps its beams in the batch until compaction, inactive: its
+    # finished list is closed and its steps no longer counted.
+    defers_sync = True
 
     def __init__(
         self,
@@ -129,16 +130,21 @@ class Beam:
         self.beam, self.cands = beam_size, beam_size + 1
         self.rows = pre.rows  # one row per job until the first step's beams
         self.size = n  # jobs now in the batch
-        self._live = n  # jobs not yet done, as of the last step
+        self._live = torch.tensor(n, device=dev)  # jobs not yet done, as of the last step
         self.max_cand = torch.tensor([round(beam_size * p) for p in patience], device=dev)
         if bool((self.max_cand < 1).any()):
             raise ValueError(f"patience {patience} leaves no candidates for a beam of {beam_size}")
         cap = max(beam_size, int(self.max_cand.max()))
         # Finished sequences per job, in whisper's dict order: sampled tokens (EOT-padded),
         # their count and their sum of log-probabilities. By job index, never compacted.
-        self.fin_tok = torch.full((n, cap, sample_len), vocab.eot, dtype=torch.long, device=dev)
-        self.fin_len = torch.zeros((n, cap), dtype=torch.long, device=dev)
-        self.fin_lp = torch.full((n, cap), -math.inf, device=dev)
+        # Slot `cap` is a spare: the writes of each step go to every job's first `beam`
+        # candidates, and those that are no finished sequence land there (so no step reads
+        # how many there are).
+        self.spare = cap
+        slots = cap + 1
+        self.fin_tok = torch.full((n, slots, sample_len), vocab.eot, dtype=torch.long, device=dev)
+        self.fin_len = torch.zeros((n, slots), dtype=torch.long, device=dev)
+        self.fin_lp = torch.full((n, slots), -math.inf, device=dev)
         self.n_fin = torch.zeros(n, dtype=torch.long, device=dev)
         self.steps = torch.zeros(n, dtype=torch.long, device=dev)
         # Per job, compacted together once enough jobs are done: its index in this pass.
@@ -196,30 +202,39 @@ class Beam:
 
         n_fin_now = self.n_fin[self.job]
         done = self.active & ((n_fin_now >= self.max_cand[self.job]) | (self.budget <= it + 1))
-        if not bool(done.any()):
-            return
         self._finish_unfinished(done, n_fin_now, it)
         self.active = self.active & ~done
-        self._live = int(self.active.sum())
+        self._live = self.active.sum()
 
     def live_count(self) -> int:
-        return self._live
+        return int(self._live)
+
+    def _record(self, keep: Tensor, slot: Tensor, rows: Tensor, length: int, lp: Tensor) -> None:
+        """Finished sequences: (jobs, beam) candidates, those kept at their list's `slot`,
+        the others at the spare slot; each the first `length` tokens of its beam row."""
+        slot = torch.where(keep, slot, self.spare)
+        at = self.job[:, None].expand_as(slot)
+        if length:
+            self.fin_tok[at, slot, :length] = self.hist[rows, :length]
+        self.fin_len[at, slot] = length
+        self.fin_lp[at, slot] = lp
+        self.n_fin.index_add_(0, self.job, keep.sum(dim=-1))
 
     def _finish_eot(self, finished: Tensor, score: Tensor, cand_beam: Tensor, it: int) -> None:
-        """Record the EOT candidates in reach as finished sequences, while a job has room."""
+        """Record the EOT candidates in reach as finished sequences, while a job has room.
+        A job has at most `beam` of them (each beam proposes EOT once at most): its first
+        `beam` candidates with the EOT ones first, in rank order, hold them all."""
         finished = finished & self.active[:, None]
-        rank = finished.cumsum(dim=-1) - 1
+        n_cand = finished.shape[1]
+        pos = torch.arange(n_cand, device=finished.device).expand_as(finished)
+        first = torch.where(finished, pos, pos + n_cand).topk(self.beam, largest=False).indices
+        is_fin = finished.gather(1, first)
+        rank = self.beam_ids[None, :]  # the finished ones lead, in rank order
         n_fin_now = self.n_fin[self.job]
-        keep = finished & (n_fin_now[:, None] + rank < self.max_cand[self.job][:, None])
-        jl, c = keep.nonzero(as_tuple=True)
-        if len(jl):
-            at = self.job[jl]
-            slot_of = n_fin_now[jl] + rank[jl, c]
-            row_of = jl * self.beam + cand_beam[jl, c] if it > 0 else jl * self.beam
-            self.fin_tok[at, slot_of, :it] = self.hist[row_of, :it]
-            self.fin_len[at, slot_of] = it
-            self.fin_lp[at, slot_of] = score[jl, c]
-            self.n_fin.index_add_(0, self.job, keep.sum(dim=-1))
+        keep = is_fin & (n_fin_now[:, None] + rank < self.max_cand[self.job][:, None])
+        source = cand_beam.gather(1, first) if it > 0 else torch.zeros_like(first)
+        rows = torch.arange(self.size, device=first.device)[:, None] * self.beam + source
+        self._record(keep, n_fin_now[:, None] + rank, rows, it, score.gather(1, first))
 
     def _finish_unfinished(self, done: Tensor, n_fin_now: Tensor, it: int) -> None:
         """Jobs done: their unfinished beams, best first, fill their lists up to `beam`."""
@@ -227,15 +242,9 @@ class Beam:
         ranked = self.sum_lp.view(self.size, beam).sort(dim=-1, descending=True, stable=True)
         need = (beam - n_fin_now).clamp(min=0)
         fill = done[:, None] & (self.beam_ids[None, :] < need[:, None])
-        jl, k = fill.nonzero(as_tuple=True)
-        if len(jl):
-            at = self.job[jl]
-            slot_of = n_fin_now[jl] + k
-            row_of = jl * beam + ranked.indices[jl, k]
-            self.fin_tok[at, slot_of, : it + 1] = self.hist[row_of, : it + 1]
-            self.fin_len[at, slot_of] = it + 1
-            self.fin_lp[at, slot_of] = ranked.values[jl, k]
-            self.n_fin.index_add_(0, self.job, fill.sum(dim=-1))
+        rows = torch.arange(self.size, device=done.device)[:, None] * beam + ranked.indices
+        slot = n_fin_now[:, None] + self.beam_ids[None, :]
+        self._record(fill, slot, rows, it + 1, ranked.values)
 
     def compact(self) -> None:
         keep_jobs = self.active.nonzero()[:, 0]
