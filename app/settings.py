@@ -184,6 +184,9 @@ class Settings(BaseSettings):
     # CPU with 2+ threads, 1 on CUDA). Engine.max_in_flight = lanes x rows + ready.
     engine_lanes: int | None = Field(default=None, ge=1, le=64)
     engine_max_wait_ms: float = Field(default=10.0, ge=0.0, le=10_000.0)
+    # How decoder steps run (worker/engine/decoding.py STEP_MODES): "graph" replays each
+    # step as one CUDA graph (CUDA only; a worker on another device refuses to start).
+    engine_step_mode: Literal["eager", "static", "graph"] = "eager"
 
     # Metering
     price_per_second: float = 0.0005

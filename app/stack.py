@@ -52,6 +52,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except (ModelLoadError, OSError) as exc:  # OSError: e.g. a model folder it cannot write
         print(f"whisperq worker: cannot load the model: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # an engine setting this device cannot run
+        print(f"whisperq worker: cannot start the engine: {exc}", file=sys.stderr)
+        return 2
     from app.settings import WEBHOOK_THREADS
     from worker.celery_app import celery
     from worker.runtime import engine_slots

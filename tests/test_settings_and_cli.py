@@ -100,6 +100,29 @@ def test_worker_refuses_to_start_without_a_model(tmp_path: Path) -> None:
     assert "cannot load the model" in proc.stderr and "import-ct2" in proc.stderr
 
 
+def test_worker_refuses_a_step_mode_its_device_cannot_run(tmp_path: Path) -> None:
+    from tests.support.random_model import random_checkpoint
+
+    env = {
+        **__import__("os").environ,
+        "WHISPERQ_MODEL": str(random_checkpoint(tmp_path / "random.pt")),
+        "WHISPERQ_DEVICE": "cpu",
+        "WHISPERQ_ENGINE_STEP_MODE": "graph",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "worker"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot start the engine: step mode 'graph'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_api_never_imports_torch_or_whisper() -> None:
     code = (
         "import sys, app.api.main, app.cli; "

@@ -93,6 +93,7 @@ def get_engine() -> Engine | NullEngine:
                 lanes=settings.engine_lanes,
                 max_wait_ms=settings.engine_max_wait_ms,
                 on_batch=_on_batch,
+                step_mode=settings.engine_step_mode,
             )
             log.info(
                 "engine: %d lane(s) x %d torch thread(s) on %s, up to %d rows per window,"
