@@ -86,16 +86,21 @@ def test_model_errors_say_how_to_fix_them(tmp_path: Path, monkeypatch: pytest.Mo
             pick_device("cuda")
 
 
-def test_worker_refuses_to_start_without_a_model(tmp_path: Path) -> None:
-    proc = subprocess.run(
+def _start_worker(**env: str) -> subprocess.CompletedProcess[str]:
+    """`whisperq worker` with these settings, for a worker that must refuse to start."""
+    return subprocess.run(
         [sys.executable, "-m", "app.cli", "worker"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
-        env={**__import__("os").environ, "WHISPERQ_MODEL": str(tmp_path / "nope.pt")},
+        env={**__import__("os").environ, **env},
     )
+
+
+def test_worker_refuses_to_start_without_a_model(tmp_path: Path) -> None:
+    proc = _start_worker(WHISPERQ_MODEL=str(tmp_path / "nope.pt"))
     assert proc.returncode == 2
     assert "cannot load the model" in proc.stderr and "import-ct2" in proc.stderr
 
@@ -103,20 +108,10 @@ def test_worker_refuses_to_start_without_a_model(tmp_path: Path) -> None:
 def test_worker_refuses_a_step_mode_its_device_cannot_run(tmp_path: Path) -> None:
     from tests.support.random_model import random_checkpoint
 
-    env = {
-        **__import__("os").environ,
-        "WHISPERQ_MODEL": str(random_checkpoint(tmp_path / "random.pt")),
-        "WHISPERQ_DEVICE": "cpu",
-        "WHISPERQ_ENGINE_STEP_MODE": "graph",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "app.cli", "worker"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=env,
+    proc = _start_worker(
+        WHISPERQ_MODEL=str(random_checkpoint(tmp_path / "random.pt")),
+        WHISPERQ_DEVICE="cpu",
+        WHISPERQ_ENGINE_STEP_MODE="graph",
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cannot start the engine: step mode 'graph'" in proc.stderr

@@ -175,22 +175,33 @@ class TextDecoder(nn.Module):
             x = x.to(self.dtype)
         end = slot + tokens.shape[1]
         for w, (ck, cv), (xk, xv) in zip(self.layers, cache, cross, strict=True):
-            h = self._ln(x, w.ln1_w, w.ln1_b)
-            qkv = F.linear(h, w.qkv_w, w.qkv_b)
-            q, k, v = torch.split(qkv, self.n_state, dim=-1)
-            ck[:, :, slot:end] = self._heads(k)
-            cv[:, :, slot:end] = self._heads(v)
+            q, k, v = self._qkv(x, w)
+            ck[:, :, slot:end] = k
+            cv[:, :, slot:end] = v
             a = F.scaled_dot_product_attention(
-                self._heads(q), ck[:, :, :end], cv[:, :, :end], attn_mask=self_mask
+                q, ck[:, :, :end], cv[:, :, :end], attn_mask=self_mask
             )
-            x = x + F.linear(a.transpose(1, 2).flatten(2), w.out_w, w.out_b)
-            h = self._ln(x, w.ln2_w, w.ln2_b)
-            a = self._cross_attention(self._heads(F.linear(h, w.cq_w, w.cq_b)), xk, xv, group)
-            x = x + F.linear(a.transpose(1, 2).flatten(2), w.cout_w, w.cout_b)
-            h = self._ln(x, w.ln3_w, w.ln3_b)
-            x = x + F.linear(F.gelu(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+            x = self._rest_of_block(x, a, w, xk, xv, group)
         out: Tensor = self._ln(x, self.ln_w, self.ln_b)
         return out
+
+    def _qkv(self, x: Tensor, w: _Layer) -> tuple[Tensor, Tensor, Tensor]:
+        """A block's self-attention queries, keys and values, split into heads."""
+        qkv = F.linear(self._ln(x, w.ln1_w, w.ln1_b), w.qkv_w, w.qkv_b)
+        q, k, v = torch.split(qkv, self.n_state, dim=-1)
+        return self._heads(q), self._heads(k), self._heads(v)
+
+    def _rest_of_block(
+        self, x: Tensor, a: Tensor, w: _Layer, xk: Tensor, xv: Tensor, group: int
+    ) -> Tensor:
+        """A block after its self-attention `a`: the output projection, cross-attention and
+        the MLP, each added to the residual stream."""
+        x = x + F.linear(a.transpose(1, 2).flatten(2), w.out_w, w.out_b)
+        h = self._ln(x, w.ln2_w, w.ln2_b)
+        a = self._cross_attention(self._heads(F.linear(h, w.cq_w, w.cq_b)), xk, xv, group)
+        x = x + F.linear(a.transpose(1, 2).flatten(2), w.cout_w, w.cout_b)
+        h = self._ln(x, w.ln3_w, w.ln3_b)
+        return x + F.linear(F.gelu(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
 
     def step_static(
         self,
@@ -206,7 +217,7 @@ class TextDecoder(nn.Module):
         every step of a pass: the step number lives on the device (``slot``), the new keys
         and values go in by ``index_copy_`` and every row attends all slots, those after
         ``slot`` masked. So the step can be captured once as a CUDA graph and replayed
-        (:class:`worker.engine.decoding.StepGraph`), or compiled without a graph break; the
+        (:class:`worker.engine.decoding.StaticSteps`), or compiled without a graph break; the
         arithmetic is :meth:`forward`'s, over more (masked) keys."""
         x = self.token_embedding[tokens[:, None]] + self.positional[positions[:, None]]
         if self.dtype != torch.float32:
@@ -215,18 +226,11 @@ class TextDecoder(nn.Module):
         visible = key_ok & (torch.arange(slots, device=slot.device) <= slot)
         at = slot.view(1)
         for w, (ck, cv), (xk, xv) in zip(self.layers, cache, cross, strict=True):
-            h = self._ln(x, w.ln1_w, w.ln1_b)
-            qkv = F.linear(h, w.qkv_w, w.qkv_b)
-            q, k, v = torch.split(qkv, self.n_state, dim=-1)
-            ck.index_copy_(2, at, self._heads(k))
-            cv.index_copy_(2, at, self._heads(v))
-            a = F.scaled_dot_product_attention(self._heads(q), ck, cv, attn_mask=visible)
-            x = x + F.linear(a.transpose(1, 2).flatten(2), w.out_w, w.out_b)
-            h = self._ln(x, w.ln2_w, w.ln2_b)
-            a = self._cross_attention(self._heads(F.linear(h, w.cq_w, w.cq_b)), xk, xv, group)
-            x = x + F.linear(a.transpose(1, 2).flatten(2), w.cout_w, w.cout_b)
-            h = self._ln(x, w.ln3_w, w.ln3_b)
-            x = x + F.linear(F.gelu(F.linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b)
+            q, k, v = self._qkv(x, w)
+            ck.index_copy_(2, at, k)
+            cv.index_copy_(2, at, v)
+            a = F.scaled_dot_product_attention(q, ck, cv, attn_mask=visible)
+            x = self._rest_of_block(x, a, w, xk, xv, group)
         out: Tensor = self._ln(x[:, 0], self.ln_w, self.ln_b)
         return out
 
