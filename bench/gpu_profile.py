@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from app.jobs.options import TranscribeOptions
-from bench.gpu_bench import load_corpus, run_engine
+from bench.gpu_bench import run_engine
+from bench.npy_corpus import load_corpus
 from worker import engine as engine_mod
 from worker.engine.decoding import BatchDecoder
 

@@ -40,7 +40,7 @@ class Throwaway:
 @contextmanager
 def throwaway_stack(workdir: Path, **settings: str) -> Iterator[Throwaway]:
     """``settings``: more WHISPERQ_* values, named without the prefix (ENGINE="null")."""
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine, make_url, text
 
     port = free_port()
     redis = subprocess.Popen(redis_server_argv(port, workdir), stdout=subprocess.DEVNULL)
@@ -50,7 +50,8 @@ def throwaway_stack(workdir: Path, **settings: str) -> Iterator[Throwaway]:
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{db}"'))
-        db_url = PG_ADMIN.rsplit("/", 1)[0] + "/" + db
+        # make_url, not string surgery: a socket URL (embedded Postgres) ends in ?host=/a/path
+        db_url = make_url(PG_ADMIN).set(database=db).render_as_string(hide_password=False)
         env = {
             **os.environ,
             "WHISPERQ_DATABASE_URL": db_url,
