@@ -6,7 +6,8 @@ run it, each on its share of torch's threads); tasks (several in flight per proc
 to ``max_batch_rows`` jobs as one batch (encoder and decoder); jobs join and leave between
 windows, and lanes run their windows side by side. Per job it keeps ``whisper.transcribe()``'s
 long-form semantics: seek from timestamp tokens, temperature fallback (only failing rows
-re-decode, reusing their encoder output), no-speech skips, prompts from previous text,
+re-decode, reusing their encoder output and cross-attention keys and values), no-speech
+skips, prompts from previous text,
 initial prompt, language detection (batched), beam search (``patience``: the beam jobs'
 windows at temperature 0 as a pass of their own, each job's beams as rows), word timestamps
 (whisper's alignment of the windows that want them, after their decode) and
