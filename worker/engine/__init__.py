@@ -7,9 +7,9 @@ to ``max_batch_rows`` jobs as one batch (encoder and decoder); jobs join and lea
 windows, and lanes run their windows side by side. Per job it keeps ``whisper.transcribe()``'s
 long-form semantics: seek from timestamp tokens, temperature fallback (only failing rows
 re-decode, reusing their encoder output and cross-attention keys and values), no-speech
-skips, prompts from previous text,
-initial prompt, language detection (batched), beam search (``patience``: the beam jobs'
-windows at temperature 0 as a pass of their own, each job's beams as rows), word timestamps
+skips, prompts from previous text, initial prompt, language detection (batched), beam search
+(``patience``: the beam jobs' windows at temperature 0 as a pass of their own, each job's
+beams as rows), word timestamps
 (whisper's alignment of the windows that want them, after their decode) and
 hallucination_silence_threshold, clip_timestamps. The one option the batch cannot reproduce
 exactly (best_of > 1 when sampling: whisper's draws, in whisper's order) runs through
