@@ -34,6 +34,18 @@ def audio_of(text: str, path: Path, voice: str = "en-us") -> np.ndarray:
     return decode(speak(text, path, voice=voice), timeout_s=60)
 
 
+def run_all(engine: Engine, jobs: list[EngineJob]) -> list[EngineResult]:
+    """The jobs submitted together (one batch), their results in order."""
+    return [f.result(timeout=600) for f in [engine.submit(j) for j in jobs]]
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray]:
+    """ENGLISH and LONG_ENGLISH spoken once for the module (the long one over 30 s)."""
+    d = tmp_path_factory.mktemp("speech")
+    return audio_of(ENGLISH, d / "en.wav"), audio_of(LONG_ENGLISH, d / "long.wav")
+
+
 def key(result: EngineResult) -> list[tuple[Any, ...]]:
     return [(s.seek, s.start, s.end, s.text, s.tokens, s.temperature) for s in result.segments]
 
@@ -54,9 +66,10 @@ def base() -> Iterator[Engine]:
     engine.close(5)
 
 
-def test_mixed_batch_matches_sequential_transcribe(tiny_en: Engine, tmp_path: Path) -> None:
-    short = audio_of(ENGLISH, tmp_path / "en.wav")
-    long = audio_of(LONG_ENGLISH, tmp_path / "long.wav")
+def test_mixed_batch_matches_sequential_transcribe(
+    tiny_en: Engine, speech: tuple[np.ndarray, np.ndarray]
+) -> None:
+    short, long = speech
     assert len(long) > 30 * 16_000
     prompt = "Product planning meeting."
     greedy: list[tuple[str, np.ndarray, dict[str, str]]] = [
@@ -123,27 +136,26 @@ def test_detects_translates_and_forces_language_in_one_batch(base: Engine, tmp_p
 
 
 def test_reading_the_device_every_few_steps_decodes_the_same(
-    tiny_en: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_en: Engine, speech: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A GPU's loop reads how many rows live every SYNC_EVERY_CUDA steps (rows that ended sit
     through the steps between): the transcripts are the very ones of a read every step, with
     rows of a batch ending at different steps, across windows and prompts."""
     from worker.engine import decoding
 
-    short = audio_of(ENGLISH, tmp_path / "en.wav")
-    long = audio_of(LONG_ENGLISH, tmp_path / "long.wav")
+    short, long = speech
     jobs = [
         EngineJob(short, parse_options({})),
         EngineJob(long, parse_options({})),
         EngineJob(long, parse_options({"condition_on_previous_text": "false"})),
         EngineJob(short, dataclasses.replace(parse_options({}), logprob_threshold=0.0)),
     ]
-    every_step = [f.result(timeout=600) for f in [tiny_en.submit(j) for j in jobs]]
+    every_step = run_all(tiny_en, jobs)
     monkeypatch.setattr(decoding, "SYNC_EVERY_CPU", decoding.SYNC_EVERY_CUDA)
     deferred_engine = Engine(tiny_en.model, max_wait_ms=200)
     try:
         assert deferred_engine.decoder.sync_every == decoding.SYNC_EVERY_CUDA
-        deferred = [f.result(timeout=600) for f in [deferred_engine.submit(j) for j in jobs]]
+        deferred = run_all(deferred_engine, jobs)
     finally:
         deferred_engine.close(5)
     for a, b in zip(every_step[:3], deferred[:3], strict=True):
@@ -161,22 +173,23 @@ def test_reading_the_device_every_few_steps_decodes_the_same(
     assert {s.temperature for s in deferred[3].segments} == {1.0}
 
 
-def test_static_steps_decode_the_same(tiny_en: Engine, tmp_path: Path) -> None:
+def test_static_steps_decode_the_same(
+    tiny_en: Engine, speech: tuple[np.ndarray, np.ndarray]
+) -> None:
     """The static decoder step (the shapes a CUDA graph captures: the slot on the device,
     keys and values written by index_copy_, every slot attended with the unwritten ones
     masked) gives the eager step's transcripts: greedy and beam rows, prompts, long-form."""
-    short = audio_of(ENGLISH, tmp_path / "en.wav")
-    long = audio_of(LONG_ENGLISH, tmp_path / "long.wav")
+    short, long = speech
     jobs = [
         EngineJob(short, parse_options({})),
         EngineJob(long, parse_options({})),
         EngineJob(short, parse_options({"initial_prompt": "Product planning meeting."})),
         EngineJob(long, parse_options({"patience": "1"})),
     ]
-    eager = [f.result(timeout=600) for f in [tiny_en.submit(j) for j in jobs]]
+    eager = run_all(tiny_en, jobs)
     static_engine = Engine(tiny_en.model, max_wait_ms=200, step_mode="static")
     try:
-        static = [f.result(timeout=600) for f in [static_engine.submit(j) for j in jobs]]
+        static = run_all(static_engine, jobs)
     finally:
         static_engine.close(5)
     assert len({s.seek for s in static[1].segments}) >= 2

@@ -125,7 +125,7 @@ class BatchDecoder(TextDecoder):
 
     def _prefill(
         self,
-        audio_features: Tensor,
+        audio_features: Tensor | None,
         rows: list[RowSpec],
         sample_len: int,
         cross: KVCache | None = None,
@@ -149,6 +149,7 @@ class BatchDecoder(TextDecoder):
         offset_t = torch.tensor(offsets, device=dev)
         cache = self.new_cache(n, slots, zeroed=self.step_mode != "eager")
         if cross is None:
+            assert audio_features is not None, "a pass needs its audio or its cross K/V"
             cross = self.cross_kv(audio_features)
         slot_ids = torch.arange(slots, device=dev)
         key_ok = (slot_ids[None, :] >= offset_t[:, None])[:, None, None, :]  # (B,1,1,slots)
@@ -245,7 +246,7 @@ class BatchDecoder(TextDecoder):
     @torch.inference_mode()
     def decode(
         self,
-        audio_features: Tensor,  # (B, n_audio_ctx, n_audio_state), already encoded
+        audio_features: Tensor | None,  # (B, n_audio_ctx, n_audio_state); None: `cross` given
         rows: list[RowSpec],
         sample_len: int,
         generator: torch.Generator | None = None,
@@ -262,7 +263,7 @@ class BatchDecoder(TextDecoder):
     @torch.inference_mode()
     def decode_beam(
         self,
-        audio_features: Tensor,  # (J, n_audio_ctx, n_audio_state), one window per job
+        audio_features: Tensor | None,  # (J, n_audio_ctx, n_audio_state); None: `cross` given
         rows: list[RowSpec],  # one per job (temperature 0)
         sample_len: int,
         beam_size: int,

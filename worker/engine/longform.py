@@ -25,6 +25,7 @@ from app.jobs.options import TranscribeOptions
 from worker.engine.alignment import AlignRow
 from worker.engine.decoding import RowResult, RowSpec
 from worker.engine.types import (
+    FRAMES_PER_SECOND,
     HOP_LENGTH,
     N_FRAMES,
     SAMPLE_RATE,
@@ -104,11 +105,10 @@ def log_mel(
 def seek_clips(clip_seconds: list[float], n_samples: int) -> list[tuple[int, int]]:
     """transcribe()'s ``seek_clips``: (start, end) mel frames of each clip to decode, the
     clips first cut at the end of the audio (:func:`clips_within`); no clips: the file."""
-    content_frames = n_samples // HOP_LENGTH
-    frames_per_s = SAMPLE_RATE // HOP_LENGTH
-    points = [round(t * frames_per_s) for t in clips_within(clip_seconds, n_samples)] or [0]
+    points = [round(t * FRAMES_PER_SECOND) for t in clips_within(clip_seconds, n_samples)]
+    points = points or [0]
     if len(points) % 2 == 1:
-        points.append(content_frames)
+        points.append(n_samples // HOP_LENGTH)  # transcribe()'s content_frames
     return list(zip(points[::2], points[1::2], strict=True))
 
 
@@ -118,16 +118,15 @@ def clips_within(clips: list[float], n_samples: int) -> list[float]:
     moving on; a clip that starts after the end is skipped by whisper anyway. Unchanged for
     clips inside the audio."""
     content_frames = n_samples // HOP_LENGTH  # transcribe()'s mel frames of the audio itself
-    frames_per_s = SAMPLE_RATE // HOP_LENGTH
-    end_s = content_frames / frames_per_s
+    end_s = content_frames / FRAMES_PER_SECOND
     kept: list[float] = []
     for i in range(0, len(clips), 2):
         start, end = clips[i], clips[i + 1] if i + 1 < len(clips) else None
-        if round(start * frames_per_s) >= content_frames:
+        if round(start * FRAMES_PER_SECOND) >= content_frames:
             break  # the clips increase (the API checks): every later one is past the end too
         kept.append(start)
         if end is not None:
-            kept.append(end if round(end * frames_per_s) <= content_frames else end_s)
+            kept.append(end if round(end * FRAMES_PER_SECOND) <= content_frames else end_s)
     if not kept and clips:
         return [end_s, end_s]  # nothing to transcribe; an empty list would mean the whole file
     return kept

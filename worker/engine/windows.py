@@ -265,16 +265,15 @@ def decode_group(
         s.row(temps[i], engine.suppress_ids(s.tok, s.opts.suppress_tokens))
         for s, i in zip(sub, idx, strict=True)
     ]
-    feats = torch.stack([features[i] for i in idx])
     start = time.perf_counter()
     with torch_threads(engine.decode_threads):
         cross = window_cross.of(idx)
         first = cross is None
         if cross is None:
-            cross = engine.decoder.cross_kv(feats)
+            cross = engine.decoder.cross_kv(torch.stack([features[i] for i in idx]))
         if beam:
             results = engine.decoder.decode_beam(
-                feats,
+                None,
                 rows,
                 engine.sample_len,
                 BEAM_SIZE,
@@ -283,7 +282,7 @@ def decode_group(
                 cross=cross,
             )
         else:
-            results = engine.decoder.decode(feats, rows, engine.sample_len, cross=cross)
+            results = engine.decoder.decode(None, rows, engine.sample_len, cross=cross)
         if first:
             window_cross.keep(idx, cross)
     if engine.on_batch is not None:
